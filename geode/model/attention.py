@@ -1,0 +1,135 @@
+"""Grouped-query attention with QK-norm, dual RoPE, sliding windows and a pluggable KV cache."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SLIDING, ModelConfig
+from .layers import RMSNorm, apply_rope
+
+# SDPA learned grouped-query attention (enable_gqa) in torch 2.5; before, repeat the kv heads.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class KVCache(Protocol):
+    """What the model asks of a cache; the inference engine provides the implementations.
+
+    `update` stores the new keys/values of one layer and returns everything the new queries
+    may attend to, together with the absolute position of every returned key slot. Slots
+    that hold nothing have position -1. A ring buffer for a local layer returns its W slots
+    in any order: the mask is built from positions, not from slot indices.
+    """
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v (B, Hkv, T, D) at positions (B, T) -> keys, values (B, Hkv, S, D), key_pos (B, S)."""
+        ...
+
+
+def attention_mask(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int | None,
+    q_seg: torch.Tensor | None = None,
+    k_seg: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean mask (B, 1, T, S): key j is visible to query i iff it is a real key, not in the
+    future, within the last `window` positions (the query's own included), and in the same
+    document when segment ids are given. Padding queries (position < 0) see every key so that
+    their rows stay finite (an all-masked row would be NaN and poison later layers)."""
+    q = q_pos[:, :, None]  # (B, T, 1)
+    k = k_pos[:, None, :]  # (B, 1, S)
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= q - k < window
+    if q_seg is not None and k_seg is not None:
+        mask &= q_seg[:, :, None] == k_seg[:, None, :]
+    mask |= q < 0
+    return mask[:, None]
+
+
+class Attention(nn.Module):
+    """Gemma 3 self-attention for one layer (local or global)."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.is_local = config.layer_types[layer] == SLIDING
+        self.window = config.sliding_window if self.is_local else None
+        self.scale = config.query_pre_attn_scalar**-0.5
+        self.softcap = config.attn_logit_softcapping
+        bias = config.attention_bias
+        hd = self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+        causal_default: bool = False,
+    ) -> torch.Tensor:
+        """x (B, T, hidden), cos/sin (B, T, D), positions (B, T) -> (B, T, hidden).
+
+        `causal_default` says positions are 0..T-1 in every row with no cache and no
+        segments, so the plain causal kernel can be used when the window covers T.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # QK-norm (Dehghani et al. 2023) over head_dim, before RoPE as in Gemma 3.
+        q = apply_rope(self.q_norm(q), cos, sin)  # (B, H, T, D)
+        k = apply_rope(self.k_norm(k), cos, sin)  # (B, Hkv, T, D)
+
+        mask = None
+        if cache is not None:
+            k, v, k_pos = cache.update(self.layer, k, v, positions)  # (B, Hkv, S, D), (B, S)
+            mask = attention_mask(positions, k_pos, self.window)
+        elif not (causal_default and (self.window is None or T <= self.window)):
+            mask = attention_mask(positions, positions, self.window, segment_ids, segment_ids)
+        out = self._attend(q, k, v, mask)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """softmax(q k^T * scale [softcapped] + mask) v with GQA; mask None means causal."""
+        groups = self.num_heads // self.num_kv_heads
+        if self.softcap is None and _SDPA_GQA:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                enable_gqa=groups > 1,
+            )  # fmt: skip
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(groups, dim=1)
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
+            )
+        # Logit soft-capping (Gemma 2): s = c * tanh(s / c); SDPA has no hook for it.
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, H, T, S)
+        scores = self.softcap * torch.tanh(scores / self.softcap)
+        if mask is None:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)

@@ -1,0 +1,77 @@
+"""Building blocks of the Gemma decoder: RMSNorm, rotary embeddings, gated MLP, scaled embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm: y = x / sqrt(mean(x^2) + eps) * (1 + w), computed in float32.
+
+    Zhang & Sennrich 2019 (arXiv:1910.07467) with Gemma's zero-centred scale (1 + w), so a
+    freshly initialised weight of zeros is the identity scale.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (..., dim) in x's dtype."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling_factor: float = 1.0) -> torch.Tensor:
+    """Inverse frequencies theta_i = base^(-2i/d) / factor, i < d/2 (RoFormer eq. 15; linear PI).
+
+    Linear position interpolation (Chen et al. 2023, arXiv:2306.15595) divides positions by
+    `scaling_factor`, which is the same as dividing the frequencies.
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # (d/2,)
+    return 1.0 / (base**exponent) / scaling_factor
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, T, d) for positions (B, T), in the half-split (rotate_half) layout."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, d) by position: x*cos + rotate_half(x)*sin (RoFormer, half-split form)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class GatedMLP(nn.Module):
+    """GeGLU feed-forward (Shazeer 2020, arXiv:2002.05202): down(gelu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, activation: str = "gelu_pytorch_tanh"):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.approximate = "tanh" if activation == "gelu_pytorch_tanh" else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (..., hidden)."""
+        gate = F.gelu(self.gate_proj(x), approximate=self.approximate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Token embedding multiplied by sqrt(hidden); the scale is rounded to the weight dtype first."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, hidden)."""
+        scale = torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype)
+        return super().forward(input_ids) * scale.to(self.weight.device)

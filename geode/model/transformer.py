@@ -1,0 +1,181 @@
+"""The Gemma 3 decoder: one definition for training, RL, evaluation and serving."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import FULL, SLIDING, ModelConfig
+from .attention import Attention, KVCache
+from .layers import GatedMLP, RMSNorm, ScaledEmbedding, rope_cos_sin, rope_inv_freq
+
+FLOAT16_REFUSAL = (
+    "float16 is refused for Gemma 3: its activations exceed float16's range (65504) and the "
+    "model produces inf/NaN (transformers issue #36822). Use bfloat16 or float32, or pass "
+    "allow_float16=True (CLI: --force-float16) to force it."
+)
+
+
+def check_dtype(dtype: torch.dtype | None, allow_float16: bool = False) -> None:
+    """Refuse dtypes the model cannot run in (float16 unless forced; non-floating types)."""
+    if dtype is None:
+        return
+    if not dtype.is_floating_point:
+        raise ValueError(f"model dtype must be a floating type, got {dtype}")
+    if dtype == torch.float16 and not allow_float16:
+        raise ValueError(FLOAT16_REFUSAL)
+
+
+class DecoderLayer(nn.Module):
+    """Pre- and post-norm around attention and around the MLP (Gemma 2/3 'sandwich' norm)."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, layer)
+        self.mlp = GatedMLP(h, config.intermediate_size, config.hidden_activation)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        segment_ids: torch.Tensor | None,
+        causal_default: bool,
+    ) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden)."""
+        a = self.self_attn(
+            self.input_layernorm(x), cos, sin, positions, cache, segment_ids, causal_default
+        )
+        x = x + self.post_attention_layernorm(a)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    """Gemma 3 text decoder with a tied (or separate) LM head.
+
+    Module names equal the Hugging Face `Gemma3ForCausalLM` names without the `model.`
+    prefix, so checkpoint keys map one to one.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = ScaledEmbedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        self.gradient_checkpointing = False  # recompute each layer in backward (trainer sets it)
+        self._inv_freq = {
+            SLIDING: rope_inv_freq(config.head_dim, config.rope_local_base_freq),
+            FULL: rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor),
+        }  # plain tensors, not buffers: a meta-device build (checkpoint loading) keeps them real
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) for linear/embedding weights, zeros for the (1+w) norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.zero_()
+        self.embed_tokens.weight[self.config.pad_token_id].zero_()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) [or embeds (B, T, hidden)] -> logits (B, T, V) in the model dtype.
+
+        positions (B, T): absolute position of each token (default 0..T-1; packed documents
+        restart at 0); negative marks padding. cache: a `KVCache` (see attention.py).
+        segment_ids (B, T): document ids; attention never crosses documents.
+        """
+        return self.logits(self.hidden(input_ids, positions, cache, segment_ids, embeds))
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, hidden); `logits` turns any subset into scores."""
+        if (input_ids is None) == (embeds is None):
+            raise ValueError("pass exactly one of input_ids or embeds")
+        x = self.embed_tokens(input_ids) if embeds is None else embeds  # (B, T, hidden)
+        B, T, _ = x.shape
+        causal_default = positions is None and cache is None and segment_ids is None
+        if positions is None:
+            positions = torch.arange(T, device=x.device).expand(B, T)
+        tables = {  # per layer type: (cos, sin), each (B, T, head_dim)
+            kind: rope_cos_sin(positions.clamp(min=0), inv, x.dtype)
+            for kind, inv in self._inv_freq.items()
+        }
+        for i, layer in enumerate(self.layers):
+            cos, sin = tables[self.config.layer_types[i]]
+            args = (x, cos, sin, positions, cache, segment_ids, causal_default)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (..., V), with Gemma 2's final soft-cap c*tanh(z/c) when configured."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        z = F.linear(hidden, weight)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            z = torch.tanh(z / cap) * cap
+        return z
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the weights."""
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return self.embed_tokens.weight.device
+
+
+def build_model(
+    config: ModelConfig,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    seed: int | None = None,
+    allow_float16: bool = False,
+) -> Transformer:
+    """A freshly initialised model (training from scratch, tests, benchmarks)."""
+    check_dtype(dtype, allow_float16)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    model = Transformer(config)
+    model.init_weights(generator)
+    return model.to(device=device, dtype=dtype)
