@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +38,12 @@ class ModelConfig:
     num_key_value_heads: int = 1  # key/value heads (GQA: query heads share them in groups)
     head_dim: int = 256  # per-head width; need not equal hidden_size / num_attention_heads
     # --- attention ---
-    query_pre_attn_scalar: float = 256  # scores are scaled by query_pre_attn_scalar**-0.5 (27B: 168)
+    query_pre_attn_scalar: float = (
+        256  # scores are scaled by query_pre_attn_scalar**-0.5 (27B: 168)
+    )
     sliding_window: int = 512  # a local layer sees the last W keys, the current token included
     layer_types: tuple[str, ...] = ()  # per layer, SLIDING or FULL; empty -> 5 local : 1 global
-    attn_logit_softcapping: float | None = None  # tanh cap on attention scores (Gemma 2; None in 3)
+    attn_logit_softcapping: float | None = None  # tanh cap on scores (Gemma 2; geode-native only)
     attention_bias: bool = False  # biases on q/k/v/o projections (False for Gemma)
     # --- positions ---
     rope_theta: float = 1_000_000.0  # RoPE base of global layers
@@ -174,6 +177,15 @@ class ModelConfig:
             eos = eos[0]
         known = set(_HF_GEMMA3_TEXT_DEFAULTS) | _HF_IGNORED
         extra = {k: v for k, v in config.items() if k not in known}
+        if c.get("attn_logit_softcapping") is not None:
+            # Gemma 3 replaced Gemma 2's attention soft-capping with QK-norm; transformers'
+            # Gemma3 keeps the field but never applies it, so neither do we (kept in extra).
+            warnings.warn(
+                f"{source}: attn_logit_softcapping={c['attn_logit_softcapping']} is ignored, "
+                "as transformers' Gemma3 ignores it (Gemma 3 uses QK-norm instead)",
+                stacklevel=2,
+            )
+            extra["attn_logit_softcapping"] = c["attn_logit_softcapping"]
         head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
         try:
             return cls(
@@ -187,7 +199,6 @@ class ModelConfig:
                 query_pre_attn_scalar=c["query_pre_attn_scalar"],
                 sliding_window=c["sliding_window"],
                 layer_types=tuple(layer_types),
-                attn_logit_softcapping=c.get("attn_logit_softcapping"),
                 attention_bias=bool(c.get("attention_bias", False)),
                 rope_theta=global_theta,
                 rope_local_base_freq=local_theta,
@@ -211,6 +222,11 @@ class ModelConfig:
         """A `Gemma3TextConfig` dict (`Gemma3ForCausalLM`) that transformers and vLLM load."""
         if self.family != "gemma3":
             raise ConfigError(f"to_hf: family {self.family!r} has no HF Gemma3 mapping")
+        if self.attn_logit_softcapping is not None:
+            raise ConfigError(
+                "to_hf: attn_logit_softcapping is set, but transformers' Gemma3 ignores it; "
+                "this model cannot be written in the Gemma3 layout without changing its outputs"
+            )
         full_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling_factor != 1.0:
             full_rope = {
@@ -255,7 +271,7 @@ class ModelConfig:
             "sliding_window": self.sliding_window,
             "layer_types": list(self.layer_types),
             "final_logit_softcapping": self.final_logit_softcapping,
-            "attn_logit_softcapping": self.attn_logit_softcapping,
+            "attn_logit_softcapping": self.extra.get("attn_logit_softcapping"),
             "use_cache": True,
         }
 

@@ -13,7 +13,7 @@ import sys
 
 # Verb-group modules, in the order their verbs are listed by `geode --help`.
 VERB_MODULES: list[str] = [
-    "geode.cli.info",
+    "geode.cli.model",
 ]
 
 

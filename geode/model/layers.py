@@ -32,7 +32,8 @@ def rope_inv_freq(head_dim: int, base: float, scaling_factor: float = 1.0) -> to
     Linear position interpolation (Chen et al. 2023, arXiv:2306.15595) divides positions by
     `scaling_factor`, which is the same as dividing the frequencies.
     """
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # (d/2,)
+    # Explicit CPU device: stays real when the model is built under torch.device("meta").
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     return 1.0 / (base**exponent) / scaling_factor
 
 

@@ -72,7 +72,9 @@ class Transformer(nn.Module):
         self.embed_tokens = ScaledEmbedding(
             config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
         )
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (
             None

@@ -1,0 +1,164 @@
+"""Model facts without weights: parameter counts, layer pattern, KV-cache memory (docs/architecture.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import parse_dtype, read_config
+from .config import FULL, PRESETS, ModelConfig, get_preset
+
+CONTEXTS = {"8K": 8 * 1024, "32K": 32 * 1024, "128K": 128 * 1024}
+
+
+def resolve_config(model: str) -> ModelConfig:
+    """A preset name or a checkpoint directory -> its ModelConfig (no weights read)."""
+    if model in PRESETS:
+        return get_preset(model)
+    if Path(model).exists():
+        return read_config(model)
+    raise FileNotFoundError(
+        f"{model!r} is neither a checkpoint directory nor a preset "
+        f"(presets: {', '.join(sorted(PRESETS))})"
+    )
+
+
+def parameter_counts(config: ModelConfig) -> dict[str, int]:
+    """Total, embedding (input embedding matrix) and non-embedding parameters, from the config."""
+    h, hd = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    attn = h * q + 2 * h * kv + q * h + 2 * hd  # q, k, v, o projections + q/k norms
+    if config.attention_bias:
+        attn += q + 2 * kv + h
+    mlp = 3 * h * config.intermediate_size
+    per_layer = attn + mlp + 4 * h  # four sandwich norms
+    embedding = config.vocab_size * h
+    head = 0 if config.tie_word_embeddings else config.vocab_size * h
+    total = embedding + config.num_hidden_layers * per_layer + h + head
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def kv_cache_bytes(
+    config: ModelConfig, n_tokens: int, dtype: torch.dtype | str = torch.bfloat16, ring: bool = True
+) -> int:
+    """KV-cache bytes of one sequence of n tokens.
+
+    bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * m),  m = min(n, W) with a ring
+    buffer for local layers, m = n without; 2 = keys and values, b = bytes per element.
+    """
+    b = torch.empty((), dtype=parse_dtype(dtype)).element_size()
+    per_token_layer = 2 * config.num_key_value_heads * config.head_dim * b
+    local = min(n_tokens, config.sliding_window) if ring else n_tokens
+    return per_token_layer * (config.num_global_layers * n_tokens + config.num_local_layers * local)
+
+
+def layer_pattern(config: ModelConfig) -> str:
+    """Compact local/global pattern, e.g. 'LLLLLG x 5 + LLLL' (L local, G global)."""
+    s = "".join("G" if t == FULL else "L" for t in config.layer_types)
+    for period in range(1, len(s) + 1):
+        unit = s[:period]
+        reps = len(s) // period
+        if (
+            reps > 1
+            and unit * reps == s[: period * reps]
+            and s[period * reps :] == unit[: len(s) % period]
+        ):
+            tail = s[period * reps :]
+            return f"{unit} x {reps}" + (f" + {tail}" if tail else "")
+    return s
+
+
+def model_summary(config: ModelConfig, dtype: torch.dtype | str = "bfloat16") -> dict[str, Any]:
+    """Everything `geode info` prints, as a JSON-able dict."""
+    dtype = parse_dtype(dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    one = kv_cache_bytes(config, 1, dtype, ring=False)
+    return {
+        "name": config.name,
+        "family": config.family,
+        "parameters": parameter_counts(config),
+        "layers": config.num_hidden_layers,
+        "global_layers": config.num_global_layers,
+        "local_layers": config.num_local_layers,
+        "layer_pattern": layer_pattern(config),
+        "sliding_window": config.sliding_window,
+        "max_position_embeddings": config.max_position_embeddings,
+        "kv_dtype": dtype_name,
+        "kv_bytes_per_token": one,
+        "kv_bytes_per_token_global_only": one
+        * config.num_global_layers
+        // config.num_hidden_layers,
+        "kv_cache": {
+            label: {
+                "tokens": n,
+                "full": kv_cache_bytes(config, n, dtype, ring=False),
+                "ring": kv_cache_bytes(config, n, dtype, ring=True),
+                "beyond_max_position": n > config.max_position_embeddings,
+            }
+            for label, n in CONTEXTS.items()
+        },
+        "config": {
+            k: getattr(config, k)
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "query_pre_attn_scalar",
+                "rope_theta",
+                "rope_local_base_freq",
+                "rope_scaling_factor",
+                "final_logit_softcapping",
+            )
+        },
+    }
+
+
+def _human(n: float, unit: str = "B") -> str:
+    """1536 -> '1.50 KiB' (binary prefixes for bytes, decimal for counts)."""
+    base, prefixes = (
+        (1024, ["", "Ki", "Mi", "Gi", "Ti"]) if unit == "B" else (1000, ["", "K", "M", "B", "T"])
+    )
+    i = 0
+    while abs(n) >= base and i < len(prefixes) - 1:
+        n /= base
+        i += 1
+    return f"{n:.2f} {prefixes[i]}{unit}".rstrip() if i else f"{int(n)} {unit}".rstrip()
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """Human-readable text of `model_summary`."""
+    p = s["parameters"]
+    c = s["config"]
+    lines = [
+        f"model            {s['name'] or '(unnamed)'}  [{s['family']}]",
+        f"parameters       {_human(p['total'], '')} total = {_human(p['embedding'], '')} embedding "
+        f"+ {_human(p['non_embedding'], '')} non-embedding ({p['total']:,})",
+        f"shape            hidden {c['hidden_size']}, mlp {c['intermediate_size']}, "
+        f"heads {c['num_attention_heads']}/{c['num_key_value_heads']} kv x {c['head_dim']}, "
+        f"vocab {c['vocab_size']:,}",
+        f"layers           {s['layers']} = {s['local_layers']} local (window "
+        f"{s['sliding_window']}) + {s['global_layers']} global; pattern {s['layer_pattern']}",
+        f"rope             local base {c['rope_local_base_freq']:g}, global base "
+        f"{c['rope_theta']:g} x linear {c['rope_scaling_factor']:g}; "
+        f"max positions {s['max_position_embeddings']:,}",
+        f"kv cache ({s['kv_dtype']})  {s['kv_bytes_per_token']:,} B/token all layers, "
+        f"{s['kv_bytes_per_token_global_only']:,} B/token global layers only",
+        "  context   full cache (every layer keeps n)   ring buffer (local keep W)   saving",
+    ]
+    for label, row in s["kv_cache"].items():
+        note = "  (beyond max positions)" if row["beyond_max_position"] else ""
+        saving = row["full"] / row["ring"]
+        lines.append(
+            f"  {label:<8}  {_human(row['full']):>12} ({row['full']:>15,})   "
+            f"{_human(row['ring']):>12} ({row['ring']:>14,})   {saving:5.2f}x{note}"
+        )
+    lines.append(
+        "  formula: bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * min(n, W)); "
+        "full: min(n, W) -> n"
+    )
+    return "\n".join(lines)
