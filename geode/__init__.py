@@ -2,32 +2,37 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
-
-from .checkpoint import CheckpointError, load_model, read_config, save_model
-from .config import ConfigError, ModelConfig, get_preset
-from .model import Transformer, build_model
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "ModelConfig",
-    "Transformer",
-    "build_model",
-    "get_preset",
-    "load_model",
-    "load_tokenizer",
-    "read_config",
-    "save_model",
-]
+# Public name -> defining module. Imported on first use so `geode --help` does not load torch.
+_EXPORTS = {
+    "CheckpointError": "geode.checkpoint",
+    "load_model": "geode.checkpoint",
+    "read_config": "geode.checkpoint",
+    "save_model": "geode.checkpoint",
+    "ConfigError": "geode.config",
+    "ModelConfig": "geode.config",
+    "get_preset": "geode.config",
+    "Transformer": "geode.model",
+    "build_model": "geode.model",
+    "load_tokenizer": "geode.tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    """Lazy exports of subsystems that are heavier to import."""
-    if name == "load_tokenizer":
-        from .tokenizer import load_tokenizer
-
-        return load_tokenizer
+    """Lazy exports (PEP 562)."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'geode' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """Module attributes including the lazy exports."""
+    return sorted(set(globals()) | set(_EXPORTS))

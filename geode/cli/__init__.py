@@ -14,6 +14,7 @@ import sys
 # Verb-group modules, in the order their verbs are listed by `geode --help`.
 VERB_MODULES: list[str] = [
     "geode.cli.model",
+    "geode.cli.tokenizer",
 ]
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         print(f"geode: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"geode {args.verb}: error: {msg}", file=sys.stderr)
         return 1

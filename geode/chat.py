@@ -1,0 +1,456 @@
+"""Chat format: OpenAI-shaped messages <-> Gemma 3 turn text, and parsing of model output.
+
+`render` produces exactly what the Gemma 3 chat template produces for the messages that
+template handles (system prompt folded into the first user turn, `assistant` -> `model`,
+image parts -> `<start_of_image>`, the same role-alternation errors), and extends it with
+tool declarations, tool calls, tool results and thinking sections:
+
+    <bos><start_of_turn>user
+    SYSTEM PROMPT
+
+    <start_of_tools>
+    {"type": "function", "function": {"name": "add", "parameters": {...}}}
+    <end_of_tools>
+
+    What is 2+3?<end_of_turn>
+    <start_of_turn>model
+    <start_of_thinking>I should call add.<end_of_thinking><start_of_tool_call>{"name": "add",
+    "arguments": {"a": 2, "b": 3}, "id": "call_0"}<end_of_tool_call><end_of_turn>
+    <start_of_turn>user
+    <start_of_tool_response>{"name": "add", "id": "call_0", "content": "5"}<end_of_tool_response><end_of_turn>
+    <start_of_turn>model
+    2+3 = 5<end_of_turn>
+
+`parse` turns a model's raw output back into content, thinking and tool calls; it never
+raises on malformed output but lists what failed in `ParsedOutput.errors`.
+See docs/tokenizer.md for the full description.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .tokenizer import (
+    BOS,
+    END_OF_THINKING,
+    END_OF_TOOL_CALL,
+    END_OF_TOOL_RESPONSE,
+    END_OF_TOOLS,
+    END_OF_TURN,
+    EOS,
+    SPECIAL_TOKENS,
+    START_OF_IMAGE,
+    START_OF_THINKING,
+    START_OF_TOOL_CALL,
+    START_OF_TOOL_RESPONSE,
+    START_OF_TOOLS,
+    START_OF_TURN,
+)
+
+# The Gemma 3 template's error messages (raise_exception), reused verbatim.
+ALTERNATION_ERROR = "Conversation roles must alternate user/assistant/user/assistant/..."
+CONTENT_TYPE_ERROR = "Invalid content type"
+
+ROLES = ("system", "user", "assistant", "model", "tool")
+IMAGE_PART_TYPES = ("image", "image_url")  # the template knows "image"; image_url is OpenAI's
+
+
+class ChatFormatError(ValueError):
+    """Messages that cannot be rendered (bad roles, order or content)."""
+
+
+@dataclass
+class ToolCall:
+    """A function call: its name, its arguments (a JSON object) and an optional call id."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI `tool_calls` entry (arguments as a JSON string)."""
+        out: dict[str, Any] = {
+            "type": "function",
+            "function": {"name": self.name, "arguments": json.dumps(self.arguments)},
+        }
+        if self.id is not None:
+            out = {"id": self.id, **out}
+        return out
+
+
+@dataclass
+class ParsedOutput:
+    """A model turn split into its parts; `errors` lists what could not be parsed."""
+
+    content: str = ""
+    thinking: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed to parse."""
+        return not self.errors
+
+    def to_message(self) -> dict[str, Any]:
+        """An OpenAI-shaped assistant message (with `thinking` when there is any)."""
+        msg: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.thinking:
+            msg["thinking"] = self.thinking
+        if self.tool_calls:
+            msg["tool_calls"] = [c.to_openai() for c in self.tool_calls]
+        return msg
+
+
+# ---- rendering ------------------------------------------------------------------------------
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def _role(msg: Any, i: int) -> str:
+    if not isinstance(msg, Mapping):
+        raise ChatFormatError(f"message {i} must be a dict with 'role' and 'content', got {msg!r}")
+    role = msg.get("role")
+    if role not in ROLES:
+        raise ChatFormatError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
+    return role
+
+
+def _parts(content: Sequence[Any], i: int) -> list[Mapping[str, Any]]:
+    for j, part in enumerate(content):
+        if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
+            raise ChatFormatError(
+                f"message {i}, part {j}: expected a dict with 'type', got {part!r}"
+            )
+    return list(content)
+
+
+def _content(msg: Mapping[str, Any], i: int) -> str:
+    """A user/model turn's content as the template renders it (trimmed text, image tokens)."""
+    content = msg.get("content")
+    if content is None and msg.get("tool_calls"):
+        return ""
+    if isinstance(content, str):
+        return content.strip()
+    if isinstance(content, (list, tuple)):
+        out = []
+        for j, part in enumerate(_parts(content, i)):
+            kind = part["type"]
+            if kind in IMAGE_PART_TYPES:
+                out.append(START_OF_IMAGE)
+            elif kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise ChatFormatError(f"message {i}, part {j}: text part without a 'text' str")
+                out.append(part["text"].strip())
+            else:
+                raise ChatFormatError(
+                    f"message {i}, part {j}: unsupported part type {kind!r} "
+                    f"(expected 'text' or one of {IMAGE_PART_TYPES})"
+                )
+        return "".join(out)
+    raise ChatFormatError(f"{CONTENT_TYPE_ERROR}: message {i} content is {type(content).__name__}")
+
+
+def _plain_text(msg: Mapping[str, Any], i: int, what: str) -> str:
+    """Text-only content (system prompt, tool result), untrimmed; images are errors."""
+    content = msg.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for j, part in enumerate(_parts(content, i)):
+            if part["type"] != "text" or not isinstance(part.get("text"), str):
+                raise ChatFormatError(f"message {i}, part {j}: a {what} may only have text parts")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ChatFormatError(f"{CONTENT_TYPE_ERROR}: {what} message {i} content is {content!r}")
+
+
+def _tool_declaration(tool: Any, k: int) -> dict[str, Any]:
+    if isinstance(tool, Mapping) and isinstance(tool.get("function"), Mapping):
+        fn = tool["function"]
+    elif isinstance(tool, Mapping):
+        fn = tool
+    else:
+        raise ChatFormatError(f"tools[{k}] must be a dict, got {tool!r}")
+    if not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ChatFormatError(f"tools[{k}]: a tool needs a non-empty 'name'")
+    return {"type": "function", "function": dict(fn)}
+
+
+def render_tools(tools: Sequence[Any]) -> str:
+    """The tool-declaration block: one OpenAI-shaped JSON declaration per line."""
+    lines = [_dumps(_tool_declaration(t, k)) for k, t in enumerate(tools)]
+    return START_OF_TOOLS + "\n" + "\n".join(lines) + "\n" + END_OF_TOOLS
+
+
+def _tool_call(call: Any, i: int, j: int) -> ToolCall:
+    """Normalise an OpenAI / flat / ToolCall tool call."""
+    if isinstance(call, ToolCall):
+        return call
+    if not isinstance(call, Mapping):
+        raise ChatFormatError(f"message {i}: tool_calls[{j}] must be a dict, got {call!r}")
+    fn = call.get("function", call)
+    name = fn.get("name") if isinstance(fn, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise ChatFormatError(f"message {i}: tool_calls[{j}] has no function name")
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ChatFormatError(
+                f"message {i}: tool_calls[{j}] ({name}) arguments are not JSON: {e}"
+            ) from e
+    if args is None:
+        args = {}
+    if not isinstance(args, Mapping):
+        raise ChatFormatError(f"message {i}: tool_calls[{j}] ({name}) arguments must be an object")
+    call_id = call.get("id")
+    return ToolCall(name, dict(args), None if call_id is None else str(call_id))
+
+
+def render_tool_call(call: ToolCall) -> str:
+    """One tool call as the model writes it."""
+    obj: dict[str, Any] = {"name": call.name, "arguments": call.arguments}
+    if call.id is not None:
+        obj["id"] = call.id
+    return START_OF_TOOL_CALL + _dumps(obj) + END_OF_TOOL_CALL
+
+
+def _model_body(msg: Mapping[str, Any], i: int) -> str:
+    thinking = msg.get("thinking", msg.get("reasoning_content"))
+    if thinking is not None and not isinstance(thinking, str):
+        raise ChatFormatError(f"message {i}: 'thinking' must be a str")
+    thinking = (thinking or "").strip()
+    out = START_OF_THINKING + thinking + END_OF_THINKING if thinking else ""
+    out += _content(msg, i)
+    calls = msg.get("tool_calls") or []
+    if not isinstance(calls, (list, tuple)):
+        raise ChatFormatError(f"message {i}: tool_calls must be a list")
+    return out + "".join(render_tool_call(_tool_call(c, i, j)) for j, c in enumerate(calls))
+
+
+def _tool_results(group: list[tuple[int, Mapping[str, Any]]], names: dict[str, str]) -> str:
+    blocks = []
+    for i, msg in group:
+        obj: dict[str, Any] = {}
+        call_id = msg.get("tool_call_id")
+        name = msg.get("name") or (names.get(str(call_id)) if call_id is not None else None)
+        if name:
+            obj["name"] = name
+        if call_id is not None:
+            obj["id"] = str(call_id)
+        obj["content"] = _plain_text(msg, i, "tool result")
+        blocks.append(START_OF_TOOL_RESPONSE + _dumps(obj) + END_OF_TOOL_RESPONSE)
+    return "\n".join(blocks)
+
+
+def render(
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = True,
+    tools: Sequence[Any] | None = None,
+    bos: bool = True,
+    *,
+    think: bool = False,
+) -> str:
+    """Messages -> Gemma 3 prompt text (the chat template, plus tools and thinking).
+
+    `tools` are declared in the first user turn, after the system prompt. Consecutive
+    `tool` messages form one user turn of tool results. `think=True` opens a thinking
+    section after the generation prompt (parse the output with `in_thinking=True`).
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ChatFormatError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    if not messages:
+        raise ChatFormatError("messages is empty")
+    roles = [_role(m, i) for i, m in enumerate(messages)]
+    prefix, start = "", 0
+    if roles[0] == "system":
+        prefix, start = _plain_text(messages[0], 0, "system") + "\n\n", 1
+    if tools:
+        prefix += render_tools(tools) + "\n\n"
+
+    # Turns: each message, except that consecutive tool messages make one (user) turn.
+    turns: list[tuple[str, list[tuple[int, Mapping[str, Any]]]]] = []
+    for i in range(start, len(messages)):
+        if roles[i] == "tool" and turns and turns[-1][0] == "tool":
+            turns[-1][1].append((i, messages[i]))
+        else:
+            turns.append((roles[i], [(i, messages[i])]))
+
+    names: dict[str, str] = {}  # tool call id -> function name, for tool results
+    out = [BOS if bos else ""]
+    for k, (role, group) in enumerate(turns):
+        i, msg = group[0]
+        if (role in ("user", "tool")) != (k % 2 == 0):
+            expected = "user (or tool results)" if k % 2 == 0 else "assistant"
+            raise ChatFormatError(
+                f"{ALTERNATION_ERROR} (message {i} has role {role!r}, expected {expected})"
+            )
+        if role == "tool":
+            turn_role, body = "user", _tool_results(group, names)
+        elif role in ("assistant", "model"):
+            turn_role, body = "model", _model_body(msg, i)
+            for j, c in enumerate(msg.get("tool_calls") or []):
+                call = _tool_call(c, i, j)
+                if call.id is not None:
+                    names[call.id] = call.name
+        else:
+            turn_role, body = role, _content(msg, i)
+        out.append(START_OF_TURN + turn_role + "\n" + (prefix if k == 0 else "") + body)
+        out.append(END_OF_TURN + "\n")
+    if add_generation_prompt:
+        out.append(START_OF_TURN + "model\n" + (START_OF_THINKING if think else ""))
+    return "".join(out)
+
+
+# ---- parsing --------------------------------------------------------------------------------
+
+_TOKENS = sorted(set(SPECIAL_TOKENS) | {"<unk>", "<mask>"}, key=len, reverse=True)
+_TOKEN_RE = re.compile("|".join(re.escape(t) for t in _TOKENS))
+_END_RE = re.compile(re.escape(END_OF_TURN) + "|" + re.escape(EOS))
+
+
+def _parse_call(body: str) -> tuple[ToolCall | None, str]:
+    """A tool call's JSON body -> (call, "") or (None, why it failed)."""
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at char {e.pos})"
+    except RecursionError:
+        return None, "invalid JSON (nested too deeply)"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}"
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        return None, "missing or non-string 'name'"
+    args = obj.get("arguments", {})
+    if isinstance(args, str):  # tolerate OpenAI-style string arguments
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            return None, f"'arguments' of {name!r} is a string that is not JSON"
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        return None, f"'arguments' of {name!r} is not an object"
+    call_id = obj.get("id")
+    return ToolCall(name, args, None if call_id is None else str(call_id)), ""
+
+
+def _parse(text: str, in_thinking: bool) -> ParsedOutput:
+    result = ParsedOutput()
+    errors = result.errors
+    end = _END_RE.search(text)
+    if end:
+        rest = _END_RE.sub("", text[end.end() :]).strip()
+        if rest:
+            errors.append(f"ignored {len(rest)} chars after {end.group()}: {rest[:40]!r}")
+        text = text[: end.start()]
+
+    content: list[str] = []
+    thinking: list[str] = []
+    state = "thinking" if in_thinking else "content"
+    buf: list[str] = []  # text of the open thinking section or tool call
+    call_raw: list[str] = []  # the open tool call as written (kept if it fails)
+
+    def close_call(terminated: bool) -> None:
+        body = "".join(buf)
+        call, why = _parse_call(body.strip())
+        n = len(result.tool_calls) + 1
+        if call is None:
+            errors.append(f"tool call {n}: {why}; its text is kept in content")
+            content.append("".join(call_raw))
+            return
+        result.tool_calls.append(call)
+        if not terminated:
+            errors.append(f"tool call {n} ({call.name}): missing {END_OF_TOOL_CALL}")
+
+    pos = 0
+    for m in [*_TOKEN_RE.finditer(text), None]:
+        chunk = text[pos : m.start()] if m else text[pos:]
+        tok = m.group() if m else None
+        pos = m.end() if m else len(text)
+        if state == "content":
+            content.append(chunk)
+            if tok == START_OF_THINKING:
+                state, buf = "thinking", []
+            elif tok == START_OF_TOOL_CALL:
+                state, buf, call_raw = "call", [], [tok]
+            elif tok is not None:
+                errors.append(f"unexpected {tok} removed")
+        elif state == "thinking":
+            buf.append(chunk)
+            if tok is None:
+                errors.append(f"unterminated thinking section (no {END_OF_THINKING})")
+                thinking.append("".join(buf))
+            elif tok == END_OF_THINKING:
+                thinking.append("".join(buf))
+                state = "content"
+            elif tok == START_OF_TOOL_CALL:
+                errors.append(f"unterminated thinking section (closed by {START_OF_TOOL_CALL})")
+                thinking.append("".join(buf))
+                state, buf, call_raw = "call", [], [tok]
+            else:
+                buf.append(tok)  # other tokens inside thinking are kept as text
+        else:  # inside a tool call
+            buf.append(chunk)
+            call_raw.append(chunk)
+            if tok is None:
+                close_call(terminated=False)
+            elif tok == END_OF_TOOL_CALL:
+                call_raw.append(tok)
+                close_call(terminated=True)
+                state = "content"
+            elif tok == START_OF_TOOL_CALL:
+                close_call(terminated=False)
+                buf, call_raw = [], [tok]
+            else:
+                buf.append(tok)
+                call_raw.append(tok)
+
+    result.content = "".join(content).strip()
+    result.thinking = "\n".join(t.strip() for t in thinking if t.strip())
+    return result
+
+
+def parse(text: str, *, in_thinking: bool = False) -> ParsedOutput:
+    """A model's raw output -> content, thinking and tool calls; never raises.
+
+    Stops at the first `<end_of_turn>` or `<eos>`. Malformed parts are flagged in `errors`:
+    a tool call that is not a JSON object with a `name` keeps its text in `content`; an
+    unterminated thinking section keeps what was written; stray tokens are removed.
+    `in_thinking=True` when the prompt already opened a thinking section (`render(think=True)`).
+    """
+    errors: list[str] = []
+    if not isinstance(text, str):
+        errors.append(f"expected str output, got {type(text).__name__}")
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        else:
+            text = "" if text is None else str(text)
+    try:
+        result = _parse(text, in_thinking)
+    except Exception as e:  # the contract: never raise on model output
+        result = ParsedOutput(content=text, errors=[f"parser failure: {e!r}"])
+    result.errors[:0] = errors
+    return result
+
+
+__all__ = [
+    "ALTERNATION_ERROR",
+    "ChatFormatError",
+    "ParsedOutput",
+    "ToolCall",
+    "parse",
+    "render",
+    "render_tool_call",
+    "render_tools",
+]

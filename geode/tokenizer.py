@@ -1,0 +1,580 @@
+"""SentencePiece tokenizer: Gemma-style training, loading, special tokens, streaming decode.
+
+A `Tokenizer` wraps a `sentencepiece` model (`tokenizer.model`, the file Gemma checkpoints
+ship). Encoding matches the Hugging Face Gemma tokenizer built from the same file: special
+token strings in the text (`<start_of_turn>`, `<bos>`, ...) become their single ids; the
+rest goes through SentencePiece unchanged. Decoding renders every id as its bytes
+(`▁` -> space, byte-fallback pieces `<0xNN>` -> raw bytes, special pieces -> their text) and
+reads the bytes as UTF-8, each invalid byte becoming U+FFFD exactly as SentencePiece does;
+`StreamDecoder` does the same one token at a time, so its deltas always add up to `decode`.
+See docs/tokenizer.md.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+
+MODEL_FILENAME = "tokenizer.model"
+
+# Gemma's reserved pieces and ids (a trained geode tokenizer uses the same layout).
+PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+# Gemma 3 turn and image tokens.
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+START_OF_IMAGE, END_OF_IMAGE = "<start_of_image>", "<end_of_image>"
+IMAGE_SOFT_TOKEN = "<image_soft_token>"
+# geode's thinking and tool tokens (Gemma 3 has none; see docs/tokenizer.md).
+START_OF_THINKING, END_OF_THINKING = "<start_of_thinking>", "<end_of_thinking>"
+START_OF_TOOLS, END_OF_TOOLS = "<start_of_tools>", "<end_of_tools>"
+START_OF_TOOL_CALL, END_OF_TOOL_CALL = "<start_of_tool_call>", "<end_of_tool_call>"
+START_OF_TOOL_RESPONSE, END_OF_TOOL_RESPONSE = "<start_of_tool_response>", "<end_of_tool_response>"
+
+# The names `Tokenizer.special_ids` reports (those present in the vocabulary).
+SPECIAL_TOKENS: tuple[str, ...] = (
+    BOS,
+    EOS,
+    PAD,
+    START_OF_TURN,
+    END_OF_TURN,
+    START_OF_IMAGE,
+    END_OF_IMAGE,
+    IMAGE_SOFT_TOKEN,
+    START_OF_THINKING,
+    END_OF_THINKING,
+    START_OF_TOOLS,
+    END_OF_TOOLS,
+    START_OF_TOOL_CALL,
+    END_OF_TOOL_CALL,
+    START_OF_TOOL_RESPONSE,
+    END_OF_TOOL_RESPONSE,
+)
+# User-defined pieces `train_tokenizer` adds by default, in id order after <unk>
+# (`<mask>` and `[multimodal]` take ids 4 and 5 as in Gemma).
+DEFAULT_USER_SYMBOLS: tuple[str, ...] = ("<mask>", "[multimodal]") + SPECIAL_TOKENS[3:]
+
+_ERRORS = "geode.sentencepiece_replace"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _replace_each_byte(err: UnicodeError) -> tuple[str, int]:
+    """Replace one invalid byte with U+FFFD and resume after it (SentencePiece's behaviour)."""
+    if not isinstance(err, UnicodeDecodeError):
+        raise err
+    return "\ufffd", err.start + 1
+
+
+codecs.register_error(_ERRORS, _replace_each_byte)
+
+
+class Tokenizer:
+    """A SentencePiece model with Gemma's special-token handling and exact byte-level decoding."""
+
+    def __init__(self, model: str | os.PathLike[str] | bytes, num_threads: int = -1) -> None:
+        """Load from a `.model` file path or its serialized bytes (see `load_tokenizer`)."""
+        self.path: Path | None = None
+        if isinstance(model, bytes):
+            proto = model
+        else:
+            self.path = Path(model)
+            proto = _read_model_file(self.path)
+        self._sp = spm.SentencePieceProcessor()
+        where = self.path or "<bytes>"
+        if not proto:
+            raise ValueError(f"{where}: empty file, not a SentencePiece model")
+        try:
+            self._sp.LoadFromSerializedProto(proto)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{where}: not a valid SentencePiece model ({e})") from e
+        self.num_threads = num_threads
+        self._init_tables()
+
+    def _init_tables(self) -> None:
+        sp = self._sp
+        unk = sp.unk_id()
+        # Pieces SentencePiece does not match in text by itself but HF does: control pieces
+        # (<bos>, <eos>, <pad>, ...) and <unk>. User-defined pieces it matches natively.
+        self._text_specials: dict[str, int] = {}
+        for i in range(sp.vocab_size()):
+            if sp.IsControl(i) or sp.IsUnknown(i):
+                self._text_specials.setdefault(sp.id_to_piece(i), i)
+        self._split_re = (
+            re.compile(
+                "|".join(re.escape(p) for p in sorted(self._text_specials, key=len, reverse=True))
+            )
+            if self._text_specials
+            else None
+        )
+        special: dict[str, int] = {}
+        for name, fixed in ((BOS, sp.bos_id()), (EOS, sp.eos_id()), (PAD, sp.pad_id())):
+            if fixed >= 0:
+                special[name] = fixed
+        for name in SPECIAL_TOKENS:
+            if name not in special:
+                i = sp.piece_to_id(name)
+                if i != unk or name == sp.id_to_piece(unk):
+                    special[name] = i
+        self._special_ids = special
+
+    # ---- vocabulary -------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces (ids are 0 .. vocab_size-1)."""
+        return self._sp.vocab_size()
+
+    def __len__(self) -> int:
+        """Same as `vocab_size`."""
+        return self.vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        """Id of `<bos>` (-1 if the model has none)."""
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        """Id of `<eos>` (-1 if the model has none)."""
+        return self._sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        """Id of `<pad>` (-1 if the model has none)."""
+        return self._sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        """Id of `<unk>`."""
+        return self._sp.unk_id()
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Ids of the `SPECIAL_TOKENS` this vocabulary has; absent tokens are not listed."""
+        return dict(self._special_ids)
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The piece string of an id (e.g. `▁the`, `<0x0A>`, `<start_of_turn>`)."""
+        self._check_ids([token_id])
+        return self._sp.id_to_piece(token_id)
+
+    def piece_to_id(self, piece: str) -> int | None:
+        """The id of a piece, or None if the vocabulary has no such piece."""
+        i = self._sp.piece_to_id(piece)
+        if i == self.unk_id and piece != self._sp.id_to_piece(i):
+            return None
+        return i
+
+    def is_special(self, token_id: int) -> bool:
+        """True for control pieces, `<unk>`, and the ids in `special_ids`."""
+        return self._skip[token_id]
+
+    # ---- encoding ---------------------------------------------------------------------------
+
+    def _segments(self, text: str) -> list[str | int]:
+        """Split text at special-token strings: plain text segments and special ids."""
+        if self._split_re is None:
+            return [text]
+        out: list[str | int] = []
+        pos = 0
+        for m in self._split_re.finditer(text):
+            if m.start() > pos:
+                out.append(text[pos : m.start()])
+            out.append(self._text_specials[m.group()])
+            pos = m.end()
+        if pos < len(text) or not out:
+            out.append(text[pos:])
+        return out
+
+    def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        if add_bos:
+            if self.bos_id < 0:
+                raise ValueError(f"add_bos=True but tokenizer {self.path} has no <bos> piece")
+            ids.insert(0, self.bos_id)
+        if add_eos:
+            if self.eos_id < 0:
+                raise ValueError(f"add_eos=True but tokenizer {self.path} has no <eos> piece")
+            ids.append(self.eos_id)
+        return ids
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of `text`; special-token strings in it map to their single ids."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids: list[int] = []
+        for seg in self._segments(text):
+            if isinstance(seg, int):
+                ids.append(seg)
+            elif seg:
+                ids.extend(self._sp.encode(seg))
+        return self._wrap(ids, add_bos, add_eos)
+
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False
+    ) -> list[list[int]]:
+        """`encode` of each text, using SentencePiece's multithreaded batch encoder."""
+        split = [self._segments(t) for t in texts]
+        plain = [seg for segs in split for seg in segs if isinstance(seg, str) and seg]
+        encoded = iter(self._sp.encode(plain, num_threads=self.num_threads) if plain else [])
+        out = []
+        for segs in split:
+            ids: list[int] = []
+            for seg in segs:
+                if isinstance(seg, int):
+                    ids.append(seg)
+                elif seg:
+                    ids.extend(next(encoded))
+            out.append(self._wrap(ids, add_bos, add_eos))
+        return out
+
+    # ---- decoding ---------------------------------------------------------------------------
+
+    @cached_property
+    def _bytes(self) -> list[bytes]:
+        """The UTF-8 bytes each id decodes to (special pieces as their text)."""
+        sp = self._sp
+        table = []
+        for i in range(sp.vocab_size()):
+            piece = sp.id_to_piece(i)
+            if sp.IsByte(i) and (m := _BYTE_PIECE.fullmatch(piece)):
+                table.append(bytes([int(m.group(1), 16)]))
+            elif sp.IsControl(i) or sp.IsUnknown(i):
+                table.append(piece.encode("utf-8"))
+            else:
+                table.append(piece.replace("\u2581", " ").encode("utf-8"))
+        return table
+
+    @cached_property
+    def _skip(self) -> list[bool]:
+        """Per id: dropped by `decode(..., skip_special=True)`."""
+        sp = self._sp
+        skip = [sp.IsControl(i) or sp.IsUnknown(i) for i in range(sp.vocab_size())]
+        for i in self._special_ids.values():
+            skip[i] = True
+        return skip
+
+    @cached_property
+    def _bytes_skip(self) -> list[bytes]:
+        return [b"" if s else b for b, s in zip(self._bytes, self._skip)]
+
+    @cached_property
+    def _strips_leading_space(self) -> bool:
+        """Whether SentencePiece drops the leading space of the first piece when decoding.
+
+        True for models with a dummy prefix or whitespace normalisation (Llama-style);
+        False for Gemma-style models, whose decoding keeps every space.
+        """
+        sp = self._sp
+        for i in range(sp.vocab_size()):
+            piece = sp.id_to_piece(i)
+            if piece.startswith("\u2581") and not (sp.IsControl(i) or sp.IsByte(i)):
+                return sp.decode([i]) != piece.replace("\u2581", " ")
+        return False
+
+    def _leading_space_id(self, token_id: int) -> bool:
+        """True if this id is a piece whose leading space SentencePiece strips at the start."""
+        sp = self._sp
+        return (
+            self._strips_leading_space
+            and self._bytes[token_id][:1] == b" "
+            and not (sp.IsControl(token_id) or sp.IsUnknown(token_id) or sp.IsByte(token_id))
+        )
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if i < 0 or i >= self.vocab_size)
+            raise ValueError(f"token id {bad} out of range for vocabulary size {self.vocab_size}")
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of token ids; `skip_special` drops control, `<unk>` and `special_ids` tokens."""
+        ids = _as_list(ids)
+        self._check_ids(ids)
+        table = self._bytes_skip if skip_special else self._bytes
+        data = b"".join([table[i] for i in ids])
+        if self._strips_leading_space:
+            first = next((i for i in ids if table[i]), None)
+            if first is not None and self._leading_space_id(first):
+                data = data[1:]
+        return data.decode("utf-8", _ERRORS)
+
+    def decode_batch(self, batch: Iterable[Iterable[int]], skip_special: bool = False) -> list[str]:
+        """`decode` of each id sequence."""
+        return [self.decode(ids, skip_special) for ids in batch]
+
+    def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
+        """A fresh incremental decoder for one sequence (see `StreamDecoder`)."""
+        return StreamDecoder(self, skip_special)
+
+    # ---- persistence ------------------------------------------------------------------------
+
+    def serialized_model(self) -> bytes:
+        """The SentencePiece model file's bytes."""
+        return self._sp.serialized_model_proto()
+
+    def save(self, dir_or_path: str | os.PathLike[str]) -> Path:
+        """Write the model file (into `dir/tokenizer.model` for a directory); returns the path."""
+        path = Path(dir_or_path)
+        if path.is_dir() or not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / MODEL_FILENAME
+        _atomic_write(path, self.serialized_model())
+        return path
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"proto": self.serialized_model(), "path": self.path, "threads": self.num_threads}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["proto"], state["threads"])  # type: ignore[misc]
+        self.path = state["path"]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path) if self.path else '<bytes>'!r}, vocab_size={self.vocab_size})"
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed ids one at a time, get text deltas.
+
+    Guarantee: `"".join(push(i) for i in ids) + flush() == tokenizer.decode(ids)` exactly, for
+    any id sequence. A delta never contains part of a character: bytes of a multi-byte
+    character split over byte-fallback pieces are held until the character is complete (or
+    known invalid, then it becomes U+FFFD as in `decode`). Spaces are kept as `decode` keeps them.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
+        """Start decoding a new sequence with `tokenizer`."""
+        self._tok = tokenizer
+        self._table = tokenizer._bytes_skip if skip_special else tokenizer._bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=_ERRORS)
+        self._at_start = tokenizer._strips_leading_space
+        self.ids: list[int] = []
+        self.text = ""  # everything emitted so far
+
+    def push(self, token_id: int) -> str:
+        """Add one id; returns the newly completed text (possibly empty)."""
+        return self.extend([token_id])
+
+    def extend(self, ids: Iterable[int]) -> str:
+        """Add several ids; returns the newly completed text (possibly empty)."""
+        ids = _as_list(ids)
+        self._tok._check_ids(ids)
+        self.ids.extend(ids)
+        data = b"".join([self._table[i] for i in ids])
+        if self._at_start and data:
+            first = next(i for i in ids if self._table[i])
+            if self._tok._leading_space_id(first):
+                data = data[1:]
+            self._at_start = False
+        delta = self._utf8.decode(data)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """End of sequence: returns held bytes (an incomplete character becomes U+FFFD)."""
+        delta = self._utf8.decode(b"", final=True)
+        self.text += delta
+        return delta
+
+
+def _as_list(ids: Iterable[int]) -> list[int]:
+    if hasattr(ids, "tolist"):  # numpy arrays, torch tensors
+        ids = ids.tolist()  # type: ignore[union-attr]
+    return [int(i) for i in ids]
+
+
+def _read_model_file(path: Path) -> bytes:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; use load_tokenizer() for checkpoint dirs")
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer model file not found: {path}") from None
+    except OSError as e:
+        raise OSError(f"cannot read tokenizer model {path}: {e.strerror or e}") from e
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tokenizer(path: str | os.PathLike[str], num_threads: int = -1) -> Tokenizer:
+    """Load a `tokenizer.model` file, or the one inside a checkpoint directory."""
+    p = Path(path)
+    if p.is_dir():
+        model = p / MODEL_FILENAME
+        if not model.is_file():
+            raise FileNotFoundError(f"no {MODEL_FILENAME} in checkpoint directory {p}")
+        p = model
+    elif not p.exists():
+        raise FileNotFoundError(
+            f"tokenizer not found: {p} (expected a {MODEL_FILENAME} file or a dir)"
+        )
+    return Tokenizer(p, num_threads=num_threads)
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+def _chunks(text: str, max_bytes: int) -> Iterator[str]:
+    """Split a document into training 'sentences' of whole lines (newlines kept), <= max_bytes."""
+    buf: list[str] = []
+    size = 0
+    for line in text.splitlines(keepends=True):
+        n = len(line.encode("utf-8"))
+        if buf and size + n > max_bytes:
+            yield "".join(buf)
+            buf, size = [], 0
+        while n > max_bytes:  # a single overlong line: cut it by characters
+            cut = line.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+            yield cut
+            line = line[len(cut) :]
+            n = len(line.encode("utf-8"))
+        if line:
+            buf.append(line)
+            size += n
+    if buf:
+        yield "".join(buf)
+
+
+def _read_training_file(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"training file not found: {path}") from None
+    except OSError as e:
+        raise OSError(f"cannot read training file {path}: {e.strerror or e}") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"training file {path} is not UTF-8 (byte {e.start})") from e
+
+
+def train_tokenizer(
+    files: Iterable[str | os.PathLike[str]] = (),
+    texts: Iterable[str] = (),
+    *,
+    vocab_size: int,
+    out: str | os.PathLike[str],
+    model_type: str = "bpe",
+    user_symbols: Sequence[str] = DEFAULT_USER_SYMBOLS,
+    extra_symbols: Sequence[str] = (),
+    reserved_tokens: int = 0,
+    character_coverage: float = 0.9995,
+    max_sentence_bytes: int = 2048,
+    max_input_bytes: int = 0,
+    num_threads: int | None = None,
+    seed: int = 0,
+    verbose: bool = False,
+    **spm_options: Any,
+) -> Tokenizer:
+    """Train a Gemma-style SentencePiece model on text files and/or strings; write it to `out`.
+
+    Gemma's options: BPE, byte fallback, digits split, whitespace kept as is (identity
+    normalisation, no dummy prefix, whitespace-only pieces allowed), ids pad=0 eos=1 bos=2
+    unk=3, then `user_symbols` + `extra_symbols` + `<unused0..N-1>` as user-defined pieces.
+    `out` is a file path or a directory (gets `tokenizer.model`). Documents are cut into
+    training sentences of whole lines up to `max_sentence_bytes`; `max_input_bytes` caps the
+    input read (0: no cap). `spm_options` pass through to `SentencePieceTrainer`.
+    """
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if max_sentence_bytes < 64:
+        raise ValueError(f"max_sentence_bytes must be at least 64, got {max_sentence_bytes}")
+    files = [Path(f) for f in files]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"training file not found: {f}")
+    symbols = list(dict.fromkeys([*user_symbols, *extra_symbols]))
+    symbols += [f"<unused{i}>" for i in range(reserved_tokens)]
+    for s in symbols:
+        if not s or s in (PAD, EOS, BOS, UNK):
+            raise ValueError(f"invalid user symbol {s!r}: empty or a reserved piece")
+
+    def documents() -> Iterator[str]:
+        for f in files:
+            yield _read_training_file(f)
+        yield from texts
+
+    def sentences() -> Iterator[str]:
+        total = 0
+        for doc in documents():
+            if not isinstance(doc, str):
+                raise TypeError(f"training texts must be str, got {type(doc).__name__}")
+            for chunk in _chunks(doc, max_sentence_bytes):
+                if not chunk.strip():
+                    continue
+                yield chunk
+                total += len(chunk.encode("utf-8"))
+                if max_input_bytes and total >= max_input_bytes:
+                    return
+
+    stream = sentences()
+    first = next(stream, None)
+    if first is None:
+        where = ", ".join(map(str, files)) or "no files"
+        raise ValueError(f"no training text: the inputs ({where}; plus given texts) are empty")
+
+    options: dict[str, Any] = dict(
+        model_type=model_type,
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_by_whitespace=True,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        bos_id=BOS_ID,
+        unk_id=UNK_ID,
+        pad_piece=PAD,
+        eos_piece=EOS,
+        bos_piece=BOS,
+        unk_piece=UNK,
+        user_defined_symbols=symbols,
+        character_coverage=character_coverage,
+        max_sentence_length=max(4 * max_sentence_bytes, 4192),
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=0 if verbose else 2,
+    )
+    options.update(spm_options)
+    model = _BytesSink()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=itertools.chain([first], stream), model_writer=model, **options
+        )
+    except RuntimeError as e:
+        why = str(e).split("] ", 1)[-1]  # drop SentencePiece's source location
+        raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): {why}") from e
+    tok = Tokenizer(model.getvalue())
+    tok.path = tok.save(out)
+    return tok
+
+
+class _BytesSink:
+    """The `model_writer` SentencePiece writes the trained model into."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self._parts)
