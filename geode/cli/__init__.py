@@ -15,6 +15,7 @@ import sys
 VERB_MODULES: list[str] = [
     "geode.cli.model",
     "geode.cli.tokenizer",
+    "geode.cli.data",
 ]
 
 

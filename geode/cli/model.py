@@ -28,13 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write a randomly initialised checkpoint of a preset (HF layout)",
         description="Build a preset with random weights and save it in the Hugging Face layout, "
         "for experiments, tests and benchmarks (transformers, vLLM and geode all load it).",
-        epilog="example:\n  geode init nano-5m out/nano-5m --seed 0 --dtype float32",
+        epilog="example:\n  geode init nano-5m out/nano-5m --seed 0 --tokenizer out/tok/tokenizer.model",
         formatter_class=_FMT,
     )
     p.add_argument("preset", help="preset name (see `geode info`)")
     p.add_argument("out", help="output directory (replaced atomically if it exists)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument(
+        "--tokenizer", metavar="MODEL", help="tokenizer.model to ship in the checkpoint directory"
+    )
     p.set_defaults(func=run_init)
 
 
@@ -54,8 +57,20 @@ def run_init(args: argparse.Namespace) -> int:
     from .. import build_model, get_preset, save_model
     from ..checkpoint import parse_dtype
 
-    model = build_model(get_preset(args.preset), dtype=parse_dtype(args.dtype), seed=args.seed)
-    path = save_model(model, args.out)
+    config = get_preset(args.preset)
+    files = {}
+    if args.tokenizer:
+        from ..tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+        if tok.vocab_size > config.vocab_size:
+            raise ValueError(
+                f"{args.tokenizer}: {tok.vocab_size} pieces do not fit {args.preset}'s "
+                f"{config.vocab_size}-row embedding"
+            )
+        files["tokenizer.model"] = args.tokenizer
+    model = build_model(config, dtype=parse_dtype(args.dtype), seed=args.seed)
+    path = save_model(model, args.out, files=files)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.preset} ({n:,} parameters, {args.dtype}, seed {args.seed}) to {path}")
     return 0
