@@ -28,8 +28,14 @@ format: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest -q
 
+# Until the quickstart issue lands: a tokenizer trained on this machine's Python stdlib, a
+# random nano model saved in the HF layout, reloaded by `geode info` and `geode generate`.
+DEMO := demo_out
 demo: $(STAMP)
-	$(PY) -m geode.demo
+	$(VENV)/bin/geode tokenizer train --stdlib --stdlib-mb 8 --vocab-size 4096 --out $(DEMO)/tokenizer.model
+	$(VENV)/bin/geode init nano-5m $(DEMO)/nano-5m --seed 0 --tokenizer $(DEMO)/tokenizer.model
+	$(VENV)/bin/geode info $(DEMO)/nano-5m
+	$(VENV)/bin/geode generate $(DEMO)/nano-5m --prompt "def main(" --max-new-tokens 16 --temperature 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out

@@ -46,19 +46,25 @@ def test_init_writes_loadable_checkpoint(tmp_path, capsys):
 
 
 def test_init_ships_tokenizer_and_checks_its_size(tmp_path, capsys):
-    from geode.tokenizer import train_tokenizer
-
     import random
+
+    from geode.tokenizer import train_tokenizer
 
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz"
     words = ["".join(rng.choices(letters, k=rng.randint(2, 9))) for _ in range(3000)]
     text = [" ".join(rng.choices(words, k=12)) for _ in range(2000)]
     tok = train_tokenizer(texts=text, vocab_size=600, out=tmp_path / "tok.model")
-    assert main(["init", "nano-1m", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok.model")]) == 0
+    assert (
+        main(["init", "nano-1m", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok.model")])
+        == 0
+    )
     assert geode.load_tokenizer(tmp_path / "m").vocab_size == tok.vocab_size
     big = train_tokenizer(texts=text, vocab_size=2100, out=tmp_path / "big.model")
     assert big.vocab_size > 2048
-    assert main(["init", "nano-1m", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "big.model")]) == 1
+    assert (
+        main(["init", "nano-1m", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "big.model")])
+        == 1
+    )
     assert "do not fit nano-1m's 2048-row embedding" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -14,8 +14,13 @@ import sys
 # Verb-group modules, in the order their verbs are listed by `geode --help`.
 VERB_MODULES: list[str] = [
     "geode.cli.model",
+    "geode.cli.generate",
     "geode.cli.tokenizer",
     "geode.cli.data",
+    "geode.cli.serve",
+    "geode.cli.train",
+    "geode.cli.eval",
+    "geode.cli.bench",
 ]
 
 

@@ -53,6 +53,37 @@ def attention_mask(
     return mask[:, None]
 
 
+_MASK_MEMO: list = [None]  # (q_pos, k_pos, versions, window, mask) of the last cached-mask call
+
+
+def _memo_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """`attention_mask` for cache reads, reused across the layers of one forward pass.
+
+    A cache may return the same key-position tensor to every layer of a kind (local/global),
+    so the mask is built once per kind instead of once per layer. Reuse requires the same
+    forward pass (`Transformer.hidden` clears the memo), the very same tensor objects,
+    unmodified since (version counters; inference tensors have none), and the same window.
+    """
+    memo = _MASK_MEMO[0]
+    versions = tuple(None if torch.is_inference(t) else t._version for t in (q_pos, k_pos))
+    if (
+        memo is not None
+        and memo[0] is q_pos
+        and memo[1] is k_pos
+        and memo[2] == versions
+        and memo[3] == window
+    ):
+        return memo[4]
+    mask = attention_mask(q_pos, k_pos, window)
+    _MASK_MEMO[0] = (q_pos, k_pos, versions, window, mask)
+    return mask
+
+
+def clear_mask_memo() -> None:
+    """Forget the memoised mask (called at the start of every forward pass)."""
+    _MASK_MEMO[0] = None
+
+
 class Attention(nn.Module):
     """Gemma 3 self-attention for one layer (local or global)."""
 
@@ -91,21 +122,34 @@ class Attention(nn.Module):
         segments, so the plain causal kernel can be used when the window covers T.
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        # QK-norm (Dehghani et al. 2023) over head_dim, before RoPE as in Gemma 3.
-        q = apply_rope(self.q_norm(q), cos, sin)  # (B, H, T, D)
-        k = apply_rope(self.k_norm(k), cos, sin)  # (B, Hkv, T, D)
+        q, k, v = self.project_qkv(x)  # (B, T, H*D), (B, T, Hkv*D), (B, T, Hkv*D)
+        q, k = self.norm_rope(q, k, cos, sin)  # (B, H, T, D), (B, Hkv, T, D)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
         mask = None
         if cache is not None:
             k, v, k_pos = cache.update(self.layer, k, v, positions)  # (B, Hkv, S, D), (B, S)
-            mask = attention_mask(positions, k_pos, self.window)
+            mask = _memo_mask(positions, k_pos, self.window)
         elif not (causal_default and (self.window is None or T <= self.window)):
             mask = attention_mask(positions, positions, self.window, segment_ids, segment_ids)
         out = self._attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, hidden) -> q (B, T, H*D), k, v (B, T, Hkv*D); inference may fuse the three."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def norm_rope(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """QK-norm (Dehghani et al. 2023) over head_dim, then RoPE, as in Gemma 3.
+
+        q (B, T, H*D), k (B, T, Hkv*D), cos/sin (B, T, D) -> q (B, H, T, D), k (B, Hkv, T, D).
+        """
+        B, T, _ = q.shape
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None

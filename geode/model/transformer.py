@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import FULL, SLIDING, ModelConfig
-from .attention import Attention, KVCache
+from .attention import Attention, KVCache, clear_mask_memo
 from .layers import GatedMLP, RMSNorm, ScaledEmbedding, rope_cos_sin, rope_inv_freq
 
 FLOAT16_REFUSAL = (
@@ -81,6 +81,9 @@ class Transformer(nn.Module):
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+        # Inference may install a faster or quantized LM head here (geode.infer); it holds no
+        # parameters of its own, so checkpoints are unchanged. None: the plain projection.
+        self.head_override: nn.Module | None = None
         self.gradient_checkpointing = False  # recompute each layer in backward (trainer sets it)
         self._inv_freq = {
             SLIDING: rope_inv_freq(config.head_dim, config.rope_local_base_freq),
@@ -138,6 +141,7 @@ class Transformer(nn.Module):
             kind: rope_cos_sin(positions.clamp(min=0), inv, x.dtype)
             for kind, inv in self._inv_freq.items()
         }
+        clear_mask_memo()
         for i, layer in enumerate(self.layers):
             cos, sin = tables[self.config.layer_types[i]]
             args = (x, cos, sin, positions, cache, segment_ids, causal_default)
@@ -149,8 +153,11 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., hidden) -> (..., V), with Gemma 2's final soft-cap c*tanh(z/c) when configured."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        z = F.linear(hidden, weight)
+        if self.head_override is not None:
+            z = self.head_override(hidden)
+        else:
+            weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+            z = F.linear(hidden, weight)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             z = torch.tanh(z / cap) * cap

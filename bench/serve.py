@@ -1,0 +1,304 @@
+"""Benchmark: serving throughput and latency, geode's server vs a transformers `generate` server.
+
+Each server runs in its own process on 127.0.0.1 (the clients in this one) and serves the same random nano checkpoint (HF
+layout) with the same tokenizer; clients are asyncio tasks with httpx, streaming
+`/v1/completions` (the same prompts, greedy, `ignore_eos` so every request produces exactly
+`--max-tokens` tokens). At each concurrency C, C clients send `max(C, --min-requests)` requests
+in all. Reported per server and concurrency: output tokens/s, time to first token (TTFT) and
+inter-token latency (ITL) p50/p99, then the throughput ratio geode / reference.
+
+The reference is the minimal FastAPI wrapper around `transformers` `generate` that a user would
+write (streaming through `TextIteratorStreamer`, one `generate` at a time behind a lock, since
+`generate` has no continuous batching). Prints one JSON line per measurement, then a table.
+
+usage: python bench/serve.py [--preset nano-1m] [--concurrency 1 8 32] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import geode  # noqa: E402
+from geode.config import get_preset  # noqa: E402
+from geode.tokenizer import train_tokenizer  # noqa: E402
+from tests.serve.helpers import free_port  # noqa: E402
+
+
+def make_checkpoint(root: Path, preset: str) -> Path:
+    """A random preset checkpoint with a tokenizer trained on some stdlib source."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py"))[:60]
+    cfg = get_preset(preset)
+    tok = train_tokenizer(files=files, vocab_size=cfg.vocab_size, out=root / "tok")
+    cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size)
+    model = geode.build_model(cfg, seed=0)
+    path = root / "model"
+    geode.save_model(model, path, files={"tokenizer.model": root / "tok" / "tokenizer.model"})
+    return path
+
+
+def reference_app(path: Path) -> Any:
+    """FastAPI + transformers generate: streaming completions, one generation at a time."""
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = geode.load_tokenizer(path)
+
+    class _Streamer(BaseStreamer):  # token ids -> an asyncio queue (None at the end)
+        def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+            self.loop, self.queue, self.prompt_seen = loop, queue, False
+
+        def put(self, value: torch.Tensor) -> None:
+            if not self.prompt_seen:  # generate first puts the prompt
+                self.prompt_seen = True
+                return
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, value.flatten().tolist())
+
+        def end(self) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+    lock = threading.Lock()
+    app = FastAPI()
+    app.state.geode = None
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> StreamingResponse:
+        body = await request.json()
+        ids = torch.tensor([[tok.bos_id, *tok.encode(body["prompt"])]])
+        n = int(body.get("max_tokens", 16))
+        queue: asyncio.Queue = asyncio.Queue()
+        streamer = _Streamer(asyncio.get_running_loop(), queue)
+
+        def run() -> None:
+            with lock, torch.inference_mode():
+                model.generate(
+                    ids,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    streamer=streamer,
+                    pad_token_id=0,
+                )
+
+        threading.Thread(target=run, daemon=True).start()
+
+        async def events() -> Any:
+            decoder = tok.stream_decoder(skip_special=True)
+            while (new := await queue.get()) is not None:
+                piece = decoder.extend(new)
+                yield f"data: {json.dumps({'choices': [{'text': piece, 'index': 0}]})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
+    """Stream one completion; arrival times of its chunks."""
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    t0 = time.perf_counter()
+    times = []
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                times.append(time.perf_counter())
+    return {"t0": t0, "times": times}
+
+
+async def load(url: str, concurrency: int, n_requests: int, max_tokens: int) -> dict:
+    """C clients share n_requests; throughput and latency percentiles."""
+    prompts = [f"def function_{i}(x, y):\n    return" for i in range(n_requests)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    out: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                p = queue.get_nowait()
+                out.append(await one_request(client, url, p, max_tokens))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ttft = [r["times"][0] - r["t0"] for r in out if r["times"]]
+    itl = [b - a for r in out for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    tokens = n_requests * max_tokens
+
+    def pct(xs: list[float], q: float) -> float:
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    return {
+        "requests": n_requests,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+        "ttft_p50_ms": round(1000 * statistics.median(ttft), 1),
+        "ttft_p99_ms": round(1000 * pct(ttft, 0.99), 1),
+        "itl_p50_ms": round(1000 * statistics.median(itl), 2) if itl else None,
+        "itl_p99_ms": round(1000 * pct(itl, 0.99), 2) if itl else None,
+    }
+
+
+def start_server(cmd: list[str], port: int, timeout: float = 300.0) -> subprocess.Popen:
+    """Start a server process and wait for GET /health = 200."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/health"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {cmd}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server did not become healthy: {cmd}")
+
+
+def main() -> None:
+    """Run the benchmark."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", default="nano-1m")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--min-requests", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in each server")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--serve-reference", metavar="CHECKPOINT", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_reference:  # child process: the transformers server
+        import uvicorn
+
+        torch.set_num_threads(args.threads)
+        uvicorn.run(
+            reference_app(Path(args.serve_reference)),
+            host="127.0.0.1",
+            port=args.port,
+            log_level="warning",
+        )
+        return
+
+    rows = []
+    env_threads = ["env", f"OMP_NUM_THREADS={args.threads}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_checkpoint(Path(tmp), args.preset)
+        servers = {
+            "geode": lambda port: [
+                *env_threads,
+                sys.executable,
+                "-m",
+                "geode",
+                "serve",
+                str(path),
+                "--port",
+                str(port),
+                "--max-batch",
+                str(max(args.concurrency)),
+            ],
+        }
+        if not args.skip_reference:
+            servers["transformers"] = lambda port: [
+                *env_threads,
+                sys.executable,
+                __file__,
+                "--serve-reference",
+                str(path),
+                "--port",
+                str(port),
+                "--threads",
+                str(args.threads),
+            ]
+        for name, command in servers.items():
+            port = free_port()
+            proc = start_server(command(port), port)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                asyncio.run(load(url, 2, 2, 8))  # warm-up
+                for c in args.concurrency:
+                    m = asyncio.run(load(url, c, max(c, args.min_requests), args.max_tokens))
+                    row = {
+                        "bench": "serve",
+                        "server": name,
+                        "preset": args.preset,
+                        "concurrency": c,
+                        "max_tokens": args.max_tokens,
+                        **m,
+                    }
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    by = {(r["server"], r["concurrency"]): r for r in rows}
+    print(
+        f"\n{'server':<13}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}"
+        f"{'ITL p50':>9}{'ITL p99':>9}{'ratio':>7}"
+    )
+    for r in rows:
+        ref = by.get(("transformers", r["concurrency"]))
+        ratio = (
+            f"{r['tokens_per_s'] / ref['tokens_per_s']:.1f}x"
+            if ref and r["server"] == "geode"
+            else ""
+        )
+        print(
+            f"{r['server']:<13}{r['concurrency']:>5}{r['tokens_per_s']:>9.1f}"
+            f"{r['ttft_p50_ms']:>10.0f}{r['ttft_p99_ms']:>10.0f}{r['itl_p50_ms'] or 0:>9.1f}"
+            f"{r['itl_p99_ms'] or 0:>9.1f}{ratio:>7}"
+        )
+    for c in args.concurrency:
+        g, t = by.get(("geode", c)), by.get(("transformers", c))
+        if g and t:
+            print(
+                json.dumps(
+                    {
+                        "bench": "serve",
+                        "concurrency": c,
+                        "throughput_ratio": round(g["tokens_per_s"] / t["tokens_per_s"], 2),
+                    }
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()

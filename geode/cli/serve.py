@@ -1,0 +1,149 @@
+"""`geode serve` and `geode chat`: an OpenAI-compatible server, and a terminal chat."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+_FMT = argparse.RawDescriptionHelpFormatter
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `serve` and `chat` verbs."""
+    p = sub.add_parser(
+        "serve",
+        help="serve a model behind an OpenAI-compatible HTTP API (with a chat page at /)",
+        description="Serve one model with FastAPI + uvicorn: /v1/completions, "
+        "/v1/chat/completions (streaming, tools, JSON modes), /v1/models, /health, /metrics, "
+        "/tokenize, /detokenize, /tokenizer_info, and a chat page at /. Requests are batched "
+        "continuously; see docs/serving.md.",
+        epilog="example:\n  geode serve out/final --port 8000 --api-key sk-local\n"
+        "  curl -H 'Authorization: Bearer sk-local' localhost:8000/v1/models",
+        formatter_class=_FMT,
+    )
+    p.add_argument("model", help="checkpoint directory (HF layout, with tokenizer.model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accepted API key for /v1/* (repeatable; default: no authentication)",
+    )
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting beyond the batch before 429"
+    )
+    p.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--served-model-name", help="name in /v1/models (default: directory name)")
+    p.set_defaults(func=run_serve)
+
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal (streaming)",
+        description="An interactive chat through the engine, replies streamed as they are "
+        "generated. Commands: /reset clears the conversation, /quit (or Ctrl-D) exits.",
+        epilog="example:\n  geode chat out/final --temperature 0.7 --system 'Be brief.'",
+        formatter_class=_FMT,
+    )
+    p.add_argument("model", help="checkpoint directory (HF layout, with tokenizer.model)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="default 0.7 (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per reply (default 512)")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.set_defaults(func=run_chat)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run the server until interrupted."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from geode.cli import CLIError
+    from geode.serve.app import create_app
+
+    if not Path(args.model).is_dir():
+        raise CLIError(f"{args.model}: not a checkpoint directory")
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise CLIError("--max-batch must be >= 1 and --max-queue >= 0")
+    app = create_app(
+        args.model,
+        api_keys=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_seq_len=args.max_seq_len,
+        model_name=args.served_model_name,
+    )
+    print(f"geode serve: http://{args.host}:{args.port}/ (chat page), /v1 (API)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """Interactive terminal chat through the engine."""
+    from pathlib import Path
+
+    import torch
+
+    import geode
+    from geode.chat import ChatFormatError, render
+    from geode.cli import CLIError
+    from geode.infer import Engine, Request, RequestError
+
+    path = Path(args.model)
+    if not (path / "tokenizer.model").is_file():
+        raise CLIError(f"{args.model}: not a checkpoint directory with a tokenizer.model")
+    model = geode.load_model(path)
+    tok = geode.load_tokenizer(path)
+    engine = Engine(model, tok, max_batch=1)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages: list[dict] = []
+    print("geode chat: /reset clears the conversation, /quit or Ctrl-D exits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            messages.clear()
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            ids = tok.encode(render(system + messages))
+            room = engine.max_seq_len - len(ids)
+            if room < 1:
+                raise RequestError("the conversation fills the context; /reset to start over")
+            req = Request(
+                ids,
+                max_new_tokens=min(args.max_tokens, room),
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+            )
+            reply = []
+            print("model> ", end="", flush=True)
+            # Inference mode around the whole stream: closing it early aborts the sequence,
+            # which edits the cache's inference tensors in place.
+            with torch.inference_mode():
+                stream = engine.stream(req)
+                try:
+                    for d in stream:
+                        reply.append(d.text)
+                        print(d.text, end="", flush=True)
+                except KeyboardInterrupt:  # stop this reply, keep the conversation
+                    print(" [stopped]", end="")
+                finally:
+                    stream.close()
+            print()
+            messages.append({"role": "assistant", "content": "".join(reply).strip()})
+        except (ChatFormatError, RequestError) as e:
+            messages.pop()
+            print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,312 @@
+"""Hybrid KV cache for Gemma 3: full-context slots for global layers, a ring buffer for local ones.
+
+Gemma 3 interleaves local layers (attend to the last W = `sliding_window` positions) with
+global layers (attend to everything). A local layer never needs more than W keys, so it keeps a
+ring buffer of exactly min(capacity, W) slots: position p lives in slot p mod W. Global layers
+keep `capacity` slots per sequence, position p in slot p. Memory of one sequence of n tokens:
+
+    bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * min(n, W))
+
+(2 = keys and values, b = bytes per element). `kv_cache_bytes` is the one definition of this
+formula; `geode info` prints it and `HybridCache.nbytes` equals it for a one-row cache.
+
+The cache implements the model's `KVCache` protocol (geode/model/attention.py): `update` stores
+one layer's new keys/values and returns every key the new queries may attend to with the
+absolute position of each returned slot (-1 = empty); the model builds the mask from positions,
+so the ring buffer may return its slots in any order.
+
+Rows are sequences. The engine keeps its running sequences in rows 0..B-1 (compacting with
+`move_row` when one leaves) so a decode step of B sequences works on views of the first B rows
+and never copies the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import SLIDING, ModelConfig
+
+
+def _element_size(dtype: torch.dtype | str) -> int:
+    """Bytes per element of a dtype given as a torch dtype or a name ('bfloat16', 'float32')."""
+    if isinstance(dtype, str):
+        name = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16"}
+        dtype = getattr(torch, name.get(dtype, dtype), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def kv_cache_bytes(
+    config: ModelConfig,
+    n_tokens: int,
+    dtype: torch.dtype | str = torch.bfloat16,
+    ring_buffer: bool = True,
+) -> int:
+    """KV-cache bytes of one sequence of n tokens (the formula in this module's docstring).
+
+    bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * m), m = min(n, W) with a ring
+    buffer for local layers and m = n without.
+    """
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+    b = _element_size(dtype)
+    per_token_layer = 2 * config.num_key_value_heads * config.head_dim * b
+    local = min(n_tokens, config.sliding_window) if ring_buffer else n_tokens
+    return per_token_layer * (config.num_global_layers * n_tokens + config.num_local_layers * local)
+
+
+class HybridCache:
+    """Preallocated KV cache of `batch` rows x `capacity` positions (see module docstring).
+
+    Global layers: keys/values (batch, H_kv, capacity, D), position p in slot p.
+    Local layers: keys/values (batch, H_kv, R, D), R = min(capacity, W), position p in slot
+    p mod R (with ring_buffer=False, R = capacity and slot p, as a baseline).
+    Slot positions: `global_pos` (batch, capacity) and `local_pos` (batch, R), -1 = empty,
+    shared by all layers of a kind (every layer stores the same positions).
+
+    `static=True` (CUDA graphs): single-token steps return full-size views and never read
+    tensors on the host; multi-token (prefill) steps work as usual.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        ring_buffer: bool = True,
+        static: bool = False,
+    ):
+        if batch <= 0 or capacity <= 0:
+            raise ValueError(f"cache needs batch > 0 and capacity > 0, got {batch}, {capacity}")
+        self.config = config
+        self.batch = batch
+        self.capacity = capacity
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.ring_buffer = ring_buffer
+        self.static = static
+        self.window = config.sliding_window
+        self.ring = min(capacity, self.window) if ring_buffer else capacity
+        self.is_local = [t == SLIDING for t in config.layer_types]
+        hkv, d = config.num_key_value_heads, config.head_dim
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for local in self.is_local:
+            slots = self.ring if local else capacity
+            shape = (batch, hkv, slots, d)
+            self.keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
+            self.values.append(torch.zeros(shape, dtype=dtype, device=self.device))
+        kw = dict(dtype=torch.long, device=self.device)
+        self.global_pos = torch.full((batch, capacity), -1, **kw)  # (batch, capacity)
+        self.local_pos = torch.full((batch, self.ring), -1, **kw)  # (batch, R)
+        self._last_layer = len(self.is_local)  # > any layer: the next update starts a forward
+        self._step: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by keys and values (positions are bookkeeping, not counted)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def row_length(self, row: int) -> int:
+        """Number of positions stored in a row (1 + its largest position, 0 when empty)."""
+        return int(self.global_pos[row].max().item()) + 1 if self.capacity else 0
+
+    # ------------------------------------------------------------------ rows
+    def reset_rows(self, rows: slice | list[int] | int | None = None) -> None:
+        """Mark rows empty (all rows when None); keys/values are left as garbage, masked out."""
+        rows = slice(None) if rows is None else rows
+        self.global_pos[rows] = -1
+        self.local_pos[rows] = -1
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` into row `dst` (the engine compacts running sequences this way)."""
+        if src == dst:
+            return
+        for t in self.keys + self.values:
+            t[dst].copy_(t[src])
+        self.global_pos[dst].copy_(self.global_pos[src])
+        self.local_pos[dst].copy_(self.local_pos[src])
+
+    def resized(self, batch: int, capacity: int, rows: int) -> HybridCache:
+        """A new cache of the given size holding the first `rows` rows of this one."""
+        if capacity < self.capacity and rows and self.global_pos[:rows].max() >= capacity:
+            raise ValueError("cannot shrink the capacity below a stored position")
+        new = HybridCache(
+            self.config, batch, capacity, self.dtype, self.device, self.ring_buffer, self.static
+        )
+        rows = min(rows, batch)
+        if rows:
+            c = min(capacity, self.capacity)
+            r = min(new.ring, self.ring)
+            if new.ring != self.ring and self.local_pos[:rows].max() >= r:
+                raise ValueError("cannot change the ring size after it has wrapped around")
+            for i, local in enumerate(self.is_local):
+                n = r if local else c
+                new.keys[i][:rows, :, :n] = self.keys[i][:rows, :, :n]
+                new.values[i][:rows, :, :n] = self.values[i][:rows, :, :n]
+            new.global_pos[:rows, :c] = self.global_pos[:rows, :c]
+            new.local_pos[:rows, :r] = self.local_pos[:rows, :r]
+        return new
+
+    def rows(self, start: int, stop: int) -> HybridCache:
+        """A cache over rows [start, stop) sharing this one's storage (prefill of one sequence)."""
+        view = object.__new__(HybridCache)
+        view.__dict__.update(self.__dict__)
+        view.batch = stop - start
+        view.keys = [t[start:stop] for t in self.keys]
+        view.values = [t[start:stop] for t in self.values]
+        view.global_pos = self.global_pos[start:stop]
+        view.local_pos = self.local_pos[start:stop]
+        view._last_layer = len(self.is_local)
+        view._step = {}
+        return view
+
+    # ------------------------------------------------------------------ the KVCache protocol
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v (B, Hkv, T, D) at positions (B, T) -> keys, values (B, Hkv, S, D), key_pos (B, S).
+
+        Rows 0..B-1 of the cache are used. Positions < 0 mark padding: never stored.
+        """
+        if layer <= self._last_layer:  # layers run in order: a new forward pass begins
+            self._begin(positions)
+        self._last_layer = layer
+        if self.is_local[layer]:
+            return self._update_local(layer, k, v, positions)
+        return self._update_global(layer, k, v, positions)
+
+    def _begin(self, positions: torch.Tensor) -> None:
+        """Per-forward bookkeeping shared by all layers (slots, lengths, position tables)."""
+        B, T = positions.shape
+        if B > self.batch:
+            raise ValueError(f"batch of {B} rows exceeds the cache's {self.batch} rows")
+        step: dict[str, object] = {"B": B, "T": T}
+        if self.static and T == 1:
+            # No host reads (CUDA-graph capturable): full views, where-guarded single-token writes.
+            pos = positions[:, 0]  # (B,)
+            valid = pos >= 0
+            slot_g = pos.clamp(min=0, max=self.capacity - 1)
+            slot_l = pos.clamp(min=0) % self.ring
+            rows = torch.arange(B, device=pos.device)
+            self.global_pos[rows, slot_g] = torch.where(valid, pos, self.global_pos[rows, slot_g])
+            self.local_pos[rows, slot_l] = torch.where(valid, pos, self.local_pos[rows, slot_l])
+            step.update(rows=rows, slot_g=slot_g, slot_l=slot_l, valid=valid, pad=True)
+            step.update(S_g=self.capacity, S_l=self.ring)
+            step.update(gpos=self.global_pos[:B], lpos=self.local_pos[:B])
+            self._step = step
+            return
+        top = int(positions.max().item())
+        if top >= self.capacity:
+            raise ValueError(
+                f"position {top} does not fit the cache's capacity of {self.capacity} positions"
+            )
+        has_pad = bool((positions < 0).any().item())
+        length = max(top + 1, int(self.global_pos[:B].max().item()) + 1)  # longest row after
+        step.update(pad=has_pad, S_g=length, S_l=min(length, self.ring))
+        if T == 1:
+            pos = positions[:, 0]  # (B,)
+            valid = pos >= 0
+            rows = torch.arange(B, device=pos.device)
+            slot_g = pos.clamp(min=0)
+            slot_l = slot_g % self.ring
+            step.update(rows=rows, slot_g=slot_g, slot_l=slot_l, valid=valid)
+            if B <= 4 and not has_pad:  # a few rows: plain copies beat index_put
+                host = pos.tolist()
+                step["host"] = [(b, p, p % self.ring) for b, p in enumerate(host)]
+            if has_pad:
+                gp = torch.where(valid, pos, self.global_pos[rows, slot_g])
+                lp = torch.where(valid, pos, self.local_pos[rows, slot_l])
+            else:
+                gp = lp = pos
+            self.global_pos[rows, slot_g] = gp
+            self.local_pos[rows, slot_l] = lp
+        else:
+            # Prefill chunk: old ring contents are returned next to the chunk's own keys, then the
+            # last R real tokens of each row are written to the ring (see _update_local).
+            step["old_local_pos"] = self.local_pos[:B, : step["S_l"]].clone()
+            writes = []  # per row: (token indices in the chunk, their positions)
+            for b in range(B):
+                idx = torch.nonzero(positions[b] >= 0).flatten()  # (n_b,)
+                writes.append((idx, positions[b, idx]))
+                self.global_pos[b, positions[b, idx]] = positions[b, idx]
+                keep = idx[-self.ring :]
+                self.local_pos[b, positions[b, keep] % self.ring] = positions[b, keep]
+            step["writes"] = writes
+            step["lpos"] = torch.cat([step["old_local_pos"], positions], dim=1)  # (B, S_l + T)
+        # One key-position tensor per kind for all layers: the model reuses the mask it built.
+        step["gpos"] = self.global_pos[:B, : step["S_g"]]
+        if T == 1:
+            step["lpos"] = self.local_pos[:B, : step["S_l"]]
+        self._step = step
+
+    def _update_global(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self._step
+        B, S = s["B"], s["S_g"]
+        kc, vc = self.keys[layer], self.values[layer]  # (batch, Hkv, capacity, D)
+        if s["T"] == 1:
+            host = s.get("host")
+            if host is not None:
+                for b, p, _ in host:
+                    kc[b, :, p] = k[b, :, 0]
+                    vc[b, :, p] = v[b, :, 0]
+            else:
+                self._write_one(kc, vc, k, v, s["slot_g"])
+        else:
+            for b, (idx, pos) in enumerate(s["writes"]):
+                kc[b, :, pos] = k[b, :, idx]
+                vc[b, :, pos] = v[b, :, idx]
+        return kc[:B, :, :S], vc[:B, :, :S], s["gpos"]
+
+    def _update_local(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self._step
+        B, S = s["B"], s["S_l"]
+        kc, vc = self.keys[layer], self.values[layer]  # (batch, Hkv, R, D)
+        if s["T"] == 1:
+            # Write first: the slot overwritten held position p - R, outside the window of p.
+            host = s.get("host")
+            if host is not None:
+                for b, _, slot in host:
+                    kc[b, :, slot] = k[b, :, 0]
+                    vc[b, :, slot] = v[b, :, 0]
+            else:
+                self._write_one(kc, vc, k, v, s["slot_l"])
+            return kc[:B, :, :S], vc[:B, :, :S], s["lpos"]
+        # A chunk of T tokens: queries need the old ring (earlier positions) and the chunk itself;
+        # writing first could overwrite keys that early queries of the chunk still see.
+        keys = torch.cat([kc[:B, :, :S], k], dim=2)  # (B, Hkv, S + T, D)
+        values = torch.cat([vc[:B, :, :S], v], dim=2)
+        key_pos = s["lpos"]  # (B, S + T): old ring positions, then the chunk's
+        for b, (idx, pos) in enumerate(s["writes"]):
+            keep = idx[-self.ring :]
+            slots = pos[-self.ring :] % self.ring
+            kc[b, :, slots] = k[b, :, keep]
+            vc[b, :, slots] = v[b, :, keep]
+        return keys, values, key_pos
+
+    def _write_one(
+        self,
+        kc: torch.Tensor,
+        vc: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> None:
+        """Store one token per row: kc[b, :, slots[b]] = k[b, :, 0] (padding rows unchanged)."""
+        s = self._step
+        rows = s["rows"]
+        k1, v1 = k[:, :, 0], v[:, :, 0]  # (B, Hkv, D)
+        if s["pad"]:
+            keep = s["valid"][:, None, None]
+            k1 = torch.where(keep, k1, kc[rows, :, slots])
+            v1 = torch.where(keep, v1, vc[rows, :, slots])
+        kc[rows, :, slots] = k1.to(kc.dtype)
+        vc[rows, :, slots] = v1.to(vc.dtype)

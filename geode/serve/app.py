@@ -1,0 +1,1187 @@
+"""The OpenAI-compatible HTTP server: `create_app(...)` builds a FastAPI app over one model.
+
+    app = create_app("out/final")                 # loads in the background; /health 503 -> 200
+    app = create_app((model, tokenizer), api_keys=["sk-local"], max_batch=16)
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+GET /metrics, POST /tokenize, POST /detokenize, GET /tokenizer_info, and the chat page at /.
+Every error is OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`; bad input is
+a 400 naming the field, never a 500. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from geode.infer import Delta, RequestError, Result, SamplingParams
+from geode.infer import Request as EngineRequest
+
+from . import protocol as P
+from .scheduler import Handle, QueueFull, Scheduler
+
+_PARAM_NAMES = {  # engine field -> API field
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "prompt_logprobs": "logprobs",
+}
+
+
+DEFAULT_CHAT_MAX_TOKENS = 4096  # chat completions without max_tokens / max_completion_tokens
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers
+
+
+def error_response(e: APIError) -> JSONResponse:
+    """The JSON response of an APIError."""
+    body = P.ErrorResponse(
+        error=P.ErrorBody(message=e.message, type=e.type, param=e.param, code=e.code or e.status)
+    )
+    return JSONResponse(body.model_dump(), status_code=e.status, headers=e.headers)
+
+
+# ---------------------------------------------------------------------- server state
+@dataclasses.dataclass
+class ServerConfig:
+    """Options of `create_app`."""
+
+    model_name: str = "geode"
+    api_keys: tuple[str, ...] = ()
+    max_batch: int = 32
+    max_queue: int = 256
+    max_tokens_in_flight: int | None = None
+    max_seq_len: int | None = None
+    engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class ServerState:
+    """The loaded model, engine, scheduler and grammar compiler (None while loading)."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.scheduler: Scheduler | None = None
+        self.grammars: Any = None
+        self.load_error: str | None = None
+        self.started = time.time()
+        self.http_requests: dict[tuple[str, int], int] = {}
+        self._grammar_lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        """Model loaded and scheduler running."""
+        return self.scheduler is not None
+
+    @property
+    def max_len(self) -> int:
+        """Context length (prompt + completion)."""
+        return self.engine.max_seq_len
+
+    def get_grammars(self) -> Any:
+        """The llguidance grammar compiler, built on first use."""
+        with self._grammar_lock:
+            if self.grammars is None:
+                from .constrain import Grammars
+
+                self.grammars = Grammars(
+                    self.tokenizer, self.engine.eos_token_ids, self.engine.vocab_size
+                )
+            return self.grammars
+
+
+def _load(source: Any, config: ServerConfig) -> tuple[Any, Any]:
+    """Model and tokenizer from a checkpoint path or a (model, tokenizer) pair."""
+    if isinstance(source, (str, os.PathLike)):
+        import geode
+
+        path = Path(source)
+        model = geode.load_model(path)
+        if not (path / "tokenizer.model").is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer.model; the server needs a tokenizer")
+        return model, geode.load_tokenizer(path)
+    model, tokenizer = source
+    if tokenizer is None:
+        raise ValueError("the server needs a tokenizer")
+    return model, tokenizer
+
+
+def create_app(
+    source: str | os.PathLike | tuple[Any, Any],
+    *,
+    api_keys: Sequence[str] | None = None,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    max_tokens_in_flight: int | None = None,
+    max_seq_len: int | None = None,
+    model_name: str | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
+) -> FastAPI:
+    """A FastAPI app serving one model (a checkpoint directory or a (model, tokenizer) pair).
+
+    A path is loaded in a background thread at startup (GET /health answers 503 until then).
+    max_batch: sequences decoded together; max_queue: requests waiting beyond that before 429;
+    max_tokens_in_flight: budget of prompt + max_tokens over admitted requests.
+    """
+    if model_name is None:
+        model_name = Path(source).name if isinstance(source, (str, os.PathLike)) else "geode"
+    config = ServerConfig(
+        model_name=model_name,
+        api_keys=tuple(api_keys or ()),
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_tokens_in_flight=max_tokens_in_flight,
+        max_seq_len=max_seq_len,
+        engine_kwargs=dict(engine_kwargs or {}),
+    )
+    state = ServerState(config)
+
+    async def load() -> None:
+        try:
+            model, tokenizer = await asyncio.to_thread(_load, source, config)
+            from geode.infer import Engine
+
+            engine = Engine(
+                model,
+                tokenizer,
+                max_batch=max_batch,
+                max_seq_len=max_seq_len,
+                **config.engine_kwargs,
+            )
+            state.engine, state.tokenizer = engine, tokenizer
+            sched = Scheduler(
+                engine, max_queue=max_queue, max_tokens_in_flight=max_tokens_in_flight
+            )
+            sched.start()
+            state.scheduler = sched
+        except Exception as e:  # reported by /health; the server stays up
+            state.load_error = f"{type(e).__name__}: {e}"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(load())
+        app.state.load_task = task
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            if state.scheduler is not None:
+                await state.scheduler.stop()
+
+    app = FastAPI(
+        title="geode",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible API over a geode model.",
+    )
+    app.state.geode = state
+    _install_errors(app)
+    _install_middleware(app, state)
+    _install_routes(app, state)
+    return app
+
+
+# ---------------------------------------------------------------------- errors and auth
+_FIELD_IN_MSG = re.compile(r"^(?:Value error, )?([A-Za-z_][\w.\[\]]*): ")
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errs = exc.errors()
+    if not errs:
+        return APIError(400, "invalid request")
+    e = errs[0]
+    if e.get("type") == "json_invalid":
+        return APIError(400, f"malformed JSON body: {e.get('msg')}", code="invalid_json")
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if not loc and e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        return APIError(400, "the request body must be a JSON object", code="invalid_body")
+    if not loc and e.get("type") == "missing":
+        return APIError(
+            400, "the request body is empty: expected a JSON object", code="invalid_body"
+        )
+    # Union members show up in loc as type names ("list[int]", "str"): drop them.
+    loc = [
+        x
+        for x in loc
+        if not re.match(
+            r"^(str|int|float|bool|list\[.*|dict\[.*|function-|"
+            r"literal\[|NamedToolChoice|ContentPart)",
+            x,
+        )
+    ]
+    msg = str(e.get("msg", "invalid value"))
+    m = _FIELD_IN_MSG.match(msg)
+    if m and not loc:
+        param = m.group(1)
+        msg = msg[m.end() :]
+    else:
+        param = ".".join(loc) or None
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+    if e.get("type") == "missing":
+        msg = "field required"
+    return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+
+class _AuthAndCount:
+    """Pure ASGI middleware: API keys on /v1/*, request counts per path and status.
+
+    (Not BaseHTTPMiddleware: that wraps `receive` and hides client disconnects from handlers.)
+    """
+
+    def __init__(self, app: Any, state: ServerState):
+        self.app, self.state = app, state
+        self.keys = set(state.config.api_keys)
+
+    def _count(self, path: str, status: int) -> None:
+        k = (path, status)
+        self.state.http_requests[k] = self.state.http_requests.get(k, 0) + 1
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        counted = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+        if self.keys and path.startswith("/v1/"):
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1")
+                for k, v in scope.get("headers", [])
+            }
+            auth = headers.get("authorization", "")
+            token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+            if token is None:
+                token = headers.get("x-api-key")
+            if token not in self.keys:
+                self._count(path, 401)
+                response = error_response(
+                    APIError(
+                        401,
+                        "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                        type="authentication_error",
+                        code="invalid_api_key",
+                    )
+                )
+                return await response(scope, receive, send)
+
+        async def send_counted(message: dict) -> None:
+            if counted and message["type"] == "http.response.start":
+                self._count(path, int(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, send_counted)
+
+
+def _install_middleware(app: FastAPI, state: ServerState) -> None:
+    app.add_middleware(_AuthAndCount, state=state)
+
+
+# ---------------------------------------------------------------------- helpers
+def _require_ready(state: ServerState) -> None:
+    if state.ready:
+        return
+    if state.load_error:
+        raise APIError(503, f"the model failed to load: {state.load_error}", type="server_error")
+    raise APIError(
+        503,
+        "the model is still loading",
+        type="server_error",
+        code="loading",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _check_model(state: ServerState, name: str | None) -> None:
+    if name is not None and name != state.config.model_name:
+        raise APIError(
+            400,
+            f"model: unknown model {name!r}; this server serves {state.config.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _sampling(
+    state: ServerState, req: P.SamplingFields, prompt_len: int, max_tokens: int, **extra: Any
+) -> SamplingParams:
+    """SamplingParams from the request's fields, validated; errors name the API field."""
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        min_new_tokens=min(req.min_tokens, max_tokens),
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k in (None, -1) else req.top_k,
+        min_p=req.min_p or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        seed=req.seed,
+        stop=tuple(stops),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        **extra,
+    )
+    try:
+        params.validate(state.engine.vocab_size)
+    except RequestError as e:
+        raise _request_error(e) from None
+    total = prompt_len + max_tokens
+    if total > state.max_len:
+        raise APIError(
+            400,
+            f"max_tokens: this model's maximum context length is {state.max_len} tokens, but "
+            f"{total} were requested ({prompt_len} in the prompt, {max_tokens} for the "
+            "completion); shorten the prompt or lower max_tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return params
+
+
+def _request_error(e: Exception) -> APIError:
+    msg = str(e)
+    m = re.match(r"^(\w+)=", msg)
+    param = m.group(1) if m else None
+    if param is not None:
+        api = _PARAM_NAMES.get(param, param)
+        msg = api + msg[len(param) :]
+        param = api
+    elif "prompt" in msg:
+        param = "prompt"
+    return APIError(400, msg, param=param)
+
+
+def _with_seed(params: SamplingParams, i: int) -> SamplingParams:
+    """The i-th of n samples: a distinct derived seed when a seed is given."""
+    if i == 0 or params.seed is None:
+        return dataclasses.replace(params)
+    return dataclasses.replace(params, seed=(params.seed + i) % 2**63)
+
+
+def _submit_all(state: ServerState, requests: list[EngineRequest]) -> list[Handle]:
+    sched = state.scheduler
+    if sched.queue_depth + len(requests) > sched.max_queue:
+        sched.stats.requests_rejected += 1
+        raise QueueFull(sched.retry_after())
+    return [sched.submit(r) for r in requests]
+
+
+async def _results(request: Request, state: ServerState, handles: list[Handle]) -> list[Result]:
+    """Wait for every handle's final result; abort them all if the client disconnects."""
+    results: list[Result | None] = [None] * len(handles)
+
+    async def one(i: int, h: Handle) -> None:
+        while True:
+            item = await h.queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item.finished:
+                results[i] = item.result
+                return
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+
+    work = asyncio.ensure_future(asyncio.gather(*(one(i, h) for i, h in enumerate(handles))))
+    watcher = asyncio.ensure_future(watch())
+    work.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            raise APIError(499, "client disconnected")
+        work.result()
+    except (RequestError, ValueError) as e:
+        raise _request_error(e) from None
+    finally:
+        watcher.cancel()
+        work.cancel()
+        for h in handles:
+            state.scheduler.abort(h)
+    return results  # type: ignore[return-value]
+
+
+async def _merged(handles: list[Handle]) -> AsyncIterator[tuple[int, Delta]]:
+    """(handle index, delta) from several handles as they arrive, until all have finished."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, h: Handle) -> None:
+        while True:
+            item = await h.queue.get()
+            await merged.put((i, item))
+            if isinstance(item, Exception) or item.finished:
+                return
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        left = len(handles)
+        while left:
+            i, item = await merged.get()
+            if isinstance(item, Exception):
+                raise item
+            if item.finished:
+                left -= 1
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _sse(obj: Any) -> str:
+    data = (
+        obj.model_dump_json(exclude_none=True)
+        if hasattr(obj, "model_dump_json")
+        else json.dumps(obj)
+    )
+    return f"data: {data}\n\n"
+
+
+def _stream_response(
+    gen: AsyncIterator[str], state: ServerState, handles: list[Handle]
+) -> StreamingResponse:
+    """SSE response; an error mid-stream becomes an error event, a disconnect aborts."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in gen:
+                yield chunk
+        except (RequestError, ValueError) as e:
+            err = _request_error(e)
+            yield _sse(
+                P.ErrorResponse(error=P.ErrorBody(message=err.message, param=err.param, code=400))
+            )
+        except RuntimeError as e:
+            yield _sse(
+                P.ErrorResponse(error=P.ErrorBody(message=str(e), type="server_error", code=500))
+            )
+        finally:
+            for h in handles:
+                state.scheduler.abort(h)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _tok_str(tok: Any, token_id: int) -> str:
+    return tok.decode([token_id])
+
+
+def _tok_bytes(tok: Any, token_id: int) -> list[int]:
+    return (
+        list(tok._bytes[token_id])
+        if hasattr(tok, "_bytes")
+        else list(_tok_str(tok, token_id).encode())
+    )
+
+
+def _top_dict(tok: Any, top: dict[int, float] | None) -> dict[str, float] | None:
+    if top is None:
+        return None
+    out: dict[str, float] = {}
+    for t, lp in top.items():
+        s = _tok_str(tok, t)
+        out[s] = max(lp, out.get(s, float("-inf")))
+    return out
+
+
+def _legacy_logprobs(
+    tok: Any,
+    ids: list[int],
+    lps: list[float | None],
+    tops: list[dict[int, float] | None] | None,
+    offset: int,
+) -> P.LegacyLogprobs:
+    out = P.LegacyLogprobs(top_logprobs=[] if tops is not None else None)
+    pos = offset
+    for k, t in enumerate(ids):
+        s = _tok_str(tok, t)
+        out.tokens.append(s)
+        out.token_logprobs.append(lps[k] if k < len(lps) else None)
+        if tops is not None:
+            out.top_logprobs.append(_top_dict(tok, tops[k]) if k < len(tops) else None)
+        out.text_offset.append(pos)
+        pos += len(s)
+    return out
+
+
+def _chat_logprobs(
+    tok: Any, ids: list[int], lps: list[float] | None, tops: list[dict[int, float]] | None
+) -> P.ChoiceLogprobs:
+    content = []
+    for k, t in enumerate(ids):
+        alts = []
+        if tops is not None and k < len(tops) and tops[k]:
+            alts = [
+                P.TopLogprob(token=_tok_str(tok, a), logprob=lp, bytes=_tok_bytes(tok, a))
+                for a, lp in tops[k].items()
+            ]
+        content.append(
+            P.TokenLogprob(
+                token=_tok_str(tok, t),
+                logprob=(lps or [0.0])[k] if lps and k < len(lps) else 0.0,
+                bytes=_tok_bytes(tok, t),
+                top_logprobs=alts,
+            )
+        )
+    return P.ChoiceLogprobs(content=content)
+
+
+# ---------------------------------------------------------------------- completions
+def _prompts(state: ServerState, prompt: Any) -> list[tuple[list[int], str | None]]:
+    """(token ids, original text or None) per prompt; text gets <bos> prepended."""
+    tok = state.tokenizer
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if prompt and all(isinstance(x, int) for x in prompt):
+        prompt = [prompt]
+    out = []
+    vocab = state.engine.vocab_size
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            ids = list(tok.encode(p))
+            bos = getattr(tok, "bos_id", -1)
+            if bos >= 0 and (not ids or ids[0] != bos):
+                ids.insert(0, bos)
+            out.append((ids, p))
+        else:
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(
+                    400,
+                    f"prompt: token id {bad} (prompt {i}) is outside the vocabulary [0, {vocab})",
+                    param="prompt",
+                )
+            out.append((list(p), None))
+    return out
+
+
+def _install_routes(app: FastAPI, state: ServerState) -> None:
+    static = resources.files("geode.serve") / "static"
+
+    @app.get("/health", include_in_schema=True)
+    async def health() -> JSONResponse:
+        """200 once the model is loaded, 503 while loading (or if loading failed)."""
+        if state.ready:
+            return JSONResponse({"status": "ok", "model": state.config.model_name})
+        if state.load_error:
+            return JSONResponse({"status": "error", "message": state.load_error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/v1/models", response_model=P.ModelList)
+    async def models() -> P.ModelList:
+        """The one served model."""
+        max_len = state.max_len if state.ready else None
+        return P.ModelList(
+            data=[
+                P.ModelCard(
+                    id=state.config.model_name, max_model_len=max_len, created=int(state.started)
+                )
+            ]
+        )
+
+    @app.get("/v1/models/{name}", response_model=P.ModelCard)
+    async def model_card(name: str) -> P.ModelCard:
+        """One model by name."""
+        if name != state.config.model_name:
+            raise APIError(
+                404,
+                f"model {name!r} not found",
+                param="model",
+                code="model_not_found",
+                type="not_found_error",
+            )
+        return P.ModelCard(
+            id=name,
+            created=int(state.started),
+            max_model_len=state.max_len if state.ready else None,
+        )
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        """The chat page."""
+        return HTMLResponse((static / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str) -> Response:
+        """The chat page's script and style sheet."""
+        types = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+        suffix = Path(name).suffix
+        f = static / name
+        if "/" in name or suffix not in types or not f.is_file():
+            raise APIError(404, f"no static file {name!r}", type="not_found_error")
+        return Response(f.read_bytes(), media_type=types[suffix])
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        """Prometheus text exposition."""
+        return PlainTextResponse(_metrics_text(state), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize", response_model=P.TokenizeResponse)
+    async def tokenize(req: P.TokenizeRequest) -> P.TokenizeResponse:
+        """Token ids of a prompt (or of chat messages rendered with the template)."""
+        _require_ready(state)
+        _check_model(state, req.model)
+        tok = state.tokenizer
+        if req.messages is not None:
+            text = _render_chat(state, req.messages, None, req.add_generation_prompt)
+            ids = list(tok.encode(text))
+        else:
+            ids = list(tok.encode(req.prompt))
+            bos = getattr(tok, "bos_id", -1)
+            if req.add_special_tokens and bos >= 0 and (not ids or ids[0] != bos):
+                ids.insert(0, bos)
+        strs = [tok.id_to_piece(t) for t in ids] if req.return_token_strs else None
+        return P.TokenizeResponse(
+            count=len(ids), max_model_len=state.max_len, tokens=ids, token_strs=strs
+        )
+
+    @app.post("/detokenize", response_model=P.DetokenizeResponse)
+    async def detokenize(req: P.DetokenizeRequest) -> P.DetokenizeResponse:
+        """Text of token ids."""
+        _require_ready(state)
+        _check_model(state, req.model)
+        vocab = state.tokenizer.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(
+                400, f"tokens: id {bad} is outside the vocabulary [0, {vocab})", param="tokens"
+            )
+        return P.DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        """What a client needs to tokenize locally: vocabulary size, special tokens, context."""
+        _require_ready(state)
+        tok = state.tokenizer
+        specials = dict(getattr(tok, "special_ids", {}))
+        return JSONResponse(
+            {
+                "tokenizer_class": "GemmaTokenizer",
+                "model": state.config.model_name,
+                "vocab_size": tok.vocab_size,
+                "model_max_length": state.max_len,
+                "bos_token": "<bos>",
+                "bos_token_id": tok.bos_id,
+                "eos_token": "<eos>",
+                "eos_token_id": tok.eos_id,
+                "pad_token": "<pad>",
+                "pad_token_id": tok.pad_id,
+                "add_bos_token": True,
+                "special_tokens": specials,
+                "eos_token_ids": sorted(state.engine.eos_token_ids),
+            }
+        )
+
+    @app.post("/v1/completions", response_model=P.CompletionResponse)
+    async def completions(req: P.CompletionRequest, request: Request) -> Any:
+        """Text completion (OpenAI legacy API)."""
+        _require_ready(state)
+        _check_model(state, req.model)
+        prompts = _prompts(state, req.prompt)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens: 0 is only allowed with echo=true", param="max_tokens")
+        if req.stream and max_tokens == 0:
+            raise APIError(400, "max_tokens: must be >= 1 when streaming", param="max_tokens")
+        run_tokens = max(1, max_tokens)
+        plp = req.logprobs if (req.echo and req.logprobs is not None) else None
+        engine_reqs, meta = [], []
+        for pi, (ids, _text) in enumerate(prompts):
+            params = _sampling(
+                state, req, len(ids), run_tokens, logprobs=req.logprobs, prompt_logprobs=plp
+            )
+            for j in range(req.n):
+                engine_reqs.append(EngineRequest(ids, params=_with_seed(params, j)))
+                meta.append((pi, j))
+        try:
+            handles = _submit_all(state, engine_reqs)
+        except QueueFull as e:
+            raise APIError(
+                429,
+                str(e),
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
+        tok = state.tokenizer
+        model = state.config.model_name
+        if req.stream:
+            return _stream_response(
+                _stream_completion(state, req, prompts, meta, handles, model), state, handles
+            )
+        results = await _results(request, state, handles)
+        choices = []
+        usage = P.Usage()
+        for k, ((pi, j), r) in enumerate(zip(meta, results, strict=True)):
+            ids, text = prompts[pi]
+            gen_ids, gen_lps = r.token_ids, r.logprobs
+            gen_tops = r.top_logprobs
+            out_text = r.text or ""
+            finish = r.finish_reason
+            if max_tokens == 0:  # echo only: the sampled token is discarded
+                gen_ids, gen_lps, gen_tops, out_text, finish = [], [], [], "", "length"
+            lp = None
+            if req.echo:
+                prompt_text = text if text is not None else tok.decode(ids)
+                if req.logprobs is not None:
+                    lp = _legacy_logprobs(
+                        tok,
+                        ids + gen_ids,
+                        list(r.prompt_logprobs or [None] * len(ids)) + list(gen_lps or []),
+                        (list(r.prompt_top_logprobs or [None] * len(ids)) + list(gen_tops or []))
+                        if req.logprobs
+                        else None,
+                        0,
+                    )
+                out_text = prompt_text + out_text
+            elif req.logprobs is not None:
+                lp = _legacy_logprobs(
+                    tok,
+                    gen_ids,
+                    list(gen_lps or []),
+                    list(gen_tops or []) if req.logprobs else None,
+                    0,
+                )
+            choices.append(
+                P.CompletionChoice(
+                    index=k,
+                    text=out_text,
+                    logprobs=lp,
+                    finish_reason=finish,
+                    stop_reason=r.stop_reason,
+                )
+            )
+            if j == 0:
+                usage.prompt_tokens += len(ids)
+            usage.completion_tokens += len(gen_ids)
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return P.CompletionResponse(model=model, choices=choices, usage=usage)
+
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
+    async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Any:
+        """Chat completion with tools, JSON modes, logprobs and streaming."""
+        _require_ready(state)
+        _check_model(state, req.model)
+        use_tools = bool(req.tools) and req.tool_choice != "none"
+        tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
+        text = _render_chat(state, req.messages, tools if use_tools else None, True)
+        ids = list(state.tokenizer.encode(text))
+        if req.max_completion_tokens is not None:
+            max_tokens = req.max_completion_tokens
+        elif req.max_tokens is not None:
+            max_tokens = req.max_tokens
+        else:  # the rest of the context, capped so one request cannot reserve a huge cache
+            max_tokens = max(1, min(DEFAULT_CHAT_MAX_TOKENS, state.max_len - len(ids)))
+        grammar = _chat_grammar(state, req, tools)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        base = _sampling(
+            state, req, len(ids), max_tokens, logprobs=k, skip_special_tokens=not use_tools
+        )
+        engine_reqs = []
+        for j in range(req.n):
+            params = _with_seed(base, j)
+            if grammar is not None:
+                params.logits_processors = (state.get_grammars().processor(grammar),)
+            engine_reqs.append(EngineRequest(ids, params=params))
+        try:
+            handles = _submit_all(state, engine_reqs)
+        except QueueFull as e:
+            raise APIError(
+                429,
+                str(e),
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
+        model = state.config.model_name
+        if req.stream:
+            return _stream_response(
+                _stream_chat(state, req, len(ids), handles, model, use_tools), state, handles
+            )
+        results = await _results(request, state, handles)
+        choices = []
+        for j, r in enumerate(results):
+            msg, finish = _assistant_message(r, use_tools)
+            lp = (
+                _chat_logprobs(state.tokenizer, r.token_ids, r.logprobs, r.top_logprobs)
+                if req.logprobs
+                else None
+            )
+            choices.append(P.ChatChoice(index=j, message=msg, logprobs=lp, finish_reason=finish))
+        completion = sum(len(r.token_ids) for r in results)
+        usage = P.Usage(
+            prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion
+        )
+        return P.ChatCompletionResponse(model=model, choices=choices, usage=usage)
+
+
+# ---------------------------------------------------------------------- chat helpers
+def _render_chat(
+    state: ServerState,
+    messages: list[P.ChatMessage],
+    tools: list[dict] | None,
+    add_generation_prompt: bool,
+) -> str:
+    from geode.chat import ChatFormatError, render
+
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                if part.type == "image_url":
+                    raise APIError(
+                        400,
+                        f"messages.{i}.content.{j}: image inputs are not "
+                        "supported by this model (text only)",
+                        param=f"messages.{i}.content.{j}",
+                        code="unsupported_content",
+                    )
+                if part.text is None:
+                    raise APIError(
+                        400,
+                        f"messages.{i}.content.{j}.text: field required",
+                        param=f"messages.{i}.content.{j}.text",
+                    )
+        d = m.model_dump(exclude_none=True)
+        if d["role"] == "developer":
+            d["role"] = "system"
+        if d["role"] != "assistant" and d.get("content") is None:
+            raise APIError(
+                400, f"messages.{i}.content: field required", param=f"messages.{i}.content"
+            )
+        out.append(d)
+    try:
+        return render(out, add_generation_prompt=add_generation_prompt, tools=tools or None)
+    except ChatFormatError as e:
+        raise APIError(400, f"messages: {e}", param="messages") from None
+
+
+def _chat_grammar(
+    state: ServerState, req: P.ChatCompletionRequest, tools: list[dict]
+) -> str | None:
+    """The llguidance grammar the output must follow, if any (validated: errors are 400s)."""
+    from .constrain import GrammarError
+
+    try:
+        if isinstance(req.tool_choice, P.NamedToolChoice):
+            fns = [t for t in tools if t["name"] == req.tool_choice.function.name]
+            grammar, param = state.get_grammars().tool_call(fns), "tool_choice"
+        elif req.tool_choice == "required":
+            grammar, param = state.get_grammars().tool_call(tools), "tools"
+        elif req.response_format is not None and req.response_format.type != "text":
+            schema = None
+            if req.response_format.type == "json_schema":
+                schema = req.response_format.json_schema.schema_
+            grammar = state.get_grammars().json_schema(schema)
+            param = "response_format"
+        else:
+            return None
+        state.get_grammars().check(grammar)
+    except GrammarError as e:
+        raise APIError(400, f"{param}: {e}", param=param) from None
+    return grammar
+
+
+def _assistant_message(r: Result, use_tools: bool) -> tuple[P.AssistantMessage, str]:
+    from geode.chat import parse
+
+    text = r.text or ""
+    finish = r.finish_reason
+    if not use_tools:
+        return P.AssistantMessage(content=text), finish
+    parsed = parse(text)
+    calls = None
+    if parsed.tool_calls:
+        calls = [
+            P.ToolCallOut(
+                id=c.id or f"call_{P.new_id('x')[2:]}",
+                function={"name": c.name, "arguments": json.dumps(c.arguments)},
+            )
+            for c in parsed.tool_calls
+        ]
+        finish = "tool_calls"
+    return (
+        P.AssistantMessage(
+            content=parsed.content or (None if calls else ""),
+            reasoning_content=parsed.thinking or None,
+            tool_calls=calls,
+        ),
+        finish,
+    )
+
+
+# ---------------------------------------------------------------------- streaming
+async def _stream_completion(
+    state: ServerState,
+    req: P.CompletionRequest,
+    prompts: list,
+    meta: list,
+    handles: list[Handle],
+    model: str,
+) -> AsyncIterator[str]:
+    rid, created = P.new_id("cmpl"), P.now()
+    tok = state.tokenizer
+    offsets = [0] * len(handles)
+    usage = P.Usage(prompt_tokens=sum(len(ids) for ids, _ in prompts))
+    for k, (pi, _) in enumerate(meta):
+        if req.echo:
+            ids, text = prompts[pi]
+            prompt_text = text if text is not None else tok.decode(ids)
+            offsets[k] = len(prompt_text)
+            yield _sse(
+                P.CompletionResponse(
+                    id=rid,
+                    created=created,
+                    model=model,
+                    choices=[P.CompletionChoice(index=k, text=prompt_text)],
+                )
+            )
+    async for k, d in _merged(handles):
+        usage.completion_tokens += len(d.token_ids)
+        lp = None
+        if req.logprobs is not None:
+            lp = _legacy_logprobs(
+                tok,
+                d.token_ids,
+                list(d.logprobs or []),
+                list(d.top_logprobs or []) if req.logprobs else None,
+                offsets[k],
+            )
+        offsets[k] += len(d.text)
+        if not d.text and not d.finished and lp is None:
+            continue
+        choice = P.CompletionChoice(
+            index=k, text=d.text, logprobs=lp, finish_reason=d.finish_reason if d.finished else None
+        )
+        if d.finished and d.result is not None:
+            choice.stop_reason = d.result.stop_reason
+        yield _sse(P.CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
+    if req.stream_options and req.stream_options.include_usage:
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        yield _sse(
+            P.CompletionResponse(id=rid, created=created, model=model, choices=[], usage=usage)
+        )
+
+
+def _chunk(rid: str, created: int, model: str, choices: list[dict], usage: Any = None) -> str:
+    obj: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None:
+        obj["usage"] = usage.model_dump()
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _stream_chat(
+    state: ServerState,
+    req: P.ChatCompletionRequest,
+    prompt_len: int,
+    handles: list[Handle],
+    model: str,
+    use_tools: bool,
+) -> AsyncIterator[str]:
+    rid, created = P.new_id("chatcmpl"), P.now()
+    tok = state.tokenizer
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    for k in range(len(handles)):
+        yield _chunk(
+            rid,
+            created,
+            model,
+            [
+                {
+                    "index": k,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+        )
+    completion = 0
+    async for k, d in _merged(handles):
+        completion += len(d.token_ids)
+        lp = None
+        if req.logprobs:
+            lp = _chat_logprobs(tok, d.token_ids, d.logprobs, d.top_logprobs).model_dump(
+                exclude_none=True
+            )
+        if use_tools:  # tool calls are parsed from the whole output: sent at the end
+            if d.finished and d.result is not None:
+                msg, finish = _assistant_message(d.result, True)
+                delta: dict[str, Any] = {}
+                if msg.content:
+                    delta["content"] = msg.content
+                if msg.tool_calls:
+                    delta["tool_calls"] = [
+                        {"index": i, **c.model_dump()} for i, c in enumerate(msg.tool_calls)
+                    ]
+                yield _chunk(
+                    rid,
+                    created,
+                    model,
+                    [{"index": k, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+                )
+            continue
+        if not d.text and not d.finished and lp is None:
+            continue
+        choice = {
+            "index": k,
+            "delta": {"content": d.text} if d.text else {},
+            "logprobs": lp,
+            "finish_reason": d.finish_reason if d.finished else None,
+        }
+        yield _chunk(rid, created, model, [choice])
+    if include_usage:
+        usage = P.Usage(
+            prompt_tokens=prompt_len,
+            completion_tokens=completion,
+            total_tokens=prompt_len + completion,
+        )
+        yield _chunk(rid, created, model, [], usage)
+
+
+# ---------------------------------------------------------------------- metrics
+def _metrics_text(state: ServerState) -> str:
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {value}")
+
+    reqs = [
+        (f'{{path="{p}",status="{s}"}}', float(n))
+        for (p, s), n in sorted(state.http_requests.items())
+    ]
+    metric(
+        "geode_http_requests_total", "counter", "HTTP requests to the API by path and status", reqs
+    )
+    metric("geode_model_loaded", "gauge", "1 once the model is loaded", [("", float(state.ready))])
+    sched = state.scheduler
+    if sched is not None:
+        st = sched.stats
+        metric(
+            "geode_requests_finished_total",
+            "counter",
+            "Sequences finished",
+            [("", st.requests_finished)],
+        )
+        metric(
+            "geode_requests_aborted_total",
+            "counter",
+            "Sequences cancelled (disconnects)",
+            [("", st.requests_aborted)],
+        )
+        metric(
+            "geode_requests_rejected_total",
+            "counter",
+            "Requests answered 429 (queue full)",
+            [("", st.requests_rejected)],
+        )
+        metric(
+            "geode_prompt_tokens_total",
+            "counter",
+            "Prompt tokens of finished sequences",
+            [("", st.prompt_tokens)],
+        )
+        metric(
+            "geode_generation_tokens_total",
+            "counter",
+            "Generated tokens",
+            [("", st.generation_tokens)],
+        )
+        metric(
+            "geode_queue_depth",
+            "gauge",
+            "Requests waiting for admission",
+            [("", sched.queue_depth)],
+        )
+        metric(
+            "geode_running_requests",
+            "gauge",
+            "Sequences in the running batch",
+            [("", sched.num_running)],
+        )
+        metric(
+            "geode_tokens_per_second",
+            "gauge",
+            "Generated tokens per second (last 10 s)",
+            [("", round(sched.tokens_per_second(), 3))],
+        )
+        metric("geode_engine_steps_total", "counter", "Engine steps", [("", st.steps)])
+        lines.append("# HELP geode_time_to_first_token_seconds Time from arrival to first token")
+        lines.append("# TYPE geode_time_to_first_token_seconds histogram")
+        for b, c in st.ttft_buckets.items():
+            lines.append(f'geode_time_to_first_token_seconds_bucket{{le="{b}"}} {c}')
+        lines.append(f'geode_time_to_first_token_seconds_bucket{{le="+Inf"}} {st.ttft_count}')
+        lines.append(f"geode_time_to_first_token_seconds_sum {st.ttft_sum:.6f}")
+        lines.append(f"geode_time_to_first_token_seconds_count {st.ttft_count}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,131 @@
+"""Constrained decoding with llguidance: JSON schemas and forced tool calls as logits processors.
+
+llguidance (https://github.com/guidance-ai/llguidance) compiles a JSON schema or a Lark grammar
+into a matcher that, given the tokens generated so far, returns the set of tokens that keep the
+output a valid prefix of the language. `GrammarProcessor` is an engine logits processor
+(`(generated ids, logits (V,)) -> logits`): it feeds the matcher the newly sampled tokens and
+sets every disallowed logit to -inf. Once the grammar is complete only end-of-sequence tokens
+are allowed, so the engine stops with finish reason "stop".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+# Compact JSON (no free whitespace): a random or weak model cannot pad forever with spaces.
+_JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class GrammarError(ValueError):
+    """A schema or grammar llguidance cannot compile (the message says why)."""
+
+
+class _TokenizerView:
+    """What llguidance's TokenizerWrapper needs from a geode Tokenizer."""
+
+    def __init__(self, tokenizer: Any, eos_id: int):
+        self._tok = tokenizer
+        self.eos_token_id = eos_id
+        self.bos_token_id = getattr(tokenizer, "bos_id", None)
+        self.tokens = [bytes(b) for b in tokenizer._bytes]  # exact bytes per id
+        specials = set(getattr(tokenizer, "special_ids", {}).values())
+        specials |= {i for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)}
+        self.special_token_ids = sorted(specials)
+
+    def __call__(self, text: str) -> list[int]:
+        return list(self._tok.encode(text))
+
+
+class Grammars:
+    """Compiles grammars for one tokenizer; `processor(...)` makes a per-request processor."""
+
+    def __init__(self, tokenizer: Any, eos_token_ids: Iterable[int], vocab_size: int):
+        import llguidance
+
+        self._llg = llguidance
+        eos = sorted(int(i) for i in eos_token_ids)
+        view = _TokenizerView(tokenizer, eos[0])
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size  # the model's (may exceed the tokenizer's)
+        self.lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(view), eos_token=eos)
+
+    def json_schema(self, schema: dict[str, Any] | None) -> str:
+        """The grammar of JSON matching `schema` (None: any JSON object)."""
+        schema = {"type": "object"} if schema is None else schema
+        try:
+            return self._llg.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+        except (ValueError, TypeError) as e:
+            raise GrammarError(f"invalid JSON schema: {e}") from None
+
+    def tool_call(self, tools: Sequence[dict[str, Any]]) -> str:
+        """The grammar of exactly one tool call to one of `tools` (OpenAI function dicts)."""
+        specials = self.tokenizer.special_ids
+        try:
+            start, end = specials["<start_of_tool_call>"], specials["<end_of_tool_call>"]
+        except KeyError as e:
+            raise GrammarError(f"the tokenizer has no {e.args[0]} token") from None
+        options = []
+        for fn in tools:
+            params = fn.get("parameters") or {"type": "object"}
+            options.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+            )
+        schema = options[0] if len(options) == 1 else {"anyOf": options}
+        schema = {"x-guidance": _JSON_OPTIONS, **schema}
+        lark = f"start: <[{start}]> call <[{end}]>\ncall: %json {json.dumps(schema)}\n"
+        return self._llg.LLMatcher.grammar_from_lark(lark)
+
+    def check(self, grammar: str) -> None:
+        """Raise GrammarError if the grammar does not compile."""
+        is_error, messages = self._llg.LLMatcher.validate_grammar_with_warnings(grammar, self.lltok)
+        if is_error:
+            raise GrammarError(messages[0] if messages else "invalid grammar")
+
+    def processor(self, grammar: str) -> GrammarProcessor:
+        """A fresh logits processor enforcing `grammar` (one per sequence)."""
+        matcher = self._llg.LLMatcher(self.lltok, grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(matcher.get_error())
+        return GrammarProcessor(matcher, self.lltok.vocab_size, self.vocab_size)
+
+
+class GrammarProcessor:
+    """An engine logits processor that masks tokens the grammar does not allow next."""
+
+    def __init__(self, matcher: Any, tok_vocab: int, model_vocab: int):
+        self.matcher = matcher
+        self.consumed = 0
+        self.tok_vocab = tok_vocab
+        self.model_vocab = model_vocab
+        self.failed = False
+
+    def _mask(self) -> torch.Tensor:
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little")[: self.tok_vocab].astype(bool)
+        mask = torch.zeros(self.model_vocab, dtype=torch.bool)
+        n = min(self.tok_vocab, self.model_vocab)
+        mask[:n] = torch.from_numpy(allowed[:n])
+        return mask
+
+    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Consume the tokens sampled since the last call; -inf on every disallowed logit."""
+        for t in generated[self.consumed :]:
+            if not self.matcher.consume_token(int(t)):
+                self.failed = True
+        self.consumed = len(generated)
+        if self.failed or self.matcher.is_error():
+            return logits  # cannot happen when every token was drawn from our mask
+        mask = self._mask().to(logits.device)
+        if not bool(mask.any()):
+            return logits
+        return logits.masked_fill(~mask, float("-inf"))

@@ -1,0 +1,135 @@
+"""Metrics: one JSON object per line (train steps, evaluations, events) and the curves PNG.
+
+Records carry a `kind`: "train" (one per logged step), "eval" (held-out evaluation), or
+"event" (restart, SDC, checkpoint...). A step can appear twice after a rollback and replay
+(the replayed record has "replay": true); `curve` keeps the last record of each step, which
+is the one the surviving model state went through.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Append-only JSONL writer (active on the main rank only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+        self._f = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record and flush it (a kill loses at most the line being written)."""
+        if self._f is not None:
+            self._f.write(json.dumps(record, allow_nan=True) + "\n")
+            self._f.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop train/eval records of steps after `step` (a resumed run redoes them)."""
+        if not self.enabled or not self.path.exists():
+            return
+        self._f.close()
+        keep = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if _keep(line, step)
+        ]
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _keep(line: str, step: int) -> bool:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return False  # a line cut by a kill
+    return rec.get("kind") == "event" or rec.get("step", 0) <= step
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl file (unparseable lines skipped)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def curve(
+    records: list[dict[str, Any]], kind: str = "train", key: str = "loss"
+) -> dict[int, float]:
+    """{step: value} of `key` in records of `kind`, the last record of each step winning."""
+    out: dict[int, float] = {}
+    for rec in records:
+        if rec.get("kind") == kind and key in rec:
+            out[int(rec["step"])] = rec[key]
+    return dict(sorted(out.items()))
+
+
+def plot_curves(
+    records: list[dict[str, Any]], path: str | Path, title: str = "", others: dict | None = None
+) -> Path:
+    """Loss (train + held-out) and learning-rate curves to a PNG; `others` adds named runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    runs = {"": records, **(others or {})}
+    for name, recs in runs.items():
+        label = f"{name} " if name else ""
+        train = curve(recs, "train", "loss")
+        if train:
+            ax_loss.plot(list(train), list(train.values()), label=f"{label}train", alpha=0.7)
+        ev = curve(recs, "eval", "eval_loss")
+        if ev:
+            ax_loss.plot(list(ev), list(ev.values()), "o-", label=f"{label}held-out")
+        kl = curve(recs, "eval", "eval_kl")
+        if kl:
+            ax_loss.plot(list(kl), list(kl.values()), "s--", label=f"{label}KL(teacher||student)")
+        lr = curve(recs, "train", "lr")
+        if lr and not name:
+            ax_lr.plot(list(lr), list(lr.values()))
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss (nats/token)")
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def fmt_duration(seconds: float) -> str:
+    """'1h02m03s' / '2m03s' / '3.2s'."""
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,306 @@
+"""TrainRecipe: everything a pretraining or distillation run needs, as dataclasses read from TOML.
+
+A recipe is loaded strictly by `geode.recipe.load_recipe` (unknown keys and ill-typed values
+are errors naming the key). `check_recipe` then validates values that depend on each other
+(batch sizes against the world size, schedule lengths, paths) before any model is built, so
+a bad recipe fails in a second, not after a model load or a first step.
+
+The same recipe runs on 1 or N processes: `batch.global_batch_size` sequences enter every
+optimizer step whatever the world size; each rank runs `micro_batch_size` sequences per
+forward pass and accumulates `global / (micro * world)` of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..data.mixture import MixtureConfig
+from ..recipe import RecipeError, load_recipe, recipe_to_dict
+
+
+@dataclass
+class ModelSection:
+    """Which model to train: a preset (with field overrides) or an existing checkpoint."""
+
+    preset: str = "nano-1m"  # a name from geode.config.PRESETS (ignored when `init` is set)
+    init: str = ""  # HF-layout checkpoint directory to start from instead of random weights
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to change
+    seed: int = 0  # initialisation seed of a preset model
+    dtype: Literal["float32", "bfloat16"] = "float32"  # parameter (master weight) dtype
+
+
+@dataclass
+class DataSection:
+    """Where the training and held-out tokens come from (prepared by `geode data prepare`)."""
+
+    path: str = ""  # prepared dataset directory (required)
+    seq_len: int = 128  # tokens per training sequence (each row holds seq_len + 1 tokens)
+    sources: list[str] = field(default_factory=list)  # streams to train on (default: all but eval)
+    mixture: MixtureConfig | None = None  # per-stage weights over `sources` (default: natural)
+    seed: int = 0  # shuffling seed of the loader
+    eval_path: str = ""  # prepared dataset holding the held-out stream (default: `path`)
+    eval_source: str = ""  # held-out stream name; empty: no held-out evaluation
+
+
+@dataclass
+class BatchSection:
+    """Sequences per optimizer step (all ranks) and per forward pass (one rank)."""
+
+    global_batch_size: int = 16  # sequences per optimizer step, summed over ranks
+    micro_batch_size: int = 0  # sequences per forward pass per rank; 0: global / world size
+
+
+@dataclass
+class OptimSection:
+    """AdamW (Loshchilov & Hutter, arXiv:1711.05101) and its learning-rate schedule."""
+
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of `lr`
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to the minimum
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (not norms or embeddings)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # AdamW kernel
+
+
+@dataclass
+class LoopSection:
+    """The training loop: length, numerics, parallelism and logging."""
+
+    max_steps: int = 100  # optimizer steps
+    z_loss: float = 0.0  # PaLM's auxiliary z-loss coefficient (1e-4 in arXiv:2204.02311)
+    precision: Literal["float32", "bfloat16"] = "float32"  # autocast dtype of the forward pass
+    activation_checkpointing: bool = False  # recompute every decoder layer in the backward pass
+    compile: bool = False  # torch.compile each decoder layer
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-repeatable runs)
+    threads: int = 0  # torch.set_num_threads per process (0: leave torch's default)
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # auto: DDP when world size > 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1  # steps between metric lines
+    progress: bool = True  # tqdm progress bar on rank 0
+    memory_fraction: float = 0.9  # refuse settings whose estimate exceeds this share of memory
+
+
+@dataclass
+class EvalSection:
+    """Periodic held-out evaluation (needs data.eval_source)."""
+
+    every: int = 0  # steps between evaluations (0: only at the end)
+    batches: int = 4  # batches per evaluation (the same windows every time)
+    batch_size: int = 0  # sequences per eval batch, all ranks (0: batch.global_batch_size)
+
+
+@dataclass
+class CheckpointSection:
+    """Training-state checkpoints (for resume) and the final model export."""
+
+    every: int = 0  # steps between checkpoints (0: only at the end)
+    keep: int = 2  # newest checkpoints kept; older ones are deleted
+    verify: bool = True  # check SHA-256 of every file before resuming from a checkpoint
+    export: bool = True  # write the final model to OUT/model in the Hugging Face layout
+
+
+@dataclass
+class FaultSection:
+    """Fault tolerance (Gemini report): in-memory replicas and silent-data-corruption checks."""
+
+    sdc_every: int = 0  # steps between cross-replica checksum comparisons (0: off; DDP only)
+    replica_every: int = 0  # steps between in-memory state replicas for fast restart (0: off)
+    replica_dir: str = ""  # host-memory directory for replicas (default /dev/shm/geode-<run>)
+
+
+@dataclass
+class DistillSection:
+    """Gemma 3 distillation (arXiv:2503.19786 §2.2): cross-entropy to sampled teacher logits."""
+
+    teacher: str = ""  # teacher checkpoint directory (HF layout, same tokenizer)
+    mode: Literal["online", "offline"] = "online"  # teacher in-process, or a precomputed cache
+    cache: str = ""  # offline: top-k target cache directory (built from `teacher` if absent)
+    top_k: int = 256  # teacher logits sampled per token
+    sampling: Literal["sample", "top"] = "sample"  # sample K by teacher probability, or top-K
+    temperature: float = 1.0  # teacher softmax temperature
+    hard_weight: float = 0.0  # weight of the plain next-token loss added to the distillation loss
+    control: bool = True  # `geode distill`: also train the same student from scratch
+
+
+@dataclass
+class TrainRecipe:
+    """A pretraining (or distillation) run."""
+
+    name: str = "run"
+    out: str = "runs/train"  # output directory (metrics, checkpoints, model, curves)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: LoopSection = field(default_factory=LoopSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    fault: FaultSection = field(default_factory=FaultSection)
+    distill: DistillSection | None = None  # present: distillation run
+
+
+def load_train_recipe(
+    source: str | Path | dict[str, Any], overrides: list[str] | None = None
+) -> TrainRecipe:
+    """Read a recipe from TOML (or a dict), apply `section.key=value` overrides, validate."""
+    if isinstance(source, dict):
+        data = source
+        where = "recipe"
+    else:
+        path = Path(source)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe {path}: {e.strerror or e}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError(f"{path}: invalid TOML: {e}") from e
+        where = str(path)
+    data = apply_overrides(data, overrides or [])
+    try:
+        recipe = load_recipe(TrainRecipe, data)
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+    check_recipe(recipe, where=where)
+    return recipe
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of `data` with `a.b.c=VALUE` items set; VALUE is a TOML value or a bare string."""
+    out = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override {item!r} must look like section.key=value")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # a bare string such as a path
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def check_recipe(recipe: TrainRecipe, where: str = "recipe", world_size: int | None = None) -> None:
+    """Validate values that the type check cannot (ranges, combinations, required paths)."""
+
+    def fail(field_name: str, msg: str) -> None:
+        value = _get(recipe, field_name)
+        raise RecipeError(f"{where}: {field_name} = {value!r}: {msg}")
+
+    if not recipe.data.path:
+        raise RecipeError(
+            f"{where}: data.path is required (a prepared dataset directory from "
+            "`geode data prepare`)"
+        )
+    positive = [
+        "data.seq_len",
+        "batch.global_batch_size",
+        "train.max_steps",
+        "train.log_every",
+        "eval.batches",
+        "checkpoint.keep",
+    ]
+    for name in positive:
+        if _get(recipe, name) < 1:
+            fail(name, "must be >= 1")
+    for name in [
+        "batch.micro_batch_size",
+        "optim.warmup_steps",
+        "eval.every",
+        "eval.batch_size",
+        "checkpoint.every",
+        "fault.sdc_every",
+        "fault.replica_every",
+        "train.threads",
+        "optim.weight_decay",
+        "optim.grad_clip",
+        "train.z_loss",
+    ]:
+        if _get(recipe, name) < 0:
+            fail(name, "must be >= 0")
+    o = recipe.optim
+    if not o.lr > 0:
+        fail("optim.lr", "must be > 0")
+    if not 0 <= o.min_lr_ratio <= 1:
+        fail("optim.min_lr_ratio", "must be in [0, 1]")
+    if not 0 < o.decay_fraction <= 1:
+        fail("optim.decay_fraction", "must be in (0, 1]")
+    if not all(0 <= b < 1 for b in o.betas):
+        fail("optim.betas", "each beta must be in [0, 1)")
+    if o.warmup_steps > recipe.train.max_steps:
+        fail("optim.warmup_steps", f"must be <= train.max_steps ({recipe.train.max_steps})")
+    if not 0 < recipe.train.memory_fraction <= 1:
+        fail("train.memory_fraction", "must be in (0, 1]")
+    if recipe.model.overrides and recipe.model.init:
+        fail("model.overrides", "cannot change the shape of an `init` checkpoint")
+    if world_size is not None:
+        micro_batch_and_accumulation(recipe, world_size, where)
+    d = recipe.distill
+    if d is not None:
+        if not d.teacher and not (d.mode == "offline" and d.cache):
+            fail("distill.teacher", "a teacher checkpoint is required (or an offline cache)")
+        if d.top_k < 1:
+            fail("distill.top_k", "must be >= 1")
+        if not d.temperature > 0:
+            fail("distill.temperature", "must be > 0")
+        if d.hard_weight < 0:
+            fail("distill.hard_weight", "must be >= 0")
+        if d.mode == "offline" and not d.cache:
+            fail("distill.cache", "offline mode needs a cache directory")
+
+
+def micro_batch_and_accumulation(
+    recipe: TrainRecipe, world_size: int, where: str = "recipe"
+) -> tuple[int, int]:
+    """(micro batch per rank, accumulation steps) so micro * accum * world == global batch."""
+    g, m = recipe.batch.global_batch_size, recipe.batch.micro_batch_size
+    if g % world_size:
+        raise RecipeError(
+            f"{where}: batch.global_batch_size = {g} is not divisible by the world size "
+            f"{world_size}"
+        )
+    per_rank = g // world_size
+    m = m or per_rank
+    if per_rank % m:
+        raise RecipeError(
+            f"{where}: batch.micro_batch_size = {m} must divide the per-rank batch "
+            f"global_batch_size / world_size = {per_rank}"
+        )
+    return m, per_rank // m
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def recipe_dict(recipe: TrainRecipe) -> dict[str, Any]:
+    """The recipe as plain data (for recipe.toml in the output and the checkpoint)."""
+    return recipe_to_dict(recipe)
+
+
+def replace(recipe: TrainRecipe, **sections: Any) -> TrainRecipe:
+    """A copy with whole sections replaced (e.g. distill=None for the control run)."""
+    return dataclasses.replace(recipe, **sections)

@@ -1,0 +1,348 @@
+"""Training-state checkpoints (exact resume) and in-memory snapshots of the local state.
+
+A checkpoint is a directory `OUT/checkpoints/step-00000120/`:
+
+    .metadata, __<rank>_0.distcp   model + optimizer state, `torch.distributed.checkpoint`
+                                   (each rank writes its own shards; resharding on load)
+    rng-rank<r>.pt                 that rank's RNG states (torch CPU/CUDA, numpy, python)
+    trainer.json                   step, loader position, schedule, goodput counters, recipe
+    MANIFEST.json                  size and SHA-256 of every file above; written last
+
+It is written under a temporary name (`.step-00000120.tmp`) and renamed into place only when
+MANIFEST.json is on disk, so a kill during the write never leaves a directory that looks
+complete. On resume the newest checkpoint whose manifest and files verify is used; a
+partial or corrupted one is skipped with a `CheckpointWarning` naming the bad file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .distributed import DistInfo, barrier, broadcast_object
+
+MANIFEST = "MANIFEST.json"
+TRAINER_FILE = "trainer.json"
+FORMAT = "geode-train-checkpoint"
+VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (partial or corrupted); the message names the bad file."""
+
+
+class ResumeError(RuntimeError):
+    """No usable checkpoint, or one that does not fit this run."""
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint after `step` optimizer steps."""
+    return f"step-{step:08d}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------ RNG
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training step may draw from."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ disk
+@dataclass
+class Found:
+    """A verified checkpoint."""
+
+    step: int
+    path: Path
+    trainer: dict[str, Any]
+
+
+class CheckpointManager:
+    """Save, find, verify and load training checkpoints under `root`; keeps the newest `keep`."""
+
+    def __init__(self, root: Path, info: DistInfo, keep: int = 2, verify: bool = True):
+        self.root, self.info, self.keep, self.verify = Path(root), info, keep, verify
+        # test hook: called between the state files and the manifest (fault injection)
+        self.before_manifest: Callable[[int], None] | None = None
+
+    # ---------------------------------------------------------------- save
+    def save(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict
+    ) -> Path:
+        """Write the checkpoint of `step` atomically (collective: every rank calls it)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".{step_dir_name(step)}.tmp"
+        if self.info.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier(self.info)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(
+                {"model": model_sd, "optim": optim_sd},
+                checkpoint_id=str(tmp),
+                no_dist=not self.info.distributed,
+            )
+        torch.save(rng_state(), tmp / f"rng-rank{self.info.rank}.pt")
+        barrier(self.info)
+        if self.info.is_main:
+            body = {"format": FORMAT, "version": VERSION, "step": step, **trainer}
+            _write_json(tmp / TRAINER_FILE, body)
+            if self.before_manifest is not None:
+                self.before_manifest(step)
+            files = {
+                f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                for f in sorted(tmp.iterdir())
+                if f.is_file()
+            }
+            manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
+            _fsync_files(tmp)
+            _write_json(tmp / MANIFEST, manifest)
+            if final.exists():  # a re-run of the same step (e.g. after a rollback)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            self._prune(step)
+        barrier(self.info)
+        return final
+
+    def _prune(self, newest: int) -> None:
+        """Delete all but the newest `keep` checkpoints and stale temporary directories."""
+        steps = sorted(s for s, _ in self._listing())
+        for s in steps[: max(0, len(steps) - self.keep)]:
+            if s != newest:
+                shutil.rmtree(self.root / step_dir_name(s), ignore_errors=True)
+        for p in self.root.glob(".step-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _listing(self) -> list[tuple[int, Path]]:
+        """(step, dir) of every complete-looking checkpoint directory, newest first."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p))
+        return sorted(out, reverse=True)
+
+    # ---------------------------------------------------------------- find
+    def check(self, path: Path) -> str | None:
+        """None if the checkpoint at `path` verifies, else what is wrong (naming the file)."""
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            return f"{mpath} is missing (partial checkpoint)"
+        try:
+            manifest = json.loads(mpath.read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError) as e:
+            return f"{mpath} is unreadable ({e})"
+        if manifest.get("format") != FORMAT:
+            return f"{mpath} has format {manifest.get('format')!r}, expected {FORMAT!r}"
+        if TRAINER_FILE not in files or ".metadata" not in files:
+            return f"{mpath} does not list {TRAINER_FILE} and .metadata"
+        for name, entry in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{f} is missing"
+            size = f.stat().st_size
+            if size != entry["bytes"]:
+                return f"{f} has {size} bytes, {MANIFEST} says {entry['bytes']} (truncated?)"
+            if self.verify and sha256_file(f) != entry["sha256"]:
+                return f"{f} does not match its SHA-256 in {MANIFEST} (corrupted)"
+        return None
+
+    def latest(self) -> Found | None:
+        """The newest verified checkpoint (rank 0 checks, every rank gets the answer)."""
+        found = None
+        if self.info.is_main:
+            for step, path in self._listing():
+                problem = self.check(path)
+                if problem is None:
+                    trainer = json.loads((path / TRAINER_FILE).read_text())
+                    found = (step, str(path), trainer)
+                    break
+                warnings.warn(
+                    f"skipping checkpoint {path.name}: {problem}; trying the previous one",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+        found = broadcast_object(found, self.info)
+        if found is None:
+            return None
+        return Found(found[0], Path(found[1]), found[2])
+
+    # ---------------------------------------------------------------- load
+    def load(self, found: Found, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Load model and optimizer state (resharded to this world) and this rank's RNG."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(found.path), no_dist=not self.info.distributed)
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        rng = found.path / f"rng-rank{self.info.rank}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+        else:
+            warnings.warn(
+                f"{rng} is missing (checkpoint written by fewer ranks); RNG not restored",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_files(directory: Path) -> None:
+    for f in directory.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------ memory
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds (the local shard of an FSDP2 DTensor)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def local_snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """CPU copies of this rank's parameters and optimizer state (no collectives).
+
+    Works for plain, DDP and FSDP2 models alike: each rank copies exactly the tensors it
+    holds, so restoring needs the same world size and sharding (true across a torchrun
+    restart, and within a run).
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    snap_params = {names[id(p)]: _local(p.detach()).to("cpu", copy=True) for p in params}
+    snap_optim = {}
+    for p in params:
+        st = optimizer.state.get(p)
+        if st:
+            snap_optim[names[id(p)]] = {
+                k: (
+                    v.clone()  # the step counter stays where the optimizer keeps it
+                    if k == "step" and torch.is_tensor(v)
+                    else _local(v).to("cpu", copy=True)
+                    if torch.is_tensor(v)
+                    else v
+                )
+                for k, v in st.items()
+            }
+    return {"params": snap_params, "optim": snap_optim}
+
+
+@torch.no_grad()
+def restore_snapshot(
+    model: nn.Module, optimizer: torch.optim.Optimizer, snap: dict[str, Any]
+) -> None:
+    """Copy a `local_snapshot` back into the live parameters and optimizer state, in place."""
+    by_name = dict(model.named_parameters())
+    for name, saved in snap["params"].items():
+        _local(by_name[name].data).copy_(saved)
+    optimizer.state.clear()
+    for name, st in snap["optim"].items():
+        p = by_name[name]
+        live = {}
+        for k, v in st.items():
+            if torch.is_tensor(v) and k == "step":
+                live[k] = v.clone()
+            elif torch.is_tensor(v):
+                live[k] = _rewrap(p, v.to(_local(p.data).device))
+            else:
+                live[k] = v
+        optimizer.state[p] = live
+
+
+def _rewrap(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like `p` (a DTensor for FSDP2 parameters) holding `local`."""
+    if hasattr(p, "to_local"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            local.clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+        )
+    return local.clone()
+
+
+def snapshot_bytes(obj: Any) -> bytes:
+    """Serialise a snapshot (tensors and plain data) to bytes."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def snapshot_from_bytes(data: bytes) -> Any:
+    """Inverse of `snapshot_bytes`."""
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def now() -> float:
+    """Wall-clock seconds (epoch), for goodput across restarts."""
+    return time.time()
