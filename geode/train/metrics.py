@@ -104,7 +104,9 @@ def plot_curves(
             ax_loss.plot(list(ev), list(ev.values()), "o-", label=f"{label}held-out")
         kl = curve(recs, "eval", "eval_kl")
         if kl:
-            ax_loss.plot(list(kl), list(kl.values()), "s--", label=f"{label}KL(teacher||student)")
+            ax_loss.plot(
+                list(kl), list(kl.values()), "s--", label=f"{label}KL(teacher sample || student)"
+            )
         lr = curve(recs, "train", "lr")
         if lr and not name:
             ax_lr.plot(list(lr), list(lr.values()))
