@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from . import kernels
 from .cache import HybridCache
 from .optimize import optimize_for_decode
 from .sampling import (
@@ -195,8 +196,10 @@ class Engine:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
+        self._kernel_threads = False
         if optimize and model.device.type == "cpu":
             optimize_for_decode(model)  # in place: faster module classes, same parameters
+            self._kernel_threads = kernels.available()
         self.config = model.config
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -456,7 +459,8 @@ class Engine:
             pos = torch.arange(start, stop, device=self.device)[None]  # (1, T)
             h = self.model.hidden(ids[None, start:stop], pos, cache)  # (1, T, hidden)
             if want is None:
-                last = self.model.logits(h[:, -1]).float()  # (1, V)
+                if stop == n:
+                    last = self.model.logits(h[:, -1]).float()  # (1, V)
                 continue
             logits = self.model.logits(h[0]).float()  # (T, V)
             last = logits[-1:]
@@ -485,6 +489,10 @@ class Engine:
         """ids, pos (B, 1) -> next-token logits (B, V) float32 (CUDA graph replay when enabled)."""
         if self.cuda_graphs:
             return self._graph_decode(ids, pos)
+        if self._kernel_threads:
+            with kernels.decode_threads():  # torch ops 1 thread, kernels all threads
+                h = self.model.hidden(ids, pos, self.cache)  # (B, 1, hidden)
+                return self.model.logits(h[:, 0]).float()
         h = self.model.hidden(ids, pos, self.cache)  # (B, 1, hidden)
         return self.model.logits(h[:, 0]).float()
 

@@ -1,5 +1,5 @@
 // geode CPU decode kernels: y = x W^T for few rows of x (decode batches), weights in the Hugging
-// Face (out, in) row-major layout, float32 activations, AVX2 + FMA, OpenMP over output rows.
+// Face (out, in) row-major layout, float32 activations, AVX2 + FMA, threads over output rows.
 //
 // Weight formats (one call may take several weights that share the same x, e.g. q/k/v):
 //   f32   W (N, K) float
@@ -11,9 +11,12 @@
 // Decode is memory-bound: every weight byte is read once per call whatever M is (M <= 16),
 // with x rows (M x K floats) kept in L1/L2.
 #include <immintrin.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#include <time.h>
 
 #define MAXW 8
 
@@ -43,34 +46,29 @@ static inline float bf16_to_f32(uint16_t b) {
 }
 
 // ---------------------------------------------------------------- float / bf16 / int8 rows
-// One output row n against MB x rows (MB <= 4), K % 8 handled by a scalar tail.
+// One output row n against MB x rows (MB <= 4, a compile-time constant at each call site so
+// the accumulators stay in registers); K % 16 handled by a scalar tail.
 #define DEFINE_ROW_KERNEL(NAME, WT, LOADV, LOADS)                                               \
-  static void NAME(int K, const WT* w, const float* x, int ldx, int MB, float* out) {          \
+  static inline __attribute__((always_inline)) void NAME##_mb(                                 \
+      int K, const WT* w, const float* x, int ldx, const int MB, float* out) {                 \
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                 \
     __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;                                                  \
     int k = 0;                                                                                  \
-    if (MB == 1) {                                                                              \
-      for (; k + 16 <= K; k += 16) {                                                            \
-        a0 = _mm256_fmadd_ps(LOADV(w + k), _mm256_loadu_ps(x + k), a0);                         \
-        b0 = _mm256_fmadd_ps(LOADV(w + k + 8), _mm256_loadu_ps(x + k + 8), b0);                 \
+    for (; k + 16 <= K; k += 16) {                                                              \
+      __m256 w0 = LOADV(w + k), w1 = LOADV(w + k + 8);                                          \
+      a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);                                     \
+      b0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), b0);                                 \
+      if (MB > 1) {                                                                             \
+        a1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + ldx + k), a1);                             \
+        b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + ldx + k + 8), b1);                         \
       }                                                                                         \
-    } else {                                                                                    \
-      for (; k + 16 <= K; k += 16) {                                                            \
-        __m256 w0 = LOADV(w + k), w1 = LOADV(w + k + 8);                                        \
-        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);                                   \
-        b0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), b0);                               \
-        if (MB > 1) {                                                                           \
-          a1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + ldx + k), a1);                           \
-          b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + ldx + k + 8), b1);                       \
-        }                                                                                       \
-        if (MB > 2) {                                                                           \
-          a2 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 2 * ldx + k), a2);                       \
-          b2 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 2 * ldx + k + 8), b2);                   \
-        }                                                                                       \
-        if (MB > 3) {                                                                           \
-          a3 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 3 * ldx + k), a3);                       \
-          b3 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 3 * ldx + k + 8), b3);                   \
-        }                                                                                       \
+      if (MB > 2) {                                                                             \
+        a2 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 2 * ldx + k), a2);                         \
+        b2 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 2 * ldx + k + 8), b2);                     \
+      }                                                                                         \
+      if (MB > 3) {                                                                             \
+        a3 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 3 * ldx + k), a3);                         \
+        b3 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 3 * ldx + k + 8), b3);                     \
       }                                                                                         \
     }                                                                                           \
     float s[4] = {hsum(_mm256_add_ps(a0, b0)), hsum(_mm256_add_ps(a1, b1)),                     \
@@ -80,10 +78,55 @@ static inline float bf16_to_f32(uint16_t b) {
       for (int m = 0; m < MB; m++) s[m] += wk * x[m * ldx + k];                                 \
     }                                                                                           \
     for (int m = 0; m < MB; m++) out[m] = s[m];                                                 \
+  }                                                                                             \
+  static void NAME(int K, const WT* w, const float* x, int ldx, int MB, float* out) {          \
+    switch (MB) {                                                                               \
+      case 1: NAME##_mb(K, w, x, ldx, 1, out); break;                                           \
+      case 2: NAME##_mb(K, w, x, ldx, 2, out); break;                                           \
+      case 3: NAME##_mb(K, w, x, ldx, 3, out); break;                                           \
+      default: NAME##_mb(K, w, x, ldx, 4, out); break;                                          \
+    }                                                                                           \
+  }
+
+// Two output rows against four x rows: each x load feeds two FMAs (batched decode is
+// compute-bound; this halves the loads per FMA of the one-row kernel).
+#define DEFINE_ROW2_KERNEL(NAME, WT, LOADV, LOADS)                                              \
+  static void NAME(int K, const WT* w0, const WT* w1, const float* x, int ldx, float* out0,    \
+                   float* out1) {                                                               \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                 \
+    __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;                                                  \
+    int k = 0;                                                                                  \
+    for (; k + 8 <= K; k += 8) {                                                                \
+      __m256 u = LOADV(w0 + k), v = LOADV(w1 + k), t;                                           \
+      t = _mm256_loadu_ps(x + k);                                                               \
+      a0 = _mm256_fmadd_ps(u, t, a0);                                                           \
+      c0 = _mm256_fmadd_ps(v, t, c0);                                                           \
+      t = _mm256_loadu_ps(x + ldx + k);                                                         \
+      a1 = _mm256_fmadd_ps(u, t, a1);                                                           \
+      c1 = _mm256_fmadd_ps(v, t, c1);                                                           \
+      t = _mm256_loadu_ps(x + 2 * ldx + k);                                                     \
+      a2 = _mm256_fmadd_ps(u, t, a2);                                                           \
+      c2 = _mm256_fmadd_ps(v, t, c2);                                                           \
+      t = _mm256_loadu_ps(x + 3 * ldx + k);                                                     \
+      a3 = _mm256_fmadd_ps(u, t, a3);                                                           \
+      c3 = _mm256_fmadd_ps(v, t, c3);                                                           \
+    }                                                                                           \
+    out0[0] = hsum(a0), out0[1] = hsum(a1), out0[2] = hsum(a2), out0[3] = hsum(a3);             \
+    out1[0] = hsum(c0), out1[1] = hsum(c1), out1[2] = hsum(c2), out1[3] = hsum(c3);             \
+    for (; k < K; k++) {                                                                        \
+      float p = LOADS(w0[k]), q = LOADS(w1[k]);                                                 \
+      for (int m = 0; m < 4; m++) {                                                             \
+        out0[m] += p * x[m * ldx + k];                                                          \
+        out1[m] += q * x[m * ldx + k];                                                          \
+      }                                                                                         \
+    }                                                                                           \
   }
 
 #define ID(v) (v)
 #define F32V(p) _mm256_loadu_ps(p)
+DEFINE_ROW2_KERNEL(row2_f32, float, F32V, ID)
+DEFINE_ROW2_KERNEL(row2_bf16, uint16_t, load_bf16, bf16_to_f32)
+DEFINE_ROW2_KERNEL(row2_i8, int8_t, load_i8, (float))
 DEFINE_ROW_KERNEL(row_f32, float, F32V, ID)
 DEFINE_ROW_KERNEL(row_bf16, uint16_t, load_bf16, bf16_to_f32)
 DEFINE_ROW_KERNEL(row_i8, int8_t, load_i8, (float))
@@ -156,11 +199,240 @@ static void row_i4(int K, int G, const uint8_t* w, const uint16_t* sc, const uin
   }
 }
 
+// ---------------------------------------------------------------- thread pool
+// A pool that never waits for a thread that is not running. The caller publishes a job of
+// `nchunks` chunks and claims chunks itself; helpers that are awake claim the others. The caller
+// waits only for chunks a helper has already claimed. An OpenMP barrier instead waits for every
+// thread of the team, so on a shared machine a helper descheduled by the OS stalls each parallel
+// region for a time slice (measured here: batch-1 decode 20x slower with one busy neighbour).
+// Claims are a compare-and-swap on (generation << 32 | next chunk): a helper holding stale job
+// parameters can never claim a chunk of a newer job.
+typedef void (*job_fn)(const void* args, long begin, long end);
+
+static struct {
+  _Atomic uint64_t word;  // generation << 32 | next unclaimed chunk
+  _Atomic long done;      // chunks finished in the current job
+  _Atomic int sleepers;
+  job_fn fn;
+  const void* args;
+  long items, chunk, nchunks;
+  int nhelpers;
+  pthread_mutex_t mu;    // helpers sleep on cv under mu
+  pthread_cond_t cv;
+  pthread_mutex_t busy;  // one caller at a time; others run their job inline
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER,
+          .busy = PTHREAD_MUTEX_INITIALIZER};
+
+static long pool_claim(uint32_t gen, long nchunks) {
+  uint64_t w = atomic_load_explicit(&pool.word, memory_order_acquire);
+  for (;;) {
+    if ((uint32_t)(w >> 32) != gen) return -1;
+    long i = (long)(w & 0xffffffffu);
+    if (i >= nchunks) return -1;
+    if (atomic_compare_exchange_weak(&pool.word, &w, w + 1)) return i;
+  }
+}
+
+static void pool_run_chunks(uint32_t gen, job_fn fn, const void* args, long items, long chunk,
+                            long nchunks) {
+  long i;
+  while ((i = pool_claim(gen, nchunks)) >= 0) {
+    long b = i * chunk, e = b + chunk < items ? b + chunk : items;
+    fn(args, b, e);
+    atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+  }
+}
+
+static void* pool_helper(void* unused) {
+  (void)unused;
+  uint32_t seen = (uint32_t)(atomic_load(&pool.word) >> 32);
+  for (;;) {
+    uint64_t w = 0;
+    for (int spin = 0; spin < 200000; spin++) {  // ~0.1-1 ms hot, then sleep
+      w = atomic_load_explicit(&pool.word, memory_order_acquire);
+      if ((uint32_t)(w >> 32) != seen) break;
+      _mm_pause();
+    }
+    if ((uint32_t)(w >> 32) == seen) {
+      pthread_mutex_lock(&pool.mu);
+      atomic_fetch_add(&pool.sleepers, 1);
+      while ((uint32_t)(atomic_load(&pool.word) >> 32) == seen)
+        pthread_cond_wait(&pool.cv, &pool.mu);
+      atomic_fetch_sub(&pool.sleepers, 1);
+      pthread_mutex_unlock(&pool.mu);
+      w = atomic_load_explicit(&pool.word, memory_order_acquire);
+    }
+    seen = (uint32_t)(w >> 32);
+    // Parameters are stable while this generation has unclaimed chunks (see pool_run).
+    job_fn fn = pool.fn;
+    const void* args = pool.args;
+    long items = pool.items, chunk = pool.chunk, nchunks = pool.nchunks;
+    pool_run_chunks(seen, fn, args, items, chunk, nchunks);
+  }
+  return 0;
+}
+
+static void pool_atfork_child(void) {  // threads do not survive fork
+  pool.nhelpers = 0;
+  pthread_mutex_init(&pool.mu, 0);
+  pthread_cond_init(&pool.cv, 0);
+  pthread_mutex_init(&pool.busy, 0);
+  atomic_store(&pool.sleepers, 0);
+}
+
+static double now_s(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+// When the caller had to wait long for a helper's chunk (the helper was preempted: the machine
+// is oversubscribed), jobs run on the caller alone for a while, then threads are tried again.
+static double solo_until = 0;
+
+// Run fn over [0, items) in chunks with up to `nthreads` threads (the caller included).
+static void pool_run(job_fn fn, const void* args, long items, long chunk, int nthreads) {
+  long nchunks = (items + chunk - 1) / chunk;
+  if (nthreads <= 1 || nchunks <= 1 || pthread_mutex_trylock(&pool.busy) != 0) {
+    fn(args, 0, items);
+    return;
+  }
+  if (solo_until > 0 && now_s() < solo_until) {
+    pthread_mutex_unlock(&pool.busy);
+    fn(args, 0, items);
+    return;
+  }
+  if (nthreads - 1 > pool.nhelpers) {
+    static int atfork = 0;
+    if (!atfork) {
+      pthread_atfork(0, 0, pool_atfork_child);
+      atfork = 1;
+    }
+    while (pool.nhelpers < nthreads - 1 && pool.nhelpers < 63) {
+      pthread_t t;
+      if (pthread_create(&t, 0, pool_helper, 0) != 0) break;
+      pthread_detach(t);
+      pool.nhelpers++;
+    }
+  }
+  // The previous job is fully claimed and done, so no helper can claim with old parameters.
+  pool.fn = fn;
+  pool.args = args;
+  pool.items = items;
+  pool.chunk = chunk;
+  pool.nchunks = nchunks;
+  atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+  uint32_t gen = (uint32_t)(atomic_load(&pool.word) >> 32) + 1;
+  atomic_store_explicit(&pool.word, (uint64_t)gen << 32, memory_order_seq_cst);
+  if (atomic_load(&pool.sleepers) > 0) {
+    pthread_mutex_lock(&pool.mu);
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+  }
+  pool_run_chunks(gen, fn, args, items, chunk, nchunks);
+  if (atomic_load_explicit(&pool.done, memory_order_acquire) < nchunks) {
+    double t0 = now_s();
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < nchunks) _mm_pause();
+    double waited = now_s() - t0;
+    // Chunks take ~50 us; a 1 ms wait means the helper was preempted (OS slices are ms long).
+    solo_until = waited > 1e-3 ? t0 + waited + 0.25 : 0;
+  }
+  pthread_mutex_unlock(&pool.busy);
+}
+
 // ---------------------------------------------------------------- drivers
 // Several weights (nw <= MAXW) share x (M, K); weight i writes columns [off_i, off_i + N[i]) of
 // y (M, ldy), off_i = N[0] + ... + N[i-1].
 // kind: 0 f32, 1 bf16, 2 i8 (aux[i] = float scales (N)), 3 i4 (aux[i] = f16 scales, aux2[i] =
 // f16 mins, both (N, K/G); G = group).
+typedef struct {
+  int kind, M, K, G, ngroups, ldy;
+  const float* x;
+  const float* xs;
+  const void** W;
+  const void** aux;
+  const void** aux2;
+  const long* start;
+  float* y;
+} gemv_args;
+
+static void gemv_rows(const void* p, long r0, long r1) {
+  const gemv_args* a = (const gemv_args*)p;
+  const int M = a->M, K = a->K, G = a->G, ngroups = a->ngroups;
+  int i = 0;
+  for (long r = r0; r < r1; r++) {
+    while (r >= a->start[i + 1]) i++;
+    long n = r - a->start[i];
+    float out[4];
+    int m_done = 0;
+    if (M >= 4 && a->kind < 3 && r + 1 < r1 && r + 1 < a->start[i + 1]) {
+      // two rows of the same weight at a time for every full block of 4 x rows
+      float o2[4];
+      for (; m_done + 4 <= M; m_done += 4) {
+        const float* xm = a->x + (long)m_done * K;
+        if (a->kind == 0) {
+          const float* w = (const float*)a->W[i] + n * K;
+          row2_f32(K, w, w + K, xm, K, out, o2);
+        } else if (a->kind == 1) {
+          const uint16_t* w = (const uint16_t*)a->W[i] + n * K;
+          row2_bf16(K, w, w + K, xm, K, out, o2);
+        } else {
+          const int8_t* w = (const int8_t*)a->W[i] + n * K;
+          row2_i8(K, w, w + K, xm, K, out, o2);
+          float s0 = ((const float*)a->aux[i])[n], s1 = ((const float*)a->aux[i])[n + 1];
+          for (int m = 0; m < 4; m++) out[m] *= s0, o2[m] *= s1;
+        }
+        for (int m = 0; m < 4; m++) {
+          a->y[(long)(m_done + m) * a->ldy + r] = out[m];
+          a->y[(long)(m_done + m) * a->ldy + r + 1] = o2[m];
+        }
+      }
+      if (m_done < M) {  // leftover x rows for both output rows
+        for (long rr = r; rr <= r + 1; rr++) {
+          long nn = rr - a->start[i];
+          for (int m0 = m_done; m0 < M; m0 += 4) {
+            int MB = M - m0 < 4 ? M - m0 : 4;
+            const float* xm = a->x + (long)m0 * K;
+            if (a->kind == 0) row_f32(K, (const float*)a->W[i] + nn * K, xm, K, MB, out);
+            else if (a->kind == 1) row_bf16(K, (const uint16_t*)a->W[i] + nn * K, xm, K, MB, out);
+            else {
+              row_i8(K, (const int8_t*)a->W[i] + nn * K, xm, K, MB, out);
+              for (int m = 0; m < MB; m++) out[m] *= ((const float*)a->aux[i])[nn];
+            }
+            for (int m = 0; m < MB; m++) a->y[(long)(m0 + m) * a->ldy + rr] = out[m];
+          }
+        }
+      }
+      r++;
+      continue;
+    }
+    for (int m0 = 0; m0 < M; m0 += 4) {
+      int MB = M - m0 < 4 ? M - m0 : 4;
+      const float* xm = a->x + (long)m0 * K;
+      switch (a->kind) {
+        case 0:
+          row_f32(K, (const float*)a->W[i] + n * K, xm, K, MB, out);
+          break;
+        case 1:
+          row_bf16(K, (const uint16_t*)a->W[i] + n * K, xm, K, MB, out);
+          break;
+        case 2: {
+          row_i8(K, (const int8_t*)a->W[i] + n * K, xm, K, MB, out);
+          float s = ((const float*)a->aux[i])[n];
+          for (int m = 0; m < MB; m++) out[m] *= s;
+          break;
+        }
+        default:
+          row_i4(K, G, (const uint8_t*)a->W[i] + n * (K / 2),
+                 (const uint16_t*)a->aux[i] + n * ngroups,
+                 (const uint16_t*)a->aux2[i] + n * ngroups, xm, K, a->xs + m0 * ngroups,
+                 ngroups, MB, out);
+      }
+      for (int m = 0; m < MB; m++) a->y[(long)(m0 + m) * a->ldy + r] = out[m];
+    }
+  }
+}
+
 int geode_gemv(int kind, int M, int K, const float* x, int nw, const void** W, const int* N,
                float* y, int ldy, const void** aux, const void** aux2, int G, int nthreads) {
   if (nw > MAXW || M < 1 || M > 64) return -1;
@@ -171,8 +443,7 @@ int geode_gemv(int kind, int M, int K, const float* x, int nw, const void** W, c
   }
   start[nw] = total;
   int ngroups = (kind == 3) ? K / G : 0;
-  float xs_stack[64 * 256];  // int4: per-group sums of x, (M, K/G)
-  float* xs = xs_stack;
+  float xs[64 * 256];  // int4: per-group sums of x, (M, K/G)
   if (kind == 3) {
     if (K % G || G % 32 || M * ngroups > 64 * 256) return -2;
     for (int m = 0; m < M; m++)
@@ -182,37 +453,15 @@ int geode_gemv(int kind, int M, int K, const float* x, int nw, const void** W, c
         xs[m * ngroups + g] = s;
       }
   }
-  if (total < 64) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (long r = 0; r < total; r++) {
-    int i = 0;
-    while (r >= start[i + 1]) i++;
-    long n = r - start[i];
-    float out[4];
-    for (int m0 = 0; m0 < M; m0 += 4) {
-      int MB = M - m0 < 4 ? M - m0 : 4;
-      const float* xm = x + (long)m0 * K;
-      switch (kind) {
-        case 0:
-          row_f32(K, (const float*)W[i] + n * K, xm, K, MB, out);
-          break;
-        case 1:
-          row_bf16(K, (const uint16_t*)W[i] + n * K, xm, K, MB, out);
-          break;
-        case 2: {
-          row_i8(K, (const int8_t*)W[i] + n * K, xm, K, MB, out);
-          float s = ((const float*)aux[i])[n];
-          for (int m = 0; m < MB; m++) out[m] *= s;
-          break;
-        }
-        default:
-          row_i4(K, G, (const uint8_t*)W[i] + n * (K / 2),
-                 (const uint16_t*)aux[i] + n * ngroups, (const uint16_t*)aux2[i] + n * ngroups,
-                 xm, K, xs + m0 * ngroups, ngroups, MB, out);
-      }
-      for (int m = 0; m < MB; m++) y[(long)(m0 + m) * ldy + r] = out[m];
-    }
-  }
+  gemv_args a = {kind, M, K, G, ngroups, ldy, x, xs, W, aux, aux2, start, y};
+  // Chunks of >= 16 rows, about 8 per thread: helpers that wake late still find work, and a
+  // helper preempted mid-chunk holds the caller for one small chunk at most.
+  long chunk = total / (8L * (nthreads > 0 ? nthreads : 1));
+  long cap = (262144L / K) * 4 / (M < 4 ? 1 : M / 4);  // ~1 MB of float32 weights, less per row
+  if (chunk > cap) chunk = cap;                          // when several x rows share it
+  if (chunk < 16) chunk = 16;
+  if ((long)K * M * total < 32768) nthreads = 1;  // too small to share
+  pool_run(gemv_rows, &a, total, chunk, nthreads);
   return 0;
 }
 

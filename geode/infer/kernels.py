@@ -5,8 +5,10 @@ reading each weight byte once: the memory-bound shape of decoding. Weights stay 
 Face (out, in) layout; formats: "f32", "bf16", "i8" (per-row scale), "i4" (group-wise scale/min).
 Without a compiler or AVX2/FMA, `available()` is False and callers use torch ops.
 
-The library is compiled with -fopenmp and links the libgomp that torch already loaded, so both
-share one thread pool. Build output is cached in $GEODE_CACHE (default ~/.cache/geode).
+Threads: a small pthread pool in kernels.c whose caller never waits for a helper that is not
+running (an OpenMP barrier does, which on a shared machine stalls every parallel region for an
+OS time slice). torch.get_num_threads() threads, the caller included. Build output is cached in
+$GEODE_CACHE (default ~/.cache/geode).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ KINDS = {"f32": 0, "bf16": 1, "i8": 2, "i4": 3}
 MAX_ROWS = 16  # x rows handled by the kernels; larger batches go to torch's GEMM
 MAX_WEIGHTS = 8
 _SOURCE = Path(__file__).with_name("kernels.c")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-fPIC", "-shared", "-std=gnu11"]
 _lock = threading.Lock()
+_threads = [0]  # kernel threads; 0 = torch.get_num_threads()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
@@ -119,6 +122,30 @@ def load_error() -> str | None:
     return _error
 
 
+class decode_threads:  # noqa: N801 (a context manager used like a function)
+    """Within the block: torch ops single-threaded, the kernels on `n` threads (default: torch's).
+
+    Decode steps are many small torch ops between the kernels; threading them buys little, and
+    every OpenMP region waits for all its threads, which on a shared machine can stall for an OS
+    time slice each. The kernels' own pool has no such wait (see kernels.c).
+    """
+
+    def __init__(self, n: int | None = None):
+        self.n = n
+
+    def __enter__(self) -> decode_threads:
+        self.saved = (torch.get_num_threads(), _threads[0])
+        _threads[0] = self.n or self.saved[0]
+        if self.saved[0] > 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved[0] > 1:
+            torch.set_num_threads(self.saved[0])
+        _threads[0] = self.saved[1]
+
+
 class WeightSpec:
     """Pointers and sizes of one weight in a kernel format (rebuilt when the weight changes)."""
 
@@ -170,7 +197,7 @@ def gemv(x: torch.Tensor, plan: GemvPlan) -> torch.Tensor:
     y = torch.empty(M, plan.total, dtype=torch.float32)
     rc = (_lib or _need()).geode_gemv(
         plan.kind, M, plan.k, x.data_ptr(), plan.nw, plan.w, plan.n, y.data_ptr(), plan.total,
-        plan.aux, plan.aux2, plan.group, torch.get_num_threads(),
+        plan.aux, plan.aux2, plan.group, _threads[0] or torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"geode_gemv failed with code {rc}")

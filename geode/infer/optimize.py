@@ -85,17 +85,21 @@ class _SpecCache:
     """Rebuild a kernel spec only when the weight tensor changes (new storage or in-place edit)."""
 
     def spec_for(self, owner: nn.Module, weight: torch.Tensor) -> kernels.WeightSpec | None:
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
         cached = owner.__dict__.get("_kspec")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if (
+            cached is not None
+            and cached[0] is weight
+            and cached[1] == weight._version
+            and cached[2] == weight.data_ptr()
+        ):
+            return cached[3]
         spec = None
         if weight.is_contiguous() and weight.dim() == 2 and weight.device.type == "cpu":
             if weight.dtype == torch.float32:
                 spec = kernels.WeightSpec("f32", weight.detach())
             elif weight.dtype == torch.bfloat16:
                 spec = kernels.WeightSpec("bf16", weight.detach().view(torch.int16))
-        owner.__dict__["_kspec"] = (key, spec)
+        owner.__dict__["_kspec"] = (weight, weight._version, weight.data_ptr(), spec)
         return spec
 
 
