@@ -58,6 +58,7 @@ _ST_DTYPES = {
 _DTYPE_NAMES = {
     "float32": torch.float32,
     "fp32": torch.float32,
+    "f32": torch.float32,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
     "float16": torch.float16,

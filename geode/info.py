@@ -1,4 +1,8 @@
-"""Model facts without weights: parameter counts, layer pattern, KV-cache memory (docs/architecture.md)."""
+"""Model facts without weights: parameter counts, layer pattern, KV-cache memory (docs/architecture.md).
+
+The KV-cache formula has one definition, `geode.infer.cache.kv_cache_bytes`, which the engine's
+cache is tested against; `geode info` prints it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 
 from .checkpoint import parse_dtype, read_config
 from .config import FULL, PRESETS, ModelConfig, get_preset
+from .infer.cache import kv_cache_bytes
 
 CONTEXTS = {"8K": 8 * 1024, "32K": 32 * 1024, "128K": 128 * 1024}
 
@@ -40,20 +45,6 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
-def kv_cache_bytes(
-    config: ModelConfig, n_tokens: int, dtype: torch.dtype | str = torch.bfloat16, ring: bool = True
-) -> int:
-    """KV-cache bytes of one sequence of n tokens.
-
-    bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * m),  m = min(n, W) with a ring
-    buffer for local layers, m = n without; 2 = keys and values, b = bytes per element.
-    """
-    b = torch.empty((), dtype=parse_dtype(dtype)).element_size()
-    per_token_layer = 2 * config.num_key_value_heads * config.head_dim * b
-    local = min(n_tokens, config.sliding_window) if ring else n_tokens
-    return per_token_layer * (config.num_global_layers * n_tokens + config.num_local_layers * local)
-
-
 def layer_pattern(config: ModelConfig) -> str:
     """Compact local/global pattern, e.g. 'LLLLLG x 5 + LLLL' (L local, G global)."""
     s = "".join("G" if t == FULL else "L" for t in config.layer_types)
@@ -74,7 +65,7 @@ def model_summary(config: ModelConfig, dtype: torch.dtype | str = "bfloat16") ->
     """Everything `geode info` prints, as a JSON-able dict."""
     dtype = parse_dtype(dtype)
     dtype_name = str(dtype).removeprefix("torch.")
-    one = kv_cache_bytes(config, 1, dtype, ring=False)
+    one = kv_cache_bytes(config, 1, dtype, ring_buffer=False)
     return {
         "name": config.name,
         "family": config.family,
@@ -93,8 +84,8 @@ def model_summary(config: ModelConfig, dtype: torch.dtype | str = "bfloat16") ->
         "kv_cache": {
             label: {
                 "tokens": n,
-                "full": kv_cache_bytes(config, n, dtype, ring=False),
-                "ring": kv_cache_bytes(config, n, dtype, ring=True),
+                "full": kv_cache_bytes(config, n, dtype, ring_buffer=False),
+                "ring": kv_cache_bytes(config, n, dtype, ring_buffer=True),
                 "beyond_max_position": n > config.max_position_embeddings,
             }
             for label, n in CONTEXTS.items()

@@ -9,7 +9,8 @@ import torch
 import geode
 from geode.cli import main
 from geode.config import get_preset
-from geode.info import kv_cache_bytes, layer_pattern, model_summary
+from geode.infer.cache import kv_cache_bytes
+from geode.info import layer_pattern, model_summary
 
 
 def test_gemma3_4b_kv_cache_matches_the_formula(capsys):
@@ -44,7 +45,7 @@ def test_counts_equal_a_real_model_for_untied_config():
 
 def test_kv_bytes_dtype_and_pattern():
     cfg = get_preset("nano-1m")
-    assert kv_cache_bytes(cfg, 10, torch.float32, ring=False) == 2 * 1 * 32 * 4 * 6 * 10
+    assert kv_cache_bytes(cfg, 10, torch.float32, ring_buffer=False) == 2 * 1 * 32 * 4 * 6 * 10
     assert (
         layer_pattern(cfg.replace(layer_types=("sliding_attention", "full_attention") * 3))
         == "LG x 3"

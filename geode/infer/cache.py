@@ -24,17 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checkpoint import parse_dtype
 from ..config import SLIDING, ModelConfig
-
-
-def _element_size(dtype: torch.dtype | str) -> int:
-    """Bytes per element of a dtype given as a torch dtype or a name ('bfloat16', 'float32')."""
-    if isinstance(dtype, str):
-        name = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16"}
-        dtype = getattr(torch, name.get(dtype, dtype), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def kv_cache_bytes(
@@ -50,7 +41,7 @@ def kv_cache_bytes(
     """
     if n_tokens < 0:
         raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
-    b = _element_size(dtype)
+    b = torch.empty((), dtype=parse_dtype(dtype)).element_size()
     per_token_layer = 2 * config.num_key_value_heads * config.head_dim * b
     local = min(n_tokens, config.sliding_window) if ring_buffer else n_tokens
     return per_token_layer * (config.num_global_layers * n_tokens + config.num_local_layers * local)
