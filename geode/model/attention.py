@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 import torch
@@ -53,7 +54,9 @@ def attention_mask(
     return mask[:, None]
 
 
-_MASK_MEMO: list = [None]  # (q_pos, k_pos, versions, window, mask) of the last cached-mask call
+# (q_pos, k_pos, versions, window, mask) of the last cached-mask call, per thread: the server
+# drives the engine from a worker thread while other threads may run forwards of their own.
+_MASK_MEMO = threading.local()
 
 
 def _memo_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -64,7 +67,7 @@ def _memo_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> 
     forward pass (`Transformer.hidden` clears the memo), the very same tensor objects,
     unmodified since (version counters; inference tensors have none), and the same window.
     """
-    memo = _MASK_MEMO[0]
+    memo = getattr(_MASK_MEMO, "last", None)
     versions = tuple(None if torch.is_inference(t) else t._version for t in (q_pos, k_pos))
     if (
         memo is not None
@@ -75,13 +78,13 @@ def _memo_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> 
     ):
         return memo[4]
     mask = attention_mask(q_pos, k_pos, window)
-    _MASK_MEMO[0] = (q_pos, k_pos, versions, window, mask)
+    _MASK_MEMO.last = (q_pos, k_pos, versions, window, mask)
     return mask
 
 
 def clear_mask_memo() -> None:
     """Forget the memoised mask (called at the start of every forward pass)."""
-    _MASK_MEMO[0] = None
+    _MASK_MEMO.last = None
 
 
 class Attention(nn.Module):
