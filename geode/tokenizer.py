@@ -16,13 +16,14 @@ import codecs
 import itertools
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
+
+from .fileio import atomic_write_bytes
 
 MODEL_FILENAME = "tokenizer.model"
 
@@ -325,7 +326,7 @@ class Tokenizer:
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)
             path = path / MODEL_FILENAME
-        _atomic_write(path, self.serialized_model())
+        atomic_write_bytes(path, self.serialized_model())
         return path
 
     def __getstate__(self) -> dict[str, Any]:
@@ -398,18 +399,6 @@ def _read_model_file(path: Path) -> bytes:
         raise FileNotFoundError(f"tokenizer model file not found: {path}") from None
     except OSError as e:
         raise OSError(f"cannot read tokenizer model {path}: {e.strerror or e}") from e
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_tokenizer(path: str | os.PathLike[str], num_threads: int = -1) -> Tokenizer:

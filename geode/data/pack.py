@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..fileio import atomic_write_bytes, sha256_file
 from . import DataError
 
 FORMAT = "geode-tokens"
@@ -62,28 +63,9 @@ def choose_dtype(vocab_size: int, requested: str = "auto") -> str:
     return requested
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name in the same directory, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `obj` as JSON atomically (temporary file, fsync, rename over `path`)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------- writing

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from ..fileio import sha256_file
 from ..recipe import load_recipe, recipe_to_dict
 from . import DataError
 from .decontam import DecontamConfig, Decontaminator
@@ -33,7 +34,6 @@ from .pack import (
     StreamWriter,
     TokenizerLike,
     choose_dtype,
-    sha256_file,
     write_json_atomic,
 )
 from .sources import Document, SourceConfig, read_source

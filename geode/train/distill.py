@@ -124,7 +124,7 @@ def check_compatible(teacher_cfg: Any, student_cfg: Any, teacher_path: str) -> N
 
 def check_tokenizer(teacher_path: str, data_manifest: dict[str, Any]) -> None:
     """If the teacher ships a tokenizer.model, it must be the one the data was packed with."""
-    from .state import sha256_file
+    from ..fileio import sha256_file
 
     tok = Path(teacher_path) / "tokenizer.model"
     want = (data_manifest.get("tokenizer") or {}).get("sha256")

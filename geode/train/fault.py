@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fileio import atomic_write_bytes
 from .distributed import (
     DistInfo,
     all_gather_object,
@@ -238,11 +239,7 @@ class ReplicaStore:
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(header).encode() + b"\n")
-            f.write(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, json.dumps(header).encode() + b"\n" + data)
 
     def _read(self, path: Path, owner: int) -> tuple[int, bytes] | None:
         """(step, payload) if `path` holds a valid replica of `owner` for this run."""

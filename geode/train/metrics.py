@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from ..fileio import atomic_write_bytes
 
 
 class MetricsLog:
@@ -41,9 +42,7 @@ class MetricsLog:
             for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
             if _keep(line, step)
         ]
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, "".join(keep).encode("utf-8"))
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def close(self) -> None:

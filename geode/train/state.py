@@ -16,7 +16,6 @@ partial or corrupted one is skipped with a `CheckpointWarning` naming the bad fi
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..fileio import sha256_file
 from .distributed import DistInfo, barrier, broadcast_object
 
 MANIFEST = "MANIFEST.json"
@@ -54,15 +54,6 @@ class ResumeError(RuntimeError):
 def step_dir_name(step: int) -> str:
     """Directory name of the checkpoint after `step` optimizer steps."""
     return f"step-{step:08d}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ RNG
