@@ -10,6 +10,8 @@ in the same process, interleaved so that machine load affects both alike:
   transformers  `Gemma3ForCausalLM(input_ids, labels=...)` -> loss.backward() ->
                 clip_grad_norm_ -> torch.optim.AdamW (torch's default kernel), the loop a
                 user writes from the transformers docs
+  geode+compile the same with `train.compile = true`: each decoder layer and the loss go
+                through torch.compile (compiled before timing starts, during --warmup)
   transformers+fused  the same with `torch.optim.AdamW(fused=True)`, to separate the
                 optimizer kernel from the rest
 
@@ -59,7 +61,7 @@ def synthetic_data(root: Path, vocab: int, tokens: int, doc_len: int, seed: int 
     return root
 
 
-def geode_step_fn(args, data: Path, out: Path):
+def geode_step_fn(args, data: Path, out: Path, compile: bool = False):
     """A Trainer on the synthetic data; returns (step function, model)."""
     recipe = {
         "model": {"preset": args.preset, "dtype": "float32"},
@@ -72,7 +74,7 @@ def geode_step_fn(args, data: Path, out: Path):
             "threads": args.threads,
             "device": args.device,
             "precision": "bfloat16" if args.dtype == "bfloat16" else "float32",
-            "compile": args.compile,
+            "compile": compile,
         },
         "checkpoint": {"export": False},
     }
@@ -133,7 +135,10 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=6, help="measured steps per implementation")
-    p.add_argument("--compile", action="store_true", help="geode: torch.compile each layer")
+    p.add_argument(
+        "--compile", choices=["both", "on", "off"], default="both",
+        help="geode with torch.compile (train.compile = true), without, or both in the same run",
+    )  # fmt: skip
     p.add_argument("--peak-tflops", type=float, default=0.0, help="for MFU (GPU)")
     p.add_argument("--no-fused-reference", action="store_true")
     args = p.parse_args()
@@ -143,11 +148,15 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="geode-bench-train-"))
     tokens = max(200_000, args.batch * args.seq * (args.warmup + args.reps + 2) * 2)
     data = synthetic_data(tmp / "data", cfg.vocab_size, tokens, doc_len=4 * args.seq)
-    impls = {"geode": geode_step_fn(args, data, tmp / "run")}
+    impls = {}
+    if args.compile in ("both", "off"):
+        impls["geode"] = geode_step_fn(args, data, tmp / "run")
+    if args.compile in ("both", "on"):
+        impls["geode+compile"] = geode_step_fn(args, data, tmp / "run-compiled", compile=True)
     impls["transformers"] = hf_step_fn(args, fused=False)
     if not args.no_fused_reference:
         impls["transformers+fused"] = hf_step_fn(args, fused=True)
-    n_params = sum(p.numel() for p in impls["geode"][1].parameters())
+    n_params = sum(p.numel() for p in next(iter(impls.values()))[1].parameters())
     times: dict[str, list[float]] = {k: [] for k in impls}
     for i in range(args.warmup + args.reps):  # interleaved: load hits every side alike
         for name, (fn, _) in impls.items():
@@ -178,8 +187,11 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
     ref = next(r for r in rows if r["impl"] == "transformers")
-    print(json.dumps({"bench": "train", "ratio_geode_over_transformers":
-                      rows[0]["tokens_per_s"] / ref["tokens_per_s"]}))  # fmt: skip
+    for r in rows:
+        if r["impl"].startswith("geode"):
+            ratio = r["tokens_per_s"] / ref["tokens_per_s"]
+            print(json.dumps({"bench": "train", "impl": r["impl"],
+                              "ratio_over_transformers": ratio}))  # fmt: skip
     print(f"\n{args.preset} ({n_params / 1e6:.1f}M params), batch {args.batch} x {args.seq}, "
           f"{args.dtype}, {args.device}, {args.threads} threads")  # fmt: skip
     print(f"{'impl':<20} {'step (s)':>10} {'tokens/s':>10} {'vs transformers':>16}")

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .fileio import fsync_dir, swap_dir_into_place
 from .model.transformer import FLOAT16_REFUSAL, Transformer, check_dtype
 
 CONFIG_FILE = "config.json"
@@ -348,8 +349,8 @@ def save_model(
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         for name, src in (files or {}).items():
             shutil.copyfile(src, tmp / name)
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, root)
+        fsync_dir(tmp, files=True)
+        swap_dir_into_place(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -368,21 +369,3 @@ def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[st
         shards[-1][key] = t
         size += nbytes
     return shards
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Flush every file in `directory` to disk before it is renamed into place."""
-    for f in directory.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def _swap_into_place(tmp: Path, root: Path) -> None:
-    """Rename tmp to root; an existing root is moved aside first and removed after."""
-    if root.exists():
-        old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(root, old)
-        os.rename(tmp, root)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, root)

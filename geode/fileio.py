@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -34,3 +36,31 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def fsync_dir(directory: str | os.PathLike, files: bool = False) -> None:
+    """fsync a directory's entry list (so renames into it are durable), and with `files=True`
+    every regular file directly inside it first."""
+    directory = Path(directory)
+    if files:
+        for f in directory.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_dir_into_place(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Rename the finished directory `src` to `dest`; an existing `dest` is moved aside first
+    and removed after, so `dest` is always either the old or the complete new directory."""
+    src, dest = Path(src), Path(dest)
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(src, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(dest.parent)

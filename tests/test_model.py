@@ -7,8 +7,10 @@ import torch
 
 import geode
 from geode.config import ModelConfig, get_preset
+from geode.model import transformer
 from geode.model.attention import Attention, attention_mask
 from geode.model.layers import RMSNorm, ScaledEmbedding, apply_rope, rope_cos_sin, rope_inv_freq
+from geode.model.transformer import plain_causal
 from tests.reference import hf_text_config
 
 
@@ -128,14 +130,42 @@ def test_hidden_plus_logits_equals_forward_and_checkpointing_same_grads():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_window_covering_sequence_uses_same_result_as_explicit_mask():
-    """The fast causal path (no mask tensor) equals the general mask path."""
-    model = geode.build_model(get_preset("nano-1m"), seed=1).eval()
-    ids = torch.randint(0, 2048, (1, 40))
-    with torch.no_grad():
-        fast = model(ids)
-        general = model(ids, positions=torch.arange(40)[None])
+def test_plain_causal_detects_single_document_rows():
+    """The causal fast path is taken only for rows that are one document at 0..T-1."""
+    T = 6
+    ramp = torch.arange(T).expand(2, T)
+    one_doc = torch.zeros(2, T, dtype=torch.long)
+    assert plain_causal(None, None, T)
+    assert plain_causal(ramp, one_doc + 3, T)
+    two_docs = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+    assert not plain_causal(torch.tensor([[0, 1, 2, 0, 1, 2]] * 2), two_docs, T)
+    assert not plain_causal(ramp, two_docs, T)  # segments differ even if positions ramp
+    assert not plain_causal(ramp + 1, one_doc, T)  # a continued document
+    padded = ramp.clone()
+    padded[1, -2:] = -1
+    assert not plain_causal(padded, None, T)
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_causal_fast_path_equals_explicit_mask(monkeypatch, segments):
+    """The fast causal path (no mask tensor, causal kernel) equals the general mask path,
+    in the forward and in the gradients (packed training rows of one document take it)."""
+    model = geode.build_model(get_preset("nano-1m"), seed=1)
+    ids = torch.randint(0, 2048, (2, 40))
+    kwargs = {"positions": torch.arange(40).expand(2, 40)}
+    if segments:
+        kwargs["segment_ids"] = torch.zeros(2, 40, dtype=torch.long)
+    outs = []
+    for force_mask in (False, True):
+        if force_mask:
+            monkeypatch.setattr(transformer, "plain_causal", lambda *a: False)
+        model.zero_grad()
+        logits = model(ids, **kwargs)
+        logits.logsumexp(-1).mean().backward()
+        outs.append((logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (fast, g_fast), (general, g_general) = outs
     assert (fast - general).abs().max().item() < 1e-5
+    assert torch.allclose(g_fast, g_general, atol=1e-6)
 
 
 def test_forward_input_errors():

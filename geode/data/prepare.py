@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from ..fileio import sha256_file
+from ..fileio import sha256_file, swap_dir_into_place
 from ..recipe import load_recipe, recipe_to_dict
 from . import DataError
 from .decontam import DecontamConfig, Decontaminator
@@ -108,15 +108,6 @@ def _check_replaceable(out: Path) -> None:
         )
 
 
-def _swap_in(staging: Path, out: Path) -> None:
-    """Replace `out` with the finished `staging` directory."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------- pipeline
 def _load_tokenizer(spec: str | TokenizerLike) -> tuple[TokenizerLike, dict[str, Any]]:
     if not isinstance(spec, str | Path):
@@ -173,7 +164,7 @@ def prepare(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json_atomic(staging / MANIFEST, manifest)  # last: marks the dataset complete
-        _swap_in(staging, out)
+        swap_dir_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

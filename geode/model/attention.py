@@ -54,37 +54,44 @@ def attention_mask(
     return mask[:, None]
 
 
-# (q_pos, k_pos, versions, window, mask) of the last cached-mask call, per thread: the server
-# drives the engine from a worker thread while other threads may run forwards of their own.
+# Masks built in the current forward pass, per thread: the server drives the engine from a
+# worker thread while other threads may run forwards of their own.
 _MASK_MEMO = threading.local()
 
 
-def _memo_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """`attention_mask` for cache reads, reused across the layers of one forward pass.
+def _memo_mask(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int | None,
+    seg: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`attention_mask`, reused across the layers of one forward pass.
 
     A cache may return the same key-position tensor to every layer of a kind (local/global),
-    so the mask is built once per kind instead of once per layer. Reuse requires the same
-    forward pass (`Transformer.hidden` clears the memo), the very same tensor objects,
-    unmodified since (version counters; inference tensors have none), and the same window.
+    and without a cache every layer of a kind sees the same positions and segments, so the
+    mask is built once per kind instead of once per layer. Reuse requires the same forward
+    pass (`Transformer.hidden` clears the memo), the very same tensor objects, unmodified
+    since (version counters; inference tensors have none), and the same window.
     """
-    memo = getattr(_MASK_MEMO, "last", None)
-    versions = tuple(None if torch.is_inference(t) else t._version for t in (q_pos, k_pos))
-    if (
-        memo is not None
-        and memo[0] is q_pos
-        and memo[1] is k_pos
-        and memo[2] == versions
-        and memo[3] == window
-    ):
-        return memo[4]
-    mask = attention_mask(q_pos, k_pos, window)
-    _MASK_MEMO.last = (q_pos, k_pos, versions, window, mask)
+    if torch.compiler.is_compiling():  # a compiled layer fuses the mask into its graph
+        return attention_mask(q_pos, k_pos, window, seg, seg)
+    memo = getattr(_MASK_MEMO, "masks", None)
+    if memo is None:
+        memo = _MASK_MEMO.masks = {}
+    tensors = (q_pos, k_pos, seg)
+    versions = tuple(None if t is None or torch.is_inference(t) else t._version for t in tensors)
+    key = (*(None if t is None else id(t) for t in tensors), window)
+    hit = memo.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], tensors)) and hit[1] == versions:
+        return hit[2]
+    mask = attention_mask(q_pos, k_pos, window, seg, seg)
+    memo[key] = (tensors, versions, mask)
     return mask
 
 
 def clear_mask_memo() -> None:
-    """Forget the memoised mask (called at the start of every forward pass)."""
-    _MASK_MEMO.last = None
+    """Forget the memoised masks (called at the start of every forward pass)."""
+    _MASK_MEMO.masks = None
 
 
 class Attention(nn.Module):
@@ -134,7 +141,7 @@ class Attention(nn.Module):
             k, v, k_pos = cache.update(self.layer, k, v, positions)  # (B, Hkv, S, D), (B, S)
             mask = _memo_mask(positions, k_pos, self.window)
         elif not (causal_default and (self.window is None or T <= self.window)):
-            mask = attention_mask(positions, positions, self.window, segment_ids, segment_ids)
+            mask = _memo_mask(positions, positions, self.window, segment_ids)
         out = self._attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 

@@ -28,6 +28,24 @@ def check_dtype(dtype: torch.dtype | None, allow_float16: bool = False) -> None:
         raise ValueError(FLOAT16_REFUSAL)
 
 
+def plain_causal(positions: torch.Tensor | None, segment_ids: torch.Tensor | None, T: int) -> bool:
+    """True when every row is one document at positions 0..T-1 (positions/segments (B, T)).
+
+    Then attention is plainly causal and the kernels' causal path (which skips the masked
+    upper triangle) gives the same result as the explicit mask. Packed training rows whose
+    document spans the whole row take this path.
+    """
+    if positions is not None:
+        if positions.shape[-1] != T or positions.device.type == "meta":
+            return False
+        ramp = torch.arange(T, device=positions.device)
+        if not bool((positions == ramp).all()):
+            return False
+    if segment_ids is not None and not bool((segment_ids == segment_ids[..., :1]).all()):
+        return False
+    return True
+
+
 class DecoderLayer(nn.Module):
     """Pre- and post-norm around attention and around the MLP (Gemma 2/3 'sandwich' norm)."""
 
@@ -134,7 +152,7 @@ class Transformer(nn.Module):
             raise ValueError("pass exactly one of input_ids or embeds")
         x = self.embed_tokens(input_ids) if embeds is None else embeds  # (B, T, hidden)
         B, T, _ = x.shape
-        causal_default = positions is None and cache is None and segment_ids is None
+        causal_default = cache is None and plain_causal(positions, segment_ids, T)
         if positions is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
         tables = {  # per layer type: (cos, sin), each (B, T, head_dim)
@@ -142,13 +160,16 @@ class Transformer(nn.Module):
             for kind, inv in self._inv_freq.items()
         }
         clear_mask_memo()
-        for i, layer in enumerate(self.layers):
-            cos, sin = tables[self.config.layer_types[i]]
-            args = (x, cos, sin, positions, cache, segment_ids, causal_default)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, *args, use_reentrant=False)
-            else:
-                x = layer(*args)
+        try:
+            for i, layer in enumerate(self.layers):
+                cos, sin = tables[self.config.layer_types[i]]
+                args = (x, cos, sin, positions, cache, segment_ids, causal_default)
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(layer, *args, use_reentrant=False)
+                else:
+                    x = layer(*args)
+        finally:
+            clear_mask_memo()
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

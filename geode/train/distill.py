@@ -88,6 +88,44 @@ def targets_for_batch(
     return torch.stack(ids), torch.stack(qs)
 
 
+@torch.no_grad()
+def student_rollout(
+    engine: Any, batch: Any, n: int, temperature: float, seeds: list[int]
+) -> tuple[Any, torch.Tensor]:
+    """On-policy rows: the student (driving `engine`) rewrites the last `n` tokens of each row.
+
+    Each row keeps its first T+1-n tokens; the document that is open at the cut is the
+    prompt (the engine sees it from its start, as the model does under segment masking), and
+    `n` sampled tokens continue it (eos ignored, seeded per row by `seeds`). Returns the new
+    batch (positions and segment ids continue that document) and `real` (B, T) bool: True
+    where the next-token target is still data, not a student sample (GKD, arXiv:2306.13649).
+    """
+    from ..infer import Request
+
+    tokens, positions, segments = (
+        t.clone() for t in (batch.tokens, batch.positions, batch.segment_ids)
+    )  # (B, T+1) each
+    B, T1 = tokens.shape
+    cut = T1 - n  # tokens kept per row
+    requests = []
+    for b in range(B):
+        seg = segments[b, cut - 1]
+        start = int((segments[b, :cut] == seg).nonzero()[0])  # its document starts here
+        requests.append(
+            Request(tokens[b, start:cut].tolist(), max_new_tokens=n, temperature=temperature,
+                    ignore_eos=True, seed=seeds[b])
+        )  # fmt: skip
+    results = engine.generate(requests)
+    for b, res in enumerate(results):
+        tokens[b, cut:] = torch.tensor(res.token_ids[:n], dtype=tokens.dtype)
+        segments[b, cut:] = segments[b, cut - 1]
+        positions[b, cut:] = positions[b, cut - 1] + 1 + torch.arange(n)
+    real = torch.zeros(B, T1 - 1, dtype=torch.bool)
+    real[:, : cut - 1] = True  # target t is token t+1
+    out = type(batch)(tokens, positions, segments, batch.sources, batch.windows)
+    return out, real
+
+
 def distill_loss_sum(
     student_logits: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:

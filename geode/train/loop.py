@@ -61,7 +61,7 @@ from .fault import (
     name_faulty,
     param_checksum,
 )
-from .loss import next_token_loss_sum
+from .loss import loss_terms, next_token_loss_sum
 from .memory import check_fits, estimate_bytes
 from .metrics import MetricsLog, fmt_duration, plot_curves, read_metrics
 from .optim import build_optimizer, lr_at, set_lr
@@ -162,6 +162,7 @@ class Trainer:
         dtype = torch.bfloat16 if recipe.model.dtype == "bfloat16" else torch.float32
         self.autocast_dtype = torch.bfloat16 if t.precision == "bfloat16" else None
         self.teacher = None
+        self._engine = None  # on-policy distillation: the student's sampler (built on first use)
         self.cache: D.TargetCache | None = None
         self.distill = recipe.distill
         teacher_params = 0
@@ -200,9 +201,13 @@ class Trainer:
             )
         model.train()
         model.gradient_checkpointing = t.activation_checkpointing
+        # torch.compile per decoder layer (fuses norms, RoPE, GeGLU and residuals around the
+        # matmuls) and of the loss (fuses log-softmax, the target gather and the z-loss).
+        self._loss_terms = None
         if t.compile:
             for layer in model.layers:
                 layer.compile()
+            self._loss_terms = torch.compile(loss_terms)
         self.raw_model = model
         self.model = wrap_model(model, info, self.parallel)
         self.optimizer = build_optimizer(self.model, recipe.optim)
@@ -446,6 +451,26 @@ class Trainer:
                 flush=True,
             )
 
+    def _student_rollout(self, mb: Batch, names: list[str]) -> tuple[Batch, torch.Tensor]:
+        """On-policy distillation: the student samples the tail of each row (see D.student_rollout)."""
+        from ..infer import Engine
+
+        d = self.distill
+        if self._engine is None:  # plain module classes: the model keeps training afterwards
+            self._engine = Engine(self.raw_model, max_batch=self.micro, optimize=False,
+                                  max_seq_len=self.recipe.data.seq_len + 1)  # fmt: skip
+        seeds = [
+            D.window_seed(self.recipe.data.seed + 1, name, int(w))
+            for name, w in zip(names, mb.windows.tolist())
+        ]
+        try:
+            with self._autocast():
+                return D.student_rollout(
+                    self._engine, mb, d.on_policy_tokens, d.on_policy_temperature, seeds
+                )
+        finally:
+            self.raw_model.train()
+
     def _targets(self, b: Batch, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher targets (ids, q), each (B, T, K), for the rows of `b`."""
         d = self.distill
@@ -474,23 +499,32 @@ class Trainer:
         if not replay:
             self.faults.maybe_kill(step)
         batch = self.loader.next_batch()
-        counts = torch.tensor([float(batch.loss_mask.sum())], dtype=torch.float64)
-        n_global = float(all_reduce_sum(counts, self.info)[0])
+        d = self.distill
+        on_policy = d.on_policy_tokens if d is not None else 0
+        real_mask = batch.loss_mask.clone()  # (B, T): targets that are data
+        real_mask[:, real_mask.shape[1] - on_policy :] = False
+        counts = torch.tensor([float(batch.loss_mask.sum()), float(real_mask.sum())],
+                              dtype=torch.float64)  # fmt: skip
+        n_global, n_real = (float(c) for c in all_reduce_sum(counts, self.info))
         scale = self.info.world_size / max(n_global, 1.0)
         stats = torch.zeros(4, dtype=torch.float64)  # ce, z, distill, target entropy sums
-        d = self.distill
         for i in range(self.accum):
             rows = slice(i * self.micro, (i + 1) * self.micro)
-            mb = Batch(*(t[rows] for t in vars(batch).values())).to(self.info.device)
+            mb = Batch(*(t[rows] for t in vars(batch).values()))
+            names = [self.sources[s] for s in mb.sources.tolist()]
+            real = None
+            if on_policy:
+                mb, real = self._student_rollout(mb, names)
+            mb = mb.to(self.info.device)
             mask = mb.loss_mask
+            hard_mask = mask if real is None else mask & real.to(mask.device)
             with grad_sync(self.model, self.parallel, i == self.accum - 1):
                 with self._autocast():
                     logits = self.model(**mb.model_inputs())  # (M, T, V)
                 total, ce, z = next_token_loss_sum(
-                    logits, mb.targets, mask, self.recipe.train.z_loss
+                    logits, mb.targets, hard_mask, self.recipe.train.z_loss, self._loss_terms
                 )
                 if d is not None:
-                    names = [self.sources[s] for s in mb.sources.tolist()]
                     ids, q = self._targets(mb, names)
                     dl = D.distill_loss_sum(logits, ids, q, mask)
                     total = dl + d.hard_weight * ce + z
@@ -519,7 +553,7 @@ class Trainer:
         rec: dict[str, Any] = {
             "kind": "train",
             "step": step,
-            "loss": float(stats[0]) / max(n_global, 1.0),
+            "loss": float(stats[0]) / max(n_real, 1.0),  # next-token CE on real data
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": self.tokens,

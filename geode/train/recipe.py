@@ -128,6 +128,11 @@ class DistillSection:
     temperature: float = 1.0  # teacher softmax temperature
     hard_weight: float = 0.0  # weight of the plain next-token loss added to the distillation loss
     control: bool = True  # `geode distill`: also train the same student from scratch
+    # On-policy (online mode): the student samples the last `on_policy_tokens` tokens of every
+    # row itself and the teacher scores them (GKD, Agarwal et al. 2024, arXiv:2306.13649); the
+    # plain next-token loss only sees real data. 0: teacher targets on data only.
+    on_policy_tokens: int = 0
+    on_policy_temperature: float = 1.0  # student sampling temperature for those tokens
 
 
 @dataclass
@@ -268,6 +273,18 @@ def check_recipe(recipe: TrainRecipe, where: str = "recipe", world_size: int | N
             fail("distill.hard_weight", "must be >= 0")
         if d.mode == "offline" and not d.cache:
             fail("distill.cache", "offline mode needs a cache directory")
+        if d.on_policy_tokens:
+            if not 0 < d.on_policy_tokens < recipe.data.seq_len:
+                fail("distill.on_policy_tokens", f"must be in [0, data.seq_len) = "
+                     f"[0, {recipe.data.seq_len}), got {d.on_policy_tokens}")  # fmt: skip
+            if d.mode != "online":
+                fail("distill.on_policy_tokens", "student samples need the teacher in-process "
+                     "(mode = 'online')")  # fmt: skip
+            if recipe.train.parallel == "fsdp":
+                fail("distill.on_policy_tokens", "student sampling needs whole weights on each "
+                     "rank; use parallel = 'ddp' or 'none'")  # fmt: skip
+        if not d.on_policy_temperature > 0:
+            fail("distill.on_policy_temperature", "must be > 0")
 
 
 def micro_batch_and_accumulation(

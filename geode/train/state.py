@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..fileio import sha256_file
+from ..fileio import fsync_dir, sha256_file
 from .distributed import DistInfo, barrier, broadcast_object
 
 MANIFEST = "MANIFEST.json"
@@ -137,7 +137,7 @@ class CheckpointManager:
             if final.exists():  # a re-run of the same step (e.g. after a rollback)
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._prune(step)
         barrier(self.info)
         return final
@@ -246,14 +246,6 @@ def _fsync_files(directory: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------ memory

@@ -120,3 +120,72 @@ def test_distilling_from_itself_keeps_the_teacher_loss(tmp_path, teacher):
     records = read_metrics(tmp_path / "self" / "student" / "metrics.jsonl")
     train_rec = next(r for r in records if r["kind"] == "train")
     assert abs(train_rec["distill_kl"]) < 1e-5
+
+
+def test_student_rollout_rewrites_the_tail_with_engine_samples():
+    """On-policy rows: the kept prefix is untouched, the tail is exactly what the engine
+    samples from the open document with the same seed, positions and segments continue it,
+    and only targets inside the prefix count as real data."""
+    from geode.config import get_preset
+    from geode.data.loader import Batch
+    from geode.infer import Engine, Request
+    from geode.model import build_model
+
+    model = build_model(get_preset("nano-1m"), seed=0)
+    engine = Engine(model, max_batch=2, optimize=False, max_seq_len=12)
+    tokens = torch.randint(3, 2000, (2, 12))
+    segments = torch.tensor([[0] * 12, [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]])
+    positions = torch.tensor([list(range(12)), [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7]])
+    batch = Batch(tokens, positions, segments, torch.zeros(2, dtype=torch.long), torch.arange(2))
+    out, real = D.student_rollout(engine, batch, 4, 1.0, [11, 12])
+    assert torch.equal(out.tokens[:, :8], tokens[:, :8])
+    for b, start in ((0, 0), (1, 4)):  # row 1's open document starts at index 4
+        ref = engine.generate(
+            Request(tokens[b, start:8].tolist(), max_new_tokens=4, ignore_eos=True, seed=11 + b)
+        )[0]
+        assert out.tokens[b, 8:].tolist() == ref.token_ids
+    assert out.positions[1, 8:].tolist() == [4, 5, 6, 7] and out.segment_ids[1, 8:].eq(1).all()
+    assert out.positions[0].tolist() == list(range(12))
+    assert real.shape == (2, 11) and real[:, :7].all() and not real[:, 7:].any()
+
+
+def test_on_policy_recipe_errors(tmp_path):
+    from geode.recipe import RecipeError
+
+    base = {"teacher": "t", "on_policy_tokens": 8}
+    for extra, field in (
+        ({"on_policy_tokens": 32}, "distill.on_policy_tokens"),  # = seq_len
+        ({"mode": "offline", "cache": "c"}, "distill.on_policy_tokens"),
+        ({"on_policy_temperature": 0.0}, "distill.on_policy_temperature"),
+    ):
+        with pytest.raises(RecipeError, match=field):
+            load_train_recipe(tiny_recipe(tmp_path, distill={**base, **extra}))
+
+
+@pytest.mark.slow
+def test_on_policy_distillation_self_kl_zero_and_student_moves_to_teacher(tmp_path, teacher):
+    """The student scores its own samples: distilling a model from itself gives zero KL on
+    those rows, and a fresh student's KL to the teacher falls."""
+    data, model = teacher
+    d = {"teacher": str(model), "top_k": 64, "sampling": "top", "on_policy_tokens": 12}
+    recipe = tiny_recipe(
+        data,
+        model={"init": str(model), "overrides": {}},
+        train={"max_steps": 1},
+        optim={"lr": 1e-9, "warmup_steps": 0},
+        distill=d,
+    )
+    train_distilled(load_train_recipe(recipe), out=tmp_path / "self", control=False)
+    rec = next(
+        r
+        for r in read_metrics(tmp_path / "self" / "student" / "metrics.jsonl")
+        if r["kind"] == "train"
+    )
+    assert abs(rec["distill_kl"]) < 1e-5 and np.isfinite(rec["loss"])
+    recipe = tiny_recipe(
+        data, train={"max_steps": 8}, eval={"every": 4}, distill={**d, "sampling": "sample"}
+    )
+    train_distilled(load_train_recipe(recipe), out=tmp_path / "fresh", control=False)
+    records = read_metrics(tmp_path / "fresh" / "student" / "metrics.jsonl")
+    kl = list(curve(records, "train", "distill_kl").values())
+    assert len(kl) == 8 and np.mean(kl[-3:]) < np.mean(kl[:3])

@@ -198,3 +198,17 @@ def test_cuda_bfloat16_training_matches_cpu_roughly(tmp_path, data):
     c = list(curve(read_metrics(tmp_path / "cpu" / "metrics.jsonl")).values())
     assert g[0] == pytest.approx(c[0], rel=2e-2) and g[-1] < g[0]
     assert gpu["parallel"] == "none"
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, data):
+    """`train.compile = true` (compiled decoder layers and loss) gives the eager loss curve
+    within float tolerance, z-loss included."""
+    curves = []
+    for compiled in (False, True):
+        recipe = tiny_recipe(data, train={"max_steps": 3, "compile": compiled, "z_loss": 1e-4})
+        train(load_train_recipe(recipe), out=tmp_path / f"c{int(compiled)}")
+        records = read_metrics(tmp_path / f"c{int(compiled)}" / "metrics.jsonl")
+        curves.append(list(curve(records).values()))
+    assert len(curves[0]) == 3
+    np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
