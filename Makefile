@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.geode-installed
 
-.PHONY: test demo lint format clean setup
+.PHONY: test demo lint format clean setup chromium
 
 setup: $(STAMP)
 
@@ -25,7 +25,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
+# Debian's chromium for the headless browser test (apt-get where root; see the script).
+chromium:
+	@sh scripts/ensure-chromium.sh
+
+test: lint chromium
 	$(VENV)/bin/pytest -q
 
 # Until the quickstart issue lands: a tokenizer trained on this machine's Python stdlib, a

@@ -292,7 +292,12 @@ class _AuthAndCount:
         self.app, self.state = app, state
         self.keys = set(state.config.api_keys)
 
+    # Label values: the routes, not raw URLs (one counter per URL would grow without bound).
+    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize")
+
     def _count(self, path: str, status: int) -> None:
+        if path not in self.ROUTES:
+            path = "/v1/models/{model}" if path.startswith("/v1/models/") else "/v1/other"
         k = (path, status)
         self.state.http_requests[k] = self.state.http_requests.get(k, 0) + 1
 
@@ -1177,6 +1182,12 @@ def _metrics_text(state: ServerState) -> str:
             [("", round(sched.tokens_per_second(), 3))],
         )
         metric("geode_engine_steps_total", "counter", "Engine steps", [("", st.steps)])
+        metric(
+            "geode_kv_cache_bytes",
+            "gauge",
+            "Bytes of keys and values held by the KV cache (0 while idle)",
+            [("", sched.cache_bytes)],
+        )
         lines.append("# HELP geode_time_to_first_token_seconds Time from arrival to first token")
         lines.append("# TYPE geode_time_to_first_token_seconds histogram")
         for b, c in st.ttft_buckets.items():

@@ -6,7 +6,10 @@ a free row and the in-flight token budget (prompt + max_tokens of every admitted
 allows; the engine then prefills them (within its per-step prompt-token budget) while the
 other sequences keep decoding. Each step's deltas go to per-request asyncio queues; finished
 sequences leave the batch at once. `abort` (a client disconnected) removes a request from the
-queue or from the engine, which frees its cache row.
+queue or from the engine, which frees its cache row. When the last sequence has left, the
+engine's KV cache (grown to the peak batch of the burst) is dropped, so an idle server holds no
+cache memory; the next request allocates what it needs (except with CUDA graphs, whose captured
+graphs are bound to the cache: that cache stays).
 
 The engine is not thread-safe, so every engine call runs on one dedicated worker thread; the
 event loop stays free to accept connections and stream while a step computes.
@@ -73,8 +76,17 @@ class Stats:
 class Scheduler:
     """Admits, steps and streams requests over one `geode.infer.Engine` (see module doc)."""
 
-    def __init__(self, engine: Any, max_queue: int = 256, max_tokens_in_flight: int | None = None):
+    def __init__(
+        self,
+        engine: Any,
+        max_queue: int = 256,
+        max_tokens_in_flight: int | None = None,
+        free_cache_when_idle: bool | None = None,
+    ):
         self.engine = engine
+        if free_cache_when_idle is None:
+            free_cache_when_idle = not getattr(engine, "cuda_graphs", False)
+        self.free_cache_when_idle = free_cache_when_idle
         self.max_queue = max_queue
         self.max_tokens_in_flight = max_tokens_in_flight or engine.max_batch * engine.max_seq_len
         self.waiting: collections.deque[Handle] = collections.deque()
@@ -116,6 +128,12 @@ class Scheduler:
                 self.engine.abort(rid)
 
     # ------------------------------------------------------------------ requests
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of keys and values the engine's KV cache holds now (0 when it has none)."""
+        cache = getattr(self.engine, "cache", None)
+        return cache.nbytes if cache is not None else 0
+
     @property
     def queue_depth(self) -> int:
         """Requests waiting for admission."""
@@ -201,6 +219,10 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         while True:
             if not self.waiting and not self.running and not self._aborts:
+                if self.free_cache_when_idle and self.engine.cache is not None:
+                    await loop.run_in_executor(self._pool, self._free_cache)
+                    if self.waiting or self.running or self._aborts:
+                        continue  # arrived meanwhile (their wake-up must not be cleared)
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -230,6 +252,11 @@ class Scheduler:
                 if h.rid in self.running:
                     self.stats.requests_admitted += 1
             self._dispatch(deltas)
+
+    def _free_cache(self) -> None:
+        """On the engine thread: drop the idle engine's KV cache (the next step reallocates)."""
+        if not self.engine.has_unfinished():
+            self.engine.cache = None
 
     def engine_abort_later(self, rid: str) -> None:
         """Abort `rid` in the engine before the next step."""

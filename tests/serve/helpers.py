@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import socket
 import threading
 import time
@@ -63,3 +66,21 @@ def wait_until(cond: Any, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.05)
     return bool(cond())
+
+
+def rss_mb() -> float:
+    """This process's resident set size in MiB (VmRSS), after a garbage collection and, with
+    glibc, `malloc_trim(0)`: freed heap memory goes back to the OS, so what is left is what
+    is still referenced (or fragmented)."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")

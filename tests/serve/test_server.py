@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 
 import httpx
 import pytest
@@ -123,7 +124,13 @@ def test_tokenize_detokenize_info(server):
 
 def test_metrics_prometheus_text(server, client):
     client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    for path in ("/v1/no-such-route-123", "/v1/models/no-such-model-456"):
+        assert httpx.get(server.url + path).status_code == 404
     text = httpx.get(server.url + "/metrics").text
+    # label values are routes, never raw URLs (those would grow the counters without bound)
+    assert "no-such" not in text
+    assert re.search(r'^geode_http_requests_total\{path="/v1/other",status="404"\} ', text, re.M)
+    assert 'path="/v1/models/{model}",status="404"' in text
     sample = re.compile(
         r'^[a-zA-Z_:][\w:]*(\{[a-zA-Z_]\w*="[^"]*"(,[a-zA-Z_]\w*="[^"]*")*\})? '
         r"[-+]?(\d+(\.\d*)?([eE][-+]?\d+)?|\+Inf|NaN)$"
@@ -141,6 +148,7 @@ def test_metrics_prometheus_text(server, client):
         "geode_queue_depth",
         "geode_time_to_first_token_seconds_count",
         "geode_tokens_per_second",
+        "geode_kv_cache_bytes",
     ):
         assert want in names
     count = re.search(r"^geode_time_to_first_token_seconds_count (\d+)", text, re.M)
@@ -162,7 +170,21 @@ def _idle(server: LiveServer) -> bool:
     return not st.engine.has_unfinished() and st.scheduler.num_running == 0
 
 
-def test_stream_disconnect_cancels_sequence(server):
+@pytest.fixture
+def slow_steps(server, monkeypatch):
+    """Engine steps of >= 5 ms for one test: a long request outlasts the client for sure (the
+    engine alone decodes the tiny model's 900 tokens in about half a second)."""
+    engine = server.state.engine
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.005)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+
+
+def test_stream_disconnect_cancels_sequence(server, slow_steps):
     """Closing a streaming response aborts its sequence: the engine has nothing left after."""
     assert wait_until(lambda: _idle(server))
     aborted = server.state.scheduler.stats.requests_aborted
@@ -176,7 +198,7 @@ def test_stream_disconnect_cancels_sequence(server):
     assert server.state.scheduler.stats.requests_aborted > aborted
 
 
-def test_nonstream_disconnect_cancels_sequence(server):
+def test_nonstream_disconnect_cancels_sequence(server, slow_steps):
     assert wait_until(lambda: _idle(server))
     body = {"prompt": "the", "max_tokens": 900, "ignore_eos": True}
     with pytest.raises(httpx.TimeoutException):
