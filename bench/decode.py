@@ -12,6 +12,11 @@ Parts (select with --parts, default all):
   quant      int8 / int4 (group 32/64/128) vs float32: batch-1 speed on nano-60m, perplexity
              change on held-out tinyshakespeare text of a small byte-level model trained here
   prefill    prefill time of 2K / 8K / 32K-token prompts on nano-5m (max context raised to 32K)
+  gemm       the kernels' x W^T at M = 16 rows (batch-16 decode) on nano-60m's weight shapes,
+             float32 and bfloat16 weights: GFLOP/s against torch's F.linear (same inputs)
+
+The engine runs each decode step as one native C call (geode/infer/native.py); b1 also
+measures the engine's torch path (native=False: per-module kernels between torch ops).
 
 Each timing is the median of --reps repetitions after a warm-up, geode and reference
 interleaved. Prints one JSON line per measurement, then a table.
@@ -125,13 +130,16 @@ def part_b1(args, state, dtype=torch.float32, name="b1") -> None:
     eng = Engine(copy.deepcopy(model), max_batch=1)
     new = args.new_tokens
     hf_new = new if dtype == torch.float32 else min(new, 16)  # transformers bf16 is slow on CPU
-    res = interleaved(
-        {
-            "geode": lambda: measure_decode(eng, 1, args.prompt_len, new, reps=1),
-            "transformers": lambda: hf_decode(ref, 1, args.prompt_len, hf_new, reps=1),
-        },
-        args.reps,
-    )
+    fns = {
+        "geode": lambda: measure_decode(eng, 1, args.prompt_len, new, reps=1),
+        "transformers": lambda: hf_decode(ref, 1, args.prompt_len, hf_new, reps=1),
+    }
+    if dtype == torch.float32:  # the engine without the native step, for comparison
+        torch_path = Engine(copy.deepcopy(model), max_batch=1, native=False)
+        fns["geode-torch-path"] = lambda: measure_decode(
+            torch_path, 1, args.prompt_len, new, reps=1
+        )
+    res = interleaved(fns, args.reps)
     ctx = args.prompt_len + new // 2
     for impl, r in res.items():  # same weights and cache bytes on both sides
         emit(bench=name, impl=impl, model="nano-60m", dtype=str(dtype)[6:], batch=1,
@@ -295,8 +303,65 @@ def part_prefill(args, state) -> None:
         prev = s
 
 
+def _gemm_times(x, ws, plans, reps: int) -> dict[str, list[float]]:
+    """Seconds per call of the kernels (plans) and of torch's F.linear (ws), interleaved."""
+    from geode.infer import kernels
+
+    xt = x.to(ws[0].dtype)
+
+    def per_call(fn, items) -> float:
+        t = time.perf_counter()
+        for item in items:
+            fn(item)
+        return (time.perf_counter() - t) / len(items)
+
+    def ours(p):
+        return kernels.gemv(x, p)
+
+    def ref(w):
+        return torch.nn.functional.linear(xt, w)
+
+    per_call(ours, plans), per_call(ref, ws)  # warm-up
+    times: dict[str, list[float]] = {"geode": [], "torch": []}
+    for _ in range(reps):
+        # torch's OpenMP workers spin after their regions and would take the cores the kernels'
+        # pool needs (which then runs alone for 0.25 s): let them go idle first
+        time.sleep(0.3)
+        times["geode"].append(per_call(ours, plans))
+        times["torch"].append(per_call(ref, ws))
+    return times
+
+
+def part_gemm(args, state) -> None:
+    from geode.infer import kernels
+
+    cfg = geode.get_preset("nano-60m")
+    h, inter, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes = {"qkv": ((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * D, h),
+              "o": (h, cfg.num_attention_heads * D), "gate_up": (2 * inter, h),
+              "down": (h, inter), "head": (cfg.vocab_size, h)}  # fmt: skip
+    M = 16
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, (N, K) in shapes.items():
+            # several copies, more bytes than the L3 cache: weights stream from memory per call
+            copies = max(1, (64 << 20) // (N * K * 4))
+            ws = [(torch.randn(N, K, generator=g) * 0.05).to(dtype) for _ in range(copies)]
+            kind = "f32" if dtype == torch.float32 else "bf16"
+            plans = [kernels.GemvPlan([kernels.WeightSpec(kind, w if kind == "f32" else
+                                                          w.view(torch.int16))]) for w in ws]  # fmt: skip
+            x = torch.randn(M, K, generator=g)
+            times = _gemm_times(x, ws, plans, max(5, 3 * args.reps))
+            flop = 2 * M * N * K
+            gf = {k: flop / statistics.median(v) / 1e9 for k, v in times.items()}
+            emit(bench="gemm", shape=name, M=M, N=N, K=K, dtype=str(dtype)[6:],
+                 geode_gflops=gf["geode"], torch_gflops=gf["torch"],
+                 ratio=gf["geode"] / gf["torch"])  # fmt: skip
+
+
 PARTS = {"bandwidth": part_bandwidth, "b1": part_b1, "bf16": part_bf16, "b16": part_b16,
-         "kv": part_kv, "quant": part_quant, "prefill": part_prefill}  # fmt: skip
+         "kv": part_kv, "quant": part_quant, "prefill": part_prefill,
+         "gemm": part_gemm}  # fmt: skip
 
 
 def table() -> None:
@@ -306,6 +371,10 @@ def table() -> None:
         b = r["bench"]
         if b == "bandwidth":
             print(f"| bandwidth | copy ({r['threads']} threads) | {r['copy_gb_s']:.1f} GB/s |")
+        elif b == "gemm":
+            print(f"| gemm | M=16 {r['shape']} {r['N']}x{r['K']} {r['dtype']}: geode / torch | "
+                  f"{r['geode_gflops']:.0f} / {r['torch_gflops']:.0f} GFLOP/s "
+                  f"({r['ratio']:.2f}x) |")  # fmt: skip
         elif "metric" in r:
             print(f"| {b} | {r['metric']} | {r['ratio']:.2f}x |")
         elif b in ("b1", "bf16", "b16"):

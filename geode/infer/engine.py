@@ -27,6 +27,7 @@ import torch
 
 from . import kernels
 from .cache import HybridCache
+from .native import NativeDecoder, Unsupported
 from .optimize import optimize_for_decode
 from .sampling import (
     RequestError,
@@ -172,8 +173,10 @@ class Engine:
     that end a sequence (default: the config's eos plus the tokenizer's <eos>/<end_of_turn>).
     cuda_graphs: capture decode steps in CUDA graphs (default: on when the model is on CUDA).
     optimize: on CPU, swap in the decode kernels (geode.infer.optimize; in place, parameters
-    untouched, the plain forward still used for autograd). seed: draws the seeds of requests
-    that give none.
+    untouched, the plain forward still used for autograd). native: with `optimize` on CPU, run
+    each decode step as one C call over the whole decoder (geode.infer.native) when the model
+    is supported; prefill and everything else use the model's torch forward. seed: draws the
+    seeds of requests that give none.
     """
 
     def __init__(
@@ -189,6 +192,7 @@ class Engine:
         ring_buffer: bool = True,
         cuda_graphs: bool | None = None,
         optimize: bool = True,
+        native: bool = True,
         seed: int | None = None,
     ):
         if max_batch < 1:
@@ -200,6 +204,10 @@ class Engine:
         if optimize and model.device.type == "cpu":
             optimize_for_decode(model)  # in place: faster module classes, same parameters
             self._kernel_threads = kernels.available()
+        # the native step is tried when asked for and the kernels run (see _native_decoder)
+        self.native = bool(native and self._kernel_threads)
+        self._native: NativeDecoder | None = None  # its plan, built at the first decode step
+        self._native_check = True  # re-validate the plan against the model before next use
         self.config = model.config
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -431,6 +439,7 @@ class Engine:
         self._ensure_cache(
             len(self.running) + len(batch), max(self._need(s) for s in self.running + batch)
         )
+        self._native_check = True  # weights may have been replaced since the last decode
         deltas = []
         for seq in batch:
             row = len(self.running)
@@ -480,10 +489,39 @@ class Engine:
     def _decode_step(self) -> list[Delta]:
         """Feed every running sequence's last token; sample the next one."""
         B = len(self.running)
-        ids = torch.tensor([s.out[-1] for s in self.running], device=self.device)[:, None]
-        pos = torch.tensor([s.pos for s in self.running], device=self.device)[:, None]
-        logits = self._forward_decode(ids, pos)  # (B, V) float32
+        ids = [s.out[-1] for s in self.running]
+        pos = [s.pos for s in self.running]
+        native = self._native_decoder()
+        if native is not None:
+            # torch single-threaded while the kernels' pool runs: torch's OpenMP workers spin
+            # after each parallel region and would take the cores the pool's helpers need
+            with kernels.decode_threads():
+                logits = native.step(ids, pos, self.cache)  # (B, V) float32, one C call
+                return self._advance(list(self.running), logits, rows=list(range(B)))
+        logits = self._forward_decode(
+            torch.tensor(ids, device=self.device)[:, None],
+            torch.tensor(pos, device=self.device)[:, None],
+        )  # (B, V) float32
         return self._advance(list(self.running), logits, rows=list(range(B)))
+
+    def _native_decoder(self) -> NativeDecoder | None:
+        """The native step's plan for this model and cache, or None (torch path).
+
+        Built on first use and rebuilt when the model's tensors changed (checked once per
+        admission, not per step: the plan keeps the tensors it points to alive).
+        """
+        if not self.native:
+            return None
+        if self._native_check:
+            self._native_check = False
+            if self._native is None or not self._native.current(self.model):
+                self._native = NativeDecoder.build(self.model)
+        if self._native is not None and self._native.cache is not self.cache:
+            try:
+                self._native.bind(self.cache)
+            except Unsupported:  # e.g. a static (CUDA-graph) cache: the torch path
+                return None
+        return self._native
 
     def _forward_decode(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """ids, pos (B, 1) -> next-token logits (B, V) float32 (CUDA graph replay when enabled)."""
@@ -568,11 +606,11 @@ class Engine:
                         z[i, torch.tensor(sorted(banned), device=z.device)] = float("-inf")
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         if len(greedy) == B:
-            return z.argmax(-1)
+            return kernels.argmax(z)
         tokens = torch.empty(B, dtype=torch.long, device=z.device)
         if greedy:
             g = torch.tensor(greedy, device=z.device)
-            tokens[g] = z[g].argmax(-1)
+            tokens[g] = kernels.argmax(z[g])
         sampled = [i for i in range(B) if not seqs[i].params.greedy]
         idx = torch.tensor(sampled, device=z.device)
         ps = [seqs[i].params for i in sampled]

@@ -1,5 +1,8 @@
-// geode CPU decode kernels: y = x W^T for few rows of x (decode batches), weights in the Hugging
-// Face (out, in) row-major layout, float32 activations, AVX2 + FMA, threads over output rows.
+// geode CPU decode kernels, AVX2 + FMA + F16C, float32 activations:
+//   - y = x W^T for few rows of x (decode batches), weights in the Hugging Face (out, in)
+//     row-major layout, threads over output rows; a register-blocked path for 6..64 rows;
+//   - Gemma's RMSNorm and QK-norm + RoPE;
+//   - geode_decode_step: the whole decoder for one new token of B sequences in one call.
 //
 // Weight formats (one call may take several weights that share the same x, e.g. q/k/v):
 //   f32   W (N, K) float
@@ -8,13 +11,14 @@
 //   i4    W (N, K/2) bytes, groups of G (multiple of 32) along K with float16 scale and min:
 //         w = q * s + m, q in 0..15. In each block of 32 values, byte j holds value j in its low
 //         nibble and value j + 16 in its high nibble.
-// Decode is memory-bound: every weight byte is read once per call whatever M is (M <= 16),
-// with x rows (M x K floats) kept in L1/L2.
+// Decode is memory-bound: every weight byte is read once per call whatever M is, with x rows
+// (M x K floats) kept in L1/L2.
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -46,6 +50,7 @@ static inline float bf16_to_f32(uint16_t b) {
 }
 
 // ---------------------------------------------------------------- float / bf16 / int8 rows
+
 // One output row n against MB x rows (MB <= 4, a compile-time constant at each call site so
 // the accumulators stay in registers); K % 16 handled by a scalar tail.
 #define DEFINE_ROW_KERNEL(NAME, WT, LOADV, LOADS)                                               \
@@ -133,25 +138,43 @@ DEFINE_ROW_KERNEL(row_i8, int8_t, load_i8, (float))
 
 // ---------------------------------------------------------------- int4 group-wise rows
 // MB is a compile-time constant at each call site (always_inline), so the per-row partial sums
-// stay in registers.
+// stay in registers. Each block of 32 values is two 8-byte loads zero-extended to 32-bit lanes:
+// the low nibbles are values j, the high nibbles values j + 16. One x row (batch-1 decode) keeps
+// four independent partial sums so that consecutive FMAs do not wait for each other; two rows
+// keep two each.
 static inline __attribute__((always_inline)) void row_i4_mb(
     int K, int G, const uint8_t* w, const uint16_t* sc, const uint16_t* mn, const float* x,
     int ldx, const float* xs, int ldxs, const int MB, float* out) {
-  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m256i low = _mm256_set1_epi32(0x0F);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   float bias[4] = {0, 0, 0, 0};
   int ngroups = K / G;
   for (int g = 0; g < ngroups; g++) {
-    __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
+    __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;  // MB > 2: one per row
+    __m256 e0 = p0, e1 = p0;                                     // MB <= 2: extra partials
     for (int b = 0; b < G; b += 32) {
       int k = g * G + b;
-      __m128i v = _mm_loadu_si128((const __m128i*)(w + k / 2));
-      __m128i lo = _mm_and_si128(v, low);
-      __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-      __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-      __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-      __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-      __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+      __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + k / 2)));
+      __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + k / 2 + 8)));
+      __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, low));  // values k .. k+7
+      __m256 q1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, low));  // k+8 .. k+15
+      __m256 q2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));   // k+16 .. k+23
+      __m256 q3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));   // k+24 .. k+31
+      if (MB == 1) {
+        p0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + k), p0);
+        e0 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x + k + 8), e0);
+        p1 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x + k + 16), p1);
+        e1 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x + k + 24), e1);
+      } else if (MB == 2) {
+        p0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + k), p0);
+        e0 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x + k + 8), e0);
+        p0 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x + k + 16), p0);
+        e0 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x + k + 24), e0);
+        p1 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + ldx + k), p1);
+        e1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x + ldx + k + 8), e1);
+        p1 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x + ldx + k + 16), p1);
+        e1 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x + ldx + k + 24), e1);
+      } else {
 #define I4_ROW(P, M)                                                  \
   {                                                                   \
     const float* xm = x + (M) * ldx + k;                              \
@@ -160,14 +183,27 @@ static inline __attribute__((always_inline)) void row_i4_mb(
     P = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xm + 16), P);             \
     P = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xm + 24), P);             \
   }
-      I4_ROW(p0, 0);
-      if (MB > 1) I4_ROW(p1, 1);
-      if (MB > 2) I4_ROW(p2, 2);
-      if (MB > 3) I4_ROW(p3, 3);
+        I4_ROW(p0, 0);
+        I4_ROW(p1, 1);
+        I4_ROW(p2, 2);
+        if (MB > 3) I4_ROW(p3, 3);
 #undef I4_ROW
+      }
     }
     __m256 sv = _mm256_set1_ps(_cvtsh_ss(sc[g]));
     float m0 = _cvtsh_ss(mn[g]);
+    if (MB == 1) {  // four accumulators: no reduction on the group's critical path
+      acc0 = _mm256_fmadd_ps(sv, p0, acc0);
+      acc1 = _mm256_fmadd_ps(sv, e0, acc1);
+      acc2 = _mm256_fmadd_ps(sv, p1, acc2);
+      acc3 = _mm256_fmadd_ps(sv, e1, acc3);
+      bias[0] += m0 * xs[g];
+      continue;
+    }
+    if (MB == 2) {
+      p0 = _mm256_add_ps(p0, e0);
+      p1 = _mm256_add_ps(p1, e1);
+    }
     acc0 = _mm256_fmadd_ps(sv, p0, acc0);
     bias[0] += m0 * xs[g];
     if (MB > 1) {
@@ -183,10 +219,52 @@ static inline __attribute__((always_inline)) void row_i4_mb(
       bias[3] += m0 * xs[3 * ldxs + g];
     }
   }
+  if (MB == 1) {
+    out[0] = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3))) + bias[0];
+    return;
+  }
   out[0] = hsum(acc0) + bias[0];
   if (MB > 1) out[1] = hsum(acc1) + bias[1];
   if (MB > 2) out[2] = hsum(acc2) + bias[2];
   if (MB > 3) out[3] = hsum(acc3) + bias[3];
+}
+
+// Two int4 rows against one x row (batch-1 decode): the x loads and the loop overhead are
+// shared, and the eight partial sums keep the FMA units busy.
+static void row2_i4(int K, int G, const uint8_t* wa, const uint8_t* wb, const uint16_t* sa,
+                    const uint16_t* sb, const uint16_t* ma, const uint16_t* mb, const float* x,
+                    const float* xs, float* out) {
+  const __m256i low = _mm256_set1_epi32(0x0F);
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+  float bias_a = 0, bias_b = 0;
+  const int ngroups = K / G;
+  for (int g = 0; g < ngroups; g++) {
+    __m256 pa0 = _mm256_setzero_ps(), pa1 = pa0, pb0 = pa0, pb1 = pa0;
+    for (int b = 0; b < G; b += 32) {
+      const int k = g * G + b;
+      __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+      __m256 x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
+#define I4_PAIR(W, P0, P1)                                                                   \
+  {                                                                                          \
+    __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(W + k / 2)));          \
+    __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(W + k / 2 + 8)));      \
+    P0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, low)), x0, P0);            \
+    P1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, low)), x1, P1);            \
+    P0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), x2, P0);             \
+    P1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), x3, P1);             \
+  }
+      I4_PAIR(wa, pa0, pa1)
+      I4_PAIR(wb, pb0, pb1)
+#undef I4_PAIR
+    }
+    __m256 sva = _mm256_set1_ps(_cvtsh_ss(sa[g])), svb = _mm256_set1_ps(_cvtsh_ss(sb[g]));
+    a0 = _mm256_fmadd_ps(sva, pa0, a0), a1 = _mm256_fmadd_ps(sva, pa1, a1);
+    b0 = _mm256_fmadd_ps(svb, pb0, b0), b1 = _mm256_fmadd_ps(svb, pb1, b1);
+    bias_a += _cvtsh_ss(ma[g]) * xs[g];
+    bias_b += _cvtsh_ss(mb[g]) * xs[g];
+  }
+  out[0] = hsum(_mm256_add_ps(a0, a1)) + bias_a;
+  out[1] = hsum(_mm256_add_ps(b0, b1)) + bias_b;
 }
 
 static void row_i4(int K, int G, const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
@@ -223,6 +301,12 @@ static struct {
 } pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER,
           .busy = PTHREAD_MUTEX_INITIALIZER};
 
+static double now_s(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
 static long pool_claim(uint32_t gen, long nchunks) {
   uint64_t w = atomic_load_explicit(&pool.word, memory_order_acquire);
   for (;;) {
@@ -233,14 +317,20 @@ static long pool_claim(uint32_t gen, long nchunks) {
   }
 }
 
-static void pool_run_chunks(uint32_t gen, job_fn fn, const void* args, long items, long chunk,
-                            long nchunks) {
+// Claim and run chunks of job `gen` until none is left; returns the longest chunk's seconds
+// when `timed` (the caller), else 0.
+static double pool_run_chunks(uint32_t gen, job_fn fn, const void* args, long items, long chunk,
+                              long nchunks, int timed) {
   long i;
+  double longest = 0;
   while ((i = pool_claim(gen, nchunks)) >= 0) {
     long b = i * chunk, e = b + chunk < items ? b + chunk : items;
+    double t = timed ? now_s() : 0;
     fn(args, b, e);
+    if (timed && now_s() - t > longest) longest = now_s() - t;
     atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
   }
+  return longest;
 }
 
 static void* pool_helper(void* unused) {
@@ -267,7 +357,7 @@ static void* pool_helper(void* unused) {
     job_fn fn = pool.fn;
     const void* args = pool.args;
     long items = pool.items, chunk = pool.chunk, nchunks = pool.nchunks;
-    pool_run_chunks(seen, fn, args, items, chunk, nchunks);
+    pool_run_chunks(seen, fn, args, items, chunk, nchunks, 0);
   }
   return 0;
 }
@@ -280,15 +370,10 @@ static void pool_atfork_child(void) {  // threads do not survive fork
   atomic_store(&pool.sleepers, 0);
 }
 
-static double now_s(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec + 1e-9 * t.tv_nsec;
-}
-
 // When the caller had to wait long for a helper's chunk (the helper was preempted: the machine
 // is oversubscribed), jobs run on the caller alone for a while, then threads are tried again.
-static double solo_until = 0;
+static double solo_until = 0, solo_len = 0.05;
+static _Atomic int pool_solo_count;  // times the pool went solo (read by geode_decode_profile)
 
 // Run fn over [0, items) in chunks with up to `nthreads` threads (the caller included).
 static void pool_run(job_fn fn, const void* args, long items, long chunk, int nthreads) {
@@ -329,57 +414,85 @@ static void pool_run(job_fn fn, const void* args, long items, long chunk, int nt
     pthread_cond_broadcast(&pool.cv);
     pthread_mutex_unlock(&pool.mu);
   }
-  pool_run_chunks(gen, fn, args, items, chunk, nchunks);
+  double longest = pool_run_chunks(gen, fn, args, items, chunk, nchunks, 1);
   if (atomic_load_explicit(&pool.done, memory_order_acquire) < nchunks) {
     double t0 = now_s();
     while (atomic_load_explicit(&pool.done, memory_order_acquire) < nchunks) _mm_pause();
     double waited = now_s() - t0;
-    // Chunks take ~50 us; a 1 ms wait means the helper was preempted (OS slices are ms long).
-    solo_until = waited > 1e-3 ? t0 + waited + 0.25 : 0;
+    // Chunks take ~10-100 us; waiting over 1 ms and much longer than any chunk the caller ran
+    // means the helper was preempted (OS time slices are ms long).
+    int preempted = waited > 1e-3 && waited > 4 * longest;
+    if (preempted) {  // solo for a while: 50 ms, doubling while it keeps happening (to 1 s)
+      solo_until = t0 + waited + solo_len;
+      solo_len = solo_len * 2 < 1.0 ? solo_len * 2 : 1.0;
+      atomic_fetch_add(&pool_solo_count, 1);
+    } else {
+      solo_until = 0;
+    }
+  } else {
+    solo_len = 0.05;  // the helpers kept up
   }
   pthread_mutex_unlock(&pool.busy);
 }
 
 // ---------------------------------------------------------------- drivers
-// Several weights (nw <= MAXW) share x (M, K); weight i writes columns [off_i, off_i + N[i]) of
-// y (M, ldy), off_i = N[0] + ... + N[i-1].
+// A linear: nw <= MAXW weights of one kind that share x (M, K); weight i writes columns
+// [off_i, off_i + N[i]) of y (M, ldy), off_i = N[0] + ... + N[i-1] (e.g. q/k/v in one call).
 // kind: 0 f32, 1 bf16, 2 i8 (aux[i] = float scales (N)), 3 i4 (aux[i] = f16 scales, aux2[i] =
 // f16 mins, both (N, K/G); G = group).
 typedef struct {
-  int kind, M, K, G, ngroups, ldy;
+  int kind, K, G, nw;
+  int N[MAXW];
+  const void* W[MAXW];
+  const void* aux[MAXW];
+  const void* aux2[MAXW];
+} geode_linear;
+
+typedef struct {
+  const geode_linear* L;
+  int M, ngroups, ldy;
   const float* x;
-  const float* xs;
-  const void** W;
-  const void** aux;
-  const void** aux2;
-  const long* start;
+  const float* xs;  // int4: per-group sums of x (M, K/G)
+  long start[MAXW + 1];
   float* y;
 } gemv_args;
 
+// Few x rows (M < GEMM_MIN_ROWS): each weight row is read once and dotted with every x row.
 static void gemv_rows(const void* p, long r0, long r1) {
   const gemv_args* a = (const gemv_args*)p;
-  const int M = a->M, K = a->K, G = a->G, ngroups = a->ngroups;
+  const geode_linear* L = a->L;
+  const int M = a->M, K = L->K, G = L->G, ngroups = a->ngroups, kind = L->kind;
   int i = 0;
   for (long r = r0; r < r1; r++) {
     while (r >= a->start[i + 1]) i++;
     long n = r - a->start[i];
     float out[4];
     int m_done = 0;
-    if (M >= 4 && a->kind < 3 && r + 1 < r1 && r + 1 < a->start[i + 1]) {
+    if (M == 1 && kind == 3 && r + 1 < r1 && r + 1 < a->start[i + 1]) {  // int4, two rows
+      const uint16_t* sc = (const uint16_t*)L->aux[i] + n * ngroups;
+      const uint16_t* mn = (const uint16_t*)L->aux2[i] + n * ngroups;
+      const uint8_t* w = (const uint8_t*)L->W[i] + n * (K / 2);
+      row2_i4(K, G, w, w + K / 2, sc, sc + ngroups, mn, mn + ngroups, a->x, a->xs, out);
+      a->y[r] = out[0];
+      a->y[r + 1] = out[1];
+      r++;
+      continue;
+    }
+    if (M >= 4 && kind < 3 && r + 1 < r1 && r + 1 < a->start[i + 1]) {
       // two rows of the same weight at a time for every full block of 4 x rows
       float o2[4];
       for (; m_done + 4 <= M; m_done += 4) {
         const float* xm = a->x + (long)m_done * K;
-        if (a->kind == 0) {
-          const float* w = (const float*)a->W[i] + n * K;
+        if (kind == 0) {
+          const float* w = (const float*)L->W[i] + n * K;
           row2_f32(K, w, w + K, xm, K, out, o2);
-        } else if (a->kind == 1) {
-          const uint16_t* w = (const uint16_t*)a->W[i] + n * K;
+        } else if (kind == 1) {
+          const uint16_t* w = (const uint16_t*)L->W[i] + n * K;
           row2_bf16(K, w, w + K, xm, K, out, o2);
         } else {
-          const int8_t* w = (const int8_t*)a->W[i] + n * K;
+          const int8_t* w = (const int8_t*)L->W[i] + n * K;
           row2_i8(K, w, w + K, xm, K, out, o2);
-          float s0 = ((const float*)a->aux[i])[n], s1 = ((const float*)a->aux[i])[n + 1];
+          float s0 = ((const float*)L->aux[i])[n], s1 = ((const float*)L->aux[i])[n + 1];
           for (int m = 0; m < 4; m++) out[m] *= s0, o2[m] *= s1;
         }
         for (int m = 0; m < 4; m++) {
@@ -393,11 +506,11 @@ static void gemv_rows(const void* p, long r0, long r1) {
           for (int m0 = m_done; m0 < M; m0 += 4) {
             int MB = M - m0 < 4 ? M - m0 : 4;
             const float* xm = a->x + (long)m0 * K;
-            if (a->kind == 0) row_f32(K, (const float*)a->W[i] + nn * K, xm, K, MB, out);
-            else if (a->kind == 1) row_bf16(K, (const uint16_t*)a->W[i] + nn * K, xm, K, MB, out);
+            if (kind == 0) row_f32(K, (const float*)L->W[i] + nn * K, xm, K, MB, out);
+            else if (kind == 1) row_bf16(K, (const uint16_t*)L->W[i] + nn * K, xm, K, MB, out);
             else {
-              row_i8(K, (const int8_t*)a->W[i] + nn * K, xm, K, MB, out);
-              for (int m = 0; m < MB; m++) out[m] *= ((const float*)a->aux[i])[nn];
+              row_i8(K, (const int8_t*)L->W[i] + nn * K, xm, K, MB, out);
+              for (int m = 0; m < MB; m++) out[m] *= ((const float*)L->aux[i])[nn];
             }
             for (int m = 0; m < MB; m++) a->y[(long)(m0 + m) * a->ldy + rr] = out[m];
           }
@@ -409,23 +522,23 @@ static void gemv_rows(const void* p, long r0, long r1) {
     for (int m0 = 0; m0 < M; m0 += 4) {
       int MB = M - m0 < 4 ? M - m0 : 4;
       const float* xm = a->x + (long)m0 * K;
-      switch (a->kind) {
+      switch (kind) {
         case 0:
-          row_f32(K, (const float*)a->W[i] + n * K, xm, K, MB, out);
+          row_f32(K, (const float*)L->W[i] + n * K, xm, K, MB, out);
           break;
         case 1:
-          row_bf16(K, (const uint16_t*)a->W[i] + n * K, xm, K, MB, out);
+          row_bf16(K, (const uint16_t*)L->W[i] + n * K, xm, K, MB, out);
           break;
         case 2: {
-          row_i8(K, (const int8_t*)a->W[i] + n * K, xm, K, MB, out);
-          float s = ((const float*)a->aux[i])[n];
+          row_i8(K, (const int8_t*)L->W[i] + n * K, xm, K, MB, out);
+          float s = ((const float*)L->aux[i])[n];
           for (int m = 0; m < MB; m++) out[m] *= s;
           break;
         }
         default:
-          row_i4(K, G, (const uint8_t*)a->W[i] + n * (K / 2),
-                 (const uint16_t*)a->aux[i] + n * ngroups,
-                 (const uint16_t*)a->aux2[i] + n * ngroups, xm, K, a->xs + m0 * ngroups,
+          row_i4(K, G, (const uint8_t*)L->W[i] + n * (K / 2),
+                 (const uint16_t*)L->aux[i] + n * ngroups,
+                 (const uint16_t*)L->aux2[i] + n * ngroups, xm, K, a->xs + m0 * ngroups,
                  ngroups, MB, out);
       }
       for (int m = 0; m < MB; m++) a->y[(long)(m0 + m) * a->ldy + r] = out[m];
@@ -433,27 +546,316 @@ static void gemv_rows(const void* p, long r0, long r1) {
   }
 }
 
-int geode_gemv(int kind, int M, int K, const float* x, int nw, const void** W, const int* N,
-               float* y, int ldy, const void** aux, const void** aux2, int G, int nthreads) {
-  if (nw > MAXW || M < 1 || M > 64) return -1;
-  long total = 0, start[MAXW + 1];
-  for (int i = 0; i < nw; i++) {
-    start[i] = total;
-    total += N[i];
+// ---------------------------------------------------------------- small-M GEMM
+// Batched decode (M >= GEMM_MIN_ROWS x rows) is compute-bound, so the loop is register-blocked:
+// x is transposed once per call into xT blocks of 16 rows, (K, 16) each, and a tile of
+// GEMM_NR weight rows keeps GEMM_NR x 16 outputs in 12 ymm accumulators; every step k
+// broadcasts W[n, k] (n in the tile) against xT[k, 0:8] and xT[k, 8:16]: 12 FMAs for 2 vector
+// loads and 6 broadcasts, no horizontal sums. K is cut into slices of GEMM_KC columns whose xT
+// part (8 KB) stays in L1 while a group of GEMM_GROUP tiles uses it. Float32 weights are read
+// in place from their (N, K) rows; bf16 / int8 / int4 slices are widened (dequantized) into a
+// small float panel first, so each conversion serves all M rows. Every weight byte is read once
+// per call; the micro-kernel calls of one group prefetch the next group's weights (the hardware
+// prefetcher alone falls behind when the FMA units are busy).
+#define GEMM_NR 6        // weight rows per register tile
+#define GEMM_KC 128      // columns per slice
+#define GEMM_GROUP 8     // tiles sharing one xT slice
+#define GEMM_MIN_ROWS 6  // x rows from which the GEMM path beats the per-row kernels
+
+typedef struct {
+  const geode_linear* L;
+  int M, nblk, ldy;
+  const float* xT;  // (nblk, K, 16): xT[(b * K + k) * 16 + m] = x[b * 16 + m, k], zero padded
+  float* y;
+  long col[MAXW + 1];   // first output column of each weight
+  long tile[MAXW + 1];  // first tile of each weight
+} gemm_args;
+
+typedef struct {  // cache lines to prefetch: `lines` lines from `base`
+  const char* base;
+  int lines;
+} gemm_pf;
+
+// ct (NR x 16 floats) = [ct +] sum_k w[n][k] * xT[k, :] over kc columns (first: start at 0),
+// prefetching pf's lines (may be 0) spread over the kc / 16 rounds.
+static inline __attribute__((always_inline)) void gemm_micro(int kc, const float* const* w,
+                                                             const float* xT, float* ct,
+                                                             int first, const gemm_pf* pf,
+                                                             const int NR) {
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+#define GLOAD(n)                                \
+  if (NR > n && !first) {                       \
+    c##n##0 = _mm256_loadu_ps(ct + n * 16);     \
+    c##n##1 = _mm256_loadu_ps(ct + n * 16 + 8); \
   }
-  start[nw] = total;
-  int ngroups = (kind == 3) ? K / G : 0;
-  float xs[64 * 256];  // int4: per-group sums of x, (M, K/G)
-  if (kind == 3) {
-    if (K % G || G % 32 || M * ngroups > 64 * 256) return -2;
+  GLOAD(0) GLOAD(1) GLOAD(2) GLOAD(3) GLOAD(4) GLOAD(5)
+#undef GLOAD
+  const float* w0 = w[0];
+  const float* w1 = NR > 1 ? w[1] : w0;
+  const float* w2 = NR > 2 ? w[2] : w0;
+  const float* w3 = NR > 3 ? w[3] : w0;
+  const float* w4 = NR > 4 ? w[4] : w0;
+  const float* w5 = NR > 5 ? w[5] : w0;
+#define GSTEP(n)                                  \
+  if (NR > n) {                                   \
+    __m256 b = _mm256_broadcast_ss(w##n + k);     \
+    c##n##0 = _mm256_fmadd_ps(b, x0, c##n##0);    \
+    c##n##1 = _mm256_fmadd_ps(b, x1, c##n##1);    \
+  }
+  const int total = pf ? pf->lines : 0, rounds = kc / 16 > 0 ? kc / 16 : 1;
+  const int per = (total + rounds - 1) / rounds;
+  int line = 0, k = 0;
+  for (; k + 16 <= kc;) {
+    for (int e = line + per; line < e && line < total; line++)
+      _mm_prefetch(pf->base + 64L * line, _MM_HINT_T0);
+    for (int e = k + 16; k < e; k++) {
+      __m256 x0 = _mm256_loadu_ps(xT + 16 * k), x1 = _mm256_loadu_ps(xT + 16 * k + 8);
+      GSTEP(0) GSTEP(1) GSTEP(2) GSTEP(3) GSTEP(4) GSTEP(5)
+    }
+  }
+  for (; k < kc; k++) {
+    __m256 x0 = _mm256_loadu_ps(xT + 16 * k), x1 = _mm256_loadu_ps(xT + 16 * k + 8);
+    GSTEP(0) GSTEP(1) GSTEP(2) GSTEP(3) GSTEP(4) GSTEP(5)
+  }
+#undef GSTEP
+#define GSTORE(n)                               \
+  if (NR > n) {                                 \
+    _mm256_storeu_ps(ct + n * 16, c##n##0);     \
+    _mm256_storeu_ps(ct + n * 16 + 8, c##n##1); \
+  }
+  GSTORE(0) GSTORE(1) GSTORE(2) GSTORE(3) GSTORE(4) GSTORE(5)
+#undef GSTORE
+}
+
+static void gemm_micro_nr(int nr, int kc, const float* const* w, const float* xT, float* ct,
+                          int first, const gemm_pf* pf) {
+  switch (nr) {
+    case 1: gemm_micro(kc, w, xT, ct, first, pf, 1); break;
+    case 2: gemm_micro(kc, w, xT, ct, first, pf, 2); break;
+    case 3: gemm_micro(kc, w, xT, ct, first, pf, 3); break;
+    case 4: gemm_micro(kc, w, xT, ct, first, pf, 4); break;
+    case 5: gemm_micro(kc, w, xT, ct, first, pf, 5); break;
+    default: gemm_micro(kc, w, xT, ct, first, pf, 6); break;
+  }
+}
+
+// Rows n0 .. n0+nr of weight i, columns k0 .. k0+kc, as float32 into panel (nr, GEMM_KC).
+static void gemm_panel(const geode_linear* L, int i, long n0, int nr, int k0, int kc,
+                       float* panel) {
+  const long K = L->K;
+  for (int n = 0; n < nr; n++) {
+    float* dst = panel + n * GEMM_KC;
+    long row = n0 + n;
+    int k = 0;
+    if (L->kind == 1) {
+      const uint16_t* src = (const uint16_t*)L->W[i] + row * K + k0;
+      for (; k + 8 <= kc; k += 8) _mm256_storeu_ps(dst + k, load_bf16(src + k));
+      for (; k < kc; k++) dst[k] = bf16_to_f32(src[k]);
+    } else if (L->kind == 2) {
+      const int8_t* src = (const int8_t*)L->W[i] + row * K + k0;
+      float s = ((const float*)L->aux[i])[row];
+      __m256 sv = _mm256_set1_ps(s);
+      for (; k + 8 <= kc; k += 8) _mm256_storeu_ps(dst + k, _mm256_mul_ps(load_i8(src + k), sv));
+      for (; k < kc; k++) dst[k] = src[k] * s;
+    } else {  // int4: k0 and kc are multiples of 32 (K % G == 0, G % 32 == 0)
+      const int G = L->G, ng = (int)(K / G);
+      const uint8_t* src = (const uint8_t*)L->W[i] + row * (K / 2);
+      const uint16_t* sc = (const uint16_t*)L->aux[i] + row * ng;
+      const uint16_t* mn = (const uint16_t*)L->aux2[i] + row * ng;
+      const __m256i low = _mm256_set1_epi32(0x0F);
+      for (; k < kc; k += 32) {
+        int kk = k0 + k, g = kk / G;
+        __m256 s = _mm256_set1_ps(_cvtsh_ss(sc[g])), m = _mm256_set1_ps(_cvtsh_ss(mn[g]));
+        __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(src + kk / 2)));
+        __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(src + kk / 2 + 8)));
+#define I4_STORE(OFF, Q) \
+  _mm256_storeu_ps(dst + k + OFF, _mm256_fmadd_ps(_mm256_cvtepi32_ps(Q), s, m));
+        I4_STORE(0, _mm256_and_si256(v0, low))
+        I4_STORE(8, _mm256_and_si256(v1, low))
+        I4_STORE(16, _mm256_srli_epi32(v0, 4))
+        I4_STORE(24, _mm256_srli_epi32(v1, 4))
+#undef I4_STORE
+      }
+    }
+  }
+}
+
+// Output columns staged per thread before they go to y: y rows are ldy apart, and scattering
+// each tile's 6 columns over 16 rows that often share cache sets (ldy a multiple of 1024)
+// costs conflict misses; runs of GEMM_STAGE columns per row do not.
+#define GEMM_STAGE (GEMM_GROUP * GEMM_NR)
+
+static void gemm_flush(const gemm_args* a, const float* stage, long col, int n) {
+  for (int m = 0; m < a->M; m++)
+    memcpy(a->y + (long)m * a->ldy + col, stage + m * GEMM_STAGE, sizeof(float) * n);
+}
+
+// Weight i, first row n0 and row count of tile t.
+static inline void gemm_tile_rows(const gemm_args* a, long t, int* i, long* n0, int* nr) {
+  while (t >= a->tile[*i + 1]) (*i)++;
+  *n0 = (t - a->tile[*i]) * GEMM_NR;
+  long left = a->L->N[*i] - *n0;
+  *nr = left < GEMM_NR ? (int)left : GEMM_NR;
+}
+
+static void gemm_tiles(const void* p, long t0, long t1) {
+  const gemm_args* a = (const gemm_args*)p;
+  const geode_linear* L = a->L;
+  const int K = L->K, kind = L->kind;
+  const long row_bytes = kind == 0 ? 4L * K : kind == 1 ? 2L * K : kind == 2 ? K : K / 2;
+  float panel[GEMM_NR * GEMM_KC];
+  float ct[GEMM_GROUP * 4 * GEMM_NR * 16];  // per tile of the group and 16-row block of x
+  float stage[64 * GEMM_STAGE];
+  const float* w[GEMM_NR];
+  int i = 0;
+  for (long t = t0; t < t1;) {
+    while (t >= a->tile[i + 1]) i++;
+    long end = t + GEMM_GROUP;  // a group: consecutive tiles of one weight
+    if (end > t1) end = t1;
+    if (end > a->tile[i + 1]) end = a->tile[i + 1];
+    const int tg = (int)(end - t);
+    for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
+      const int kn = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+      for (int j = 0; j < tg; j++) {
+        int ti = i, nr;
+        long n0;
+        gemm_tile_rows(a, t + j, &ti, &n0, &nr);
+        if (kind == 0) {
+          for (int n = 0; n < nr; n++) w[n] = (const float*)L->W[ti] + (n0 + n) * K + k0;
+        } else {
+          gemm_panel(L, ti, n0, nr, k0, kn, panel);
+          for (int n = 0; n < nr; n++) w[n] = panel + n * GEMM_KC;
+        }
+        // prefetch the next group's weight rows (contiguous), spread over this group's calls:
+        // far enough ahead to cover the memory latency
+        gemm_pf pf = {0, 0};
+        if (end < t1) {
+          int pi = ti, pnr;
+          long pn0;
+          gemm_tile_rows(a, end, &pi, &pn0, &pnr);
+          long rows = L->N[pi] - pn0 < GEMM_STAGE ? L->N[pi] - pn0 : GEMM_STAGE;
+          long lines = (rows * row_bytes + 63) / 64;
+          int calls = tg * ((K + GEMM_KC - 1) / GEMM_KC), call = (k0 / GEMM_KC) * tg + j;
+          long per = (lines + calls - 1) / calls, first = call * per;
+          if (first < lines) {
+            pf.lines = (int)(first + per <= lines ? per : lines - first);
+            pf.base = (const char*)L->W[pi] + pn0 * row_bytes + 64 * first;
+          }
+        }
+        for (int b = 0; b < a->nblk; b++)
+          gemm_micro_nr(nr, kn, w, a->xT + ((long)b * K + k0) * 16,
+                        ct + (j * a->nblk + b) * GEMM_NR * 16, k0 == 0, b == 0 ? &pf : 0);
+      }
+    }
+    // the group's outputs: columns col .. col + rows, staged then written in row runs
+    long col = a->col[i] + (t - a->tile[i]) * GEMM_NR;
+    int cols = 0;
+    for (int j = 0; j < tg; j++) {
+      int ti = i, nr;
+      long n0;
+      gemm_tile_rows(a, t + j, &ti, &n0, &nr);
+      for (int b = 0; b < a->nblk; b++) {
+        const float* c = ct + (j * a->nblk + b) * GEMM_NR * 16;
+        for (int m = 0; m < 16 && b * 16 + m < a->M; m++)
+          for (int n = 0; n < nr; n++) stage[(b * 16 + m) * GEMM_STAGE + cols + n] = c[n * 16 + m];
+      }
+      cols += nr;
+    }
+    gemm_flush(a, stage, col, cols);
+    t = end;
+  }
+}
+
+// The calling thread's xT buffer (grown as needed, kept for reuse).
+static __thread float* xt_buf = 0;
+static __thread long xt_cap = 0;
+
+// 8 x 8 transpose in registers: r[i] holds row i, afterwards column i.
+static inline void transpose8(__m256 r[8]) {
+  __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// xT (K, 16) = the first `rows` (<= 16) rows of x (rows, K) transposed, zero padded.
+static void pack_xT(const float* x, int rows, int K, float* xT) {
+  int k = 0;
+  for (; k + 8 <= K; k += 8)
+    for (int h = 0; h < 2; h++) {  // x rows 8h .. 8h+7 -> lanes 8h .. 8h+7 of xT rows k .. k+7
+      __m256 r[8];
+      for (int i = 0; i < 8; i++)
+        r[i] = 8 * h + i < rows ? _mm256_loadu_ps(x + (long)(8 * h + i) * K + k)
+                                : _mm256_setzero_ps();
+      transpose8(r);
+      for (int i = 0; i < 8; i++) _mm256_storeu_ps(xT + (long)(k + i) * 16 + 8 * h, r[i]);
+    }
+  for (; k < K; k++)
+    for (int m = 0; m < 16; m++) xT[(long)k * 16 + m] = m < rows ? x[(long)m * K + k] : 0.0f;
+}
+
+static int gemm_run(const geode_linear* L, int M, const float* x, float* y, int ldy,
+                    int nthreads) {
+  const int K = L->K, nblk = (M + 15) / 16;
+  if (nblk > 4) return -1;
+  long need = (long)nblk * K * 16;
+  if (need > xt_cap) {
+    free(xt_buf);
+    xt_buf = (float*)aligned_alloc(64, ((need * 4 + 63) / 64) * 64);
+    xt_cap = xt_buf ? need : 0;
+    if (!xt_buf) return -3;
+  }
+  for (int b = 0; b < nblk; b++) pack_xT(x + (long)b * 16 * K, M - b * 16 < 16 ? M - b * 16 : 16,
+                                        K, xt_buf + (long)b * K * 16);
+  gemm_args a = {L, M, nblk, ldy, xt_buf, y, {0}, {0}};
+  for (int i = 0; i < L->nw; i++) {
+    a.col[i + 1] = a.col[i] + L->N[i];
+    a.tile[i + 1] = a.tile[i] + (L->N[i] + GEMM_NR - 1) / GEMM_NR;
+  }
+  long tiles = a.tile[L->nw];
+  long chunk = tiles / (8L * (nthreads > 0 ? nthreads : 1));
+  long cap = 1000000L / (2L * GEMM_NR * K * M);  // about 1 MFLOP (~20 us) per chunk at most
+  if (chunk > cap) chunk = cap;
+  if (chunk < 1) chunk = 1;
+  pool_run(gemm_tiles, &a, tiles, chunk, nthreads);
+  return 0;
+}
+
+// y = x W^T for one linear (see geode_linear). Returns 0, or < 0 for unsupported shapes.
+static int linear_run(const geode_linear* L, int M, const float* x, float* y, int ldy,
+                      int nthreads) {
+  if (L->nw < 1 || L->nw > MAXW || M < 1 || M > 64) return -1;
+  const int K = L->K, G = L->G;
+  if (L->kind == 3 && (G <= 0 || K % G || G % 32 || K / G > 1024)) return -2;
+  if (M >= GEMM_MIN_ROWS) return gemm_run(L, M, x, y, ldy, nthreads);
+  gemv_args a = {L, M, 0, ldy, x, 0, {0}, y};
+  long total = 0;
+  for (int i = 0; i < L->nw; i++) {
+    a.start[i] = total;
+    total += L->N[i];
+  }
+  a.start[L->nw] = total;
+  float xs[GEMM_MIN_ROWS * 1024];  // int4: per-group sums of x, (M, K/G)
+  if (L->kind == 3) {
+    int ngroups = K / G;
     for (int m = 0; m < M; m++)
       for (int g = 0; g < ngroups; g++) {
         float s = 0;
         for (int j = 0; j < G; j++) s += x[(long)m * K + g * G + j];
         xs[m * ngroups + g] = s;
       }
+    a.ngroups = ngroups;
+    a.xs = xs;
   }
-  gemv_args a = {kind, M, K, G, ngroups, ldy, x, xs, W, aux, aux2, start, y};
   // Chunks of >= 16 rows, about 8 per thread: helpers that wake late still find work, and a
   // helper preempted mid-chunk holds the caller for one small chunk at most.
   long chunk = total / (8L * (nthreads > 0 ? nthreads : 1));
@@ -463,6 +865,19 @@ int geode_gemv(int kind, int M, int K, const float* x, int nw, const void** W, c
   if ((long)K * M * total < 32768) nthreads = 1;  // too small to share
   pool_run(gemv_rows, &a, total, chunk, nthreads);
   return 0;
+}
+
+int geode_gemv(int kind, int M, int K, const float* x, int nw, const void** W, const int* N,
+               float* y, int ldy, const void** aux, const void** aux2, int G, int nthreads) {
+  if (nw < 1 || nw > MAXW) return -1;
+  geode_linear L = {kind, K, G, nw, {0}, {0}, {0}, {0}};
+  for (int i = 0; i < nw; i++) {
+    L.N[i] = N[i];
+    L.W[i] = W[i];
+    L.aux[i] = aux ? aux[i] : 0;
+    L.aux2[i] = aux2 ? aux2[i] : 0;
+  }
+  return linear_run(&L, M, x, y, ldy, nthreads);
 }
 
 // ---------------------------------------------------------------- norms and rotary embeddings
@@ -525,4 +940,542 @@ void geode_qk_norm_rope(int rows, int hq, int hk, int d, const float* q, int ldq
                         const float* cos, const float* sin, float* out_q, float* out_k) {
   geode_norm_rope(rows, hq, d, q, ldq, scale_q, eps, cos, sin, out_q);
   geode_norm_rope(rows, hk, d, k, ldk, scale_k, eps, cos, sin, out_k);
+}
+
+// ---------------------------------------------------------------- vector math
+// exp: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, and a degree-6 polynomial
+// (the Cephes expf coefficients); relative error ~2 ulp on [-87, 88], inputs clamped there.
+static inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// tanh: odd polynomial below |x| 0.625 (Cephes tanhf), else 1 - 2 / (exp(2|x|) + 1).
+static inline __m256 tanh256(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 ax = _mm256_andnot_ps(sign, x);
+  __m256 big = _mm256_sub_ps(_mm256_set1_ps(1.0f),
+                             _mm256_div_ps(_mm256_set1_ps(2.0f),
+                                           _mm256_add_ps(exp256(_mm256_add_ps(ax, ax)),
+                                                         _mm256_set1_ps(1.0f))));
+  big = _mm256_or_ps(big, _mm256_and_ps(sign, x));
+  __m256 z = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+  __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+  return _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+}
+
+// GELU with the tanh approximation: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)),
+// u = sqrt(2/pi) (x + 0.044715 x^3).
+static inline __m256 gelu_tanh256(__m256 x) {
+  __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+  __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                           _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+  __m256 e = exp256(_mm256_mul_ps(_mm256_set1_ps(-2.0f), u));
+  return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+// In place: v[i] = c * tanh(v[i] / c) (logit soft-capping).
+static void softcap_inplace(float* v, long n, float c) {
+  __m256 cv = _mm256_set1_ps(c), ic = _mm256_set1_ps(1.0f / c);
+  long i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(v + i, _mm256_mul_ps(cv, tanh256(_mm256_mul_ps(_mm256_loadu_ps(v + i), ic))));
+  for (; i < n; i++) v[i] = c * tanhf(v[i] / c);
+}
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+// ---------------------------------------------------------------- native decode step
+// One call runs the whole decoder for B sequences at one new token each, straight to logits,
+// with the weights, norms and KV-cache buffers of the engine (pointers collected once by
+// geode/infer/native.py). Activations stay float32 whatever the weight format; the cache is
+// float32 or bfloat16 (keys/values rounded to nearest-even when stored, as torch does).
+typedef struct {
+  geode_linear qkv, o, gate_up, down;  // [q | k | v], o, [gate | up], down
+  const void* norm[4];  // input, post-attention, pre-feedforward, post-feedforward (hidden,)
+  const void* q_norm;   // (head_dim,)
+  const void* k_norm;
+  void* k_cache;  // (rows, kv_heads, slots, head_dim) float32 or bfloat16
+  void* v_cache;
+  int slots;   // slots per row and head: the capacity (global layer) or the ring size (local)
+  int window;  // sliding window of a local layer; 0 for a global layer
+} geode_layer;
+
+typedef struct {
+  int n_layers, hidden, heads, kv_heads, head_dim, inter, vocab;
+  int float_kind;   // embedding table and norm weights: 0 float32, 1 bfloat16
+  int cache_kind;   // KV cache: 0 float32, 1 bfloat16
+  int act;          // 0: gelu, tanh approximation; 1: gelu (erf)
+  int embed_round;  // round the scaled embedding to bfloat16 (what a bf16 model computes)
+  float eps, embed_scale, attn_scale, attn_softcap, final_softcap;  // softcap 0: none
+  const void* embed;       // (vocab, hidden)
+  const void* final_norm;  // (hidden,)
+  geode_linear head;       // hidden -> vocab
+  const float* inv_freq[2];  // RoPE inverse frequencies (head_dim/2,): [local, global] layers
+  int64_t* pos_table[2];     // position held by each slot, -1 empty: [local (rows, ring),
+                             // global (rows, capacity)], shared by the layers of a kind
+  int capacity, ring, rows;
+  const geode_layer* layer;  // (n_layers,)
+} geode_model;
+
+// Workspace layout, floats per row: x, xn, tmp (hidden each), qkv, q, att, gate_up, act,
+// rope (cos and sin of both kinds: 2 * head_dim).
+typedef struct {
+  float *x, *xn, *tmp, *qkv, *q, *att, *gu, *act, *rope;
+} step_work;
+
+static long work_layout(const geode_model* m, int B, float* base, step_work* w) {
+  long h = m->hidden, D = m->head_dim, nqkv = (long)(m->heads + 2 * m->kv_heads) * D;
+  long sizes[9] = {h, h, h, nqkv, (long)m->heads * D, (long)m->heads * D, 2L * m->inter,
+                   m->inter, 2 * D};
+  float** slot[9] = {&w->x, &w->xn, &w->tmp, &w->qkv, &w->q, &w->att, &w->gu, &w->act, &w->rope};
+  long off = 0;
+  for (int i = 0; i < 9; i++) {
+    if (base) *slot[i] = base + off;
+    off += ((B * sizes[i] + 15) / 16) * 16;  // 64-byte aligned parts
+  }
+  return off;
+}
+
+long geode_decode_workspace(const geode_model* m, int B) { return work_layout(m, B, 0, 0); }
+
+static inline __m256 load_w8(const void* w, int kind, long k) {  // 8 norm weights as float
+  return kind ? load_bf16((const uint16_t*)w + k) : _mm256_loadu_ps((const float*)w + k);
+}
+static inline float load_w1(const void* w, int kind, long k) {
+  return kind ? bf16_to_f32(((const uint16_t*)w)[k]) : ((const float*)w)[k];
+}
+
+// Gemma RMSNorm of one row: out = x / rms(x) * (1 + w), or out += that (residual add).
+static void norm_row(const float* x, int d, const void* w, int kind, float eps, float* out,
+                     int add) {
+  float inv = rms_scale(x, d, eps);
+  __m256 iv = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.0f);
+  int k = 0;
+  for (; k + 8 <= d; k += 8) {
+    __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), iv),
+                             _mm256_add_ps(one, load_w8(w, kind, k)));
+    if (add) y = _mm256_add_ps(_mm256_loadu_ps(out + k), y);
+    _mm256_storeu_ps(out + k, y);
+  }
+  for (; k < d; k++) {
+    float y = x[k] * inv * (1.0f + load_w1(w, kind, k));
+    out[k] = add ? out[k] + y : y;
+  }
+}
+
+// QK-norm then RoPE (half-split) of one head: out[i] = y[i] c[i] - y[i+h] s[i],
+// out[i+h] = y[i+h] c[i] + y[i] s[i], with cs = [cos (D/2) | sin (D/2)].
+static void norm_rope_head(const float* x, int D, const void* w, int kind, float eps,
+                           const float* cs, float* out) {
+  float y[1024];
+  norm_row(x, D, w, kind, eps, y, 0);
+  int h = D / 2;
+  const float *c = cs, *s = cs + h;
+  for (int i = 0; i < h; i++) {
+    out[i] = y[i] * c[i] - y[i + h] * s[i];
+    out[i + h] = y[i + h] * c[i] + y[i] * s[i];
+  }
+}
+
+static inline float dot_f32(const float* a, const float* b, int n) {
+  __m256 acc = _mm256_setzero_ps(), acc2 = acc;
+  int k = 0;
+  for (; k + 16 <= n; k += 16) {
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc2);
+  }
+  for (; k + 8 <= n; k += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+  float s = hsum(_mm256_add_ps(acc, acc2));
+  for (; k < n; k++) s += a[k] * b[k];
+  return s;
+}
+
+static inline void axpy_f32(float a, const float* x, float* y, int n) {  // y += a x
+  __m256 av = _mm256_set1_ps(a);
+  int k = 0;
+  for (; k + 8 <= n; k += 8)
+    _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
+  for (; k < n; k++) y[k] += a * x[k];
+}
+
+static inline const float* cache_vec(const void* base, int kind, long off, int D, float* tmp) {
+  if (!kind) return (const float*)base + off;
+  const uint16_t* p = (const uint16_t*)base + off;
+  int k = 0;
+  for (; k + 8 <= D; k += 8) _mm256_storeu_ps(tmp + k, load_bf16(p + k));
+  for (; k < D; k++) tmp[k] = bf16_to_f32(p[k]);
+  return tmp;
+}
+
+// s[j] = scale * q . k[j] for j < n: eight keys at a time in eight accumulators, reduced
+// together by one 8 x 8 transpose (fewer shuffles than eight horizontal sums).
+static void scores8(const float* q, const float* const* k, int n, int D, float scale, float* s) {
+  const int D8 = D & ~7;
+  int j0 = 0;
+  for (; j0 + 8 <= n; j0 += 8) {
+    const float *k0 = k[j0], *k1 = k[j0 + 1], *k2 = k[j0 + 2], *k3 = k[j0 + 3];
+    const float *k4 = k[j0 + 4], *k5 = k[j0 + 5], *k6 = k[j0 + 6], *k7 = k[j0 + 7];
+    __m256 r0 = _mm256_setzero_ps(), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0;
+    for (int d = 0; d < D8; d += 8) {
+      __m256 qv = _mm256_loadu_ps(q + d);
+      r0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), r0);
+      r1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), r1);
+      r2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), r2);
+      r3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), r3);
+      r4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k4 + d), r4);
+      r5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k5 + d), r5);
+      r6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k6 + d), r6);
+      r7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k7 + d), r7);
+    }
+    __m256 r[8] = {r0, r1, r2, r3, r4, r5, r6, r7};
+    transpose8(r);
+    __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(r[0], r[1]), _mm256_add_ps(r[2], r[3])),
+                             _mm256_add_ps(_mm256_add_ps(r[4], r[5]), _mm256_add_ps(r[6], r[7])));
+    if (D8 < D) {  // head_dim % 8 tail
+      float tail[8];
+      for (int j = 0; j < 8; j++) {
+        tail[j] = 0;
+        for (int d = D8; d < D; d++) tail[j] += q[d] * k[j0 + j][d];
+      }
+      t = _mm256_add_ps(t, _mm256_loadu_ps(tail));
+    }
+    _mm256_storeu_ps(s + j0, _mm256_mul_ps(t, _mm256_set1_ps(scale)));
+  }
+  for (; j0 < n; j0++) s[j0] = dot_f32(q, k[j0], D) * scale;
+}
+
+typedef struct {
+  const geode_model* m;
+  const geode_layer* L;
+  int row0;
+  const int64_t* pos;
+  const float* q;  // (B, heads, D)
+  float* out;      // (B, heads * D)
+} attn_args;
+
+#define ATT_BLOCK 32
+#define ATT_MAX_GD 4096  // (query heads per kv head) x head_dim held in registers/stack
+
+// One row b and kv head g: the group's query heads attend to the row's valid cached slots
+// (positions p' with 0 <= p' <= p, and p - p' < window for a local layer) with an online
+// softmax over blocks of ATT_BLOCK keys; each key and value is read once for the group.
+static void attend_one(const attn_args* a, int b, int g) {
+  const geode_model* m = a->m;
+  const geode_layer* L = a->L;
+  const int D = m->head_dim, G = m->heads / m->kv_heads, W = L->window;
+  const long p = a->pos[b], row = a->row0 + b;
+  const int64_t* tab;
+  long lo, hi;
+  if (W == 0) {
+    tab = m->pos_table[1] + row * m->capacity;
+    lo = 0, hi = p + 1;
+  } else {
+    tab = m->pos_table[0] + row * m->ring;
+    if (p < L->slots) lo = p - W + 1 > 0 ? p - W + 1 : 0, hi = p + 1;  // not wrapped: slot = pos
+    else lo = 0, hi = L->slots;
+  }
+  const long base = (row * m->kv_heads + g) * (long)L->slots * D;
+  const float* q = a->q + ((long)b * m->heads + (long)g * G) * D;
+  float acc[ATT_MAX_GD], mx[64], l[64], s[64][ATT_BLOCK];
+  float kb[ATT_BLOCK * 256], vb[ATT_BLOCK * 256];  // bf16 cache: the block widened (D <= 256)
+  for (int h = 0; h < G; h++) mx[h] = -INFINITY, l[h] = 0;
+  memset(acc, 0, sizeof(float) * G * D);
+  int idx[ATT_BLOCK];
+  long slot = lo;
+  while (slot < hi) {
+    int n = 0;
+    for (; slot < hi && n < ATT_BLOCK; slot++) {
+      int64_t t = tab[slot];
+      if (t >= 0 && t <= p && (W == 0 || p - t < W)) idx[n++] = (int)slot;
+    }
+    if (!n) continue;
+    const float* kj[ATT_BLOCK];
+    for (int j = 0; j < n; j++)
+      kj[j] = cache_vec(L->k_cache, m->cache_kind, base + (long)idx[j] * D, D,
+                        kb + (m->cache_kind ? (long)j * D : 0));
+    for (int h = 0; h < G; h++) scores8(q + (long)h * D, kj, n, D, m->attn_scale, s[h]);
+    for (int h = 0; h < G; h++) {
+      float* sh = s[h];
+      for (int j = n; j < ((n + 7) & ~7); j++) sh[j] = -INFINITY;
+      if (m->attn_softcap > 0) softcap_inplace(sh, n, m->attn_softcap);
+      float bm = sh[0];
+      for (int j = 1; j < n; j++) bm = sh[j] > bm ? sh[j] : bm;
+      float nm = bm > mx[h] ? bm : mx[h];
+      if (nm > mx[h] && l[h] > 0) {  // rescale what was accumulated under the old maximum
+        float corr = expf(mx[h] - nm);
+        l[h] *= corr;
+        float* ah = acc + (long)h * D;
+        for (int d = 0; d < D; d++) ah[d] *= corr;
+      }
+      mx[h] = nm;
+      __m256 nmv = _mm256_set1_ps(nm);
+      for (int j = 0; j < n; j += 8)
+        _mm256_storeu_ps(sh + j, exp256(_mm256_sub_ps(_mm256_loadu_ps(sh + j), nmv)));
+      float sum = 0;
+      for (int j = 0; j < n; j++) sum += sh[j];
+      l[h] += sum;
+    }
+    // acc[h] += sum_j p[h][j] v_j, 32 columns at a time held in registers
+    const float* vj[ATT_BLOCK];
+    for (int j = 0; j < n; j++)
+      vj[j] = cache_vec(L->v_cache, m->cache_kind, base + (long)idx[j] * D, D,
+                        vb + (m->cache_kind ? (long)j * D : 0));
+    int d = 0;
+    for (; d + 32 <= D; d += 32)
+      for (int h = 0; h < G; h += 2) {  // two heads share each value load (8 accumulators)
+        const int h1 = h + 1 < G ? h + 1 : h;  // odd G: the last head twice, stored once
+        float *ah = acc + (long)h * D + d, *bh = acc + (long)h1 * D + d;
+        __m256 a0 = _mm256_loadu_ps(ah), a1 = _mm256_loadu_ps(ah + 8);
+        __m256 a2 = _mm256_loadu_ps(ah + 16), a3 = _mm256_loadu_ps(ah + 24);
+        __m256 b0 = _mm256_loadu_ps(bh), b1 = _mm256_loadu_ps(bh + 8);
+        __m256 b2 = _mm256_loadu_ps(bh + 16), b3 = _mm256_loadu_ps(bh + 24);
+        for (int j = 0; j < n; j++) {
+          __m256 pa = _mm256_set1_ps(s[h][j]), pb = _mm256_set1_ps(s[h1][j]);
+          const float* v = vj[j] + d;
+          __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+          __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
+          a0 = _mm256_fmadd_ps(pa, v0, a0), a1 = _mm256_fmadd_ps(pa, v1, a1);
+          a2 = _mm256_fmadd_ps(pa, v2, a2), a3 = _mm256_fmadd_ps(pa, v3, a3);
+          b0 = _mm256_fmadd_ps(pb, v0, b0), b1 = _mm256_fmadd_ps(pb, v1, b1);
+          b2 = _mm256_fmadd_ps(pb, v2, b2), b3 = _mm256_fmadd_ps(pb, v3, b3);
+        }
+        _mm256_storeu_ps(bh, b0), _mm256_storeu_ps(bh + 8, b1);
+        _mm256_storeu_ps(bh + 16, b2), _mm256_storeu_ps(bh + 24, b3);
+        _mm256_storeu_ps(ah, a0), _mm256_storeu_ps(ah + 8, a1);
+        _mm256_storeu_ps(ah + 16, a2), _mm256_storeu_ps(ah + 24, a3);
+      }
+    if (d < D)
+      for (int j = 0; j < n; j++)
+        for (int h = 0; h < G; h++) axpy_f32(s[h][j], vj[j] + d, acc + (long)h * D + d, D - d);
+  }
+  for (int h = 0; h < G; h++) {
+    float* o = a->out + ((long)b * m->heads + (long)g * G + h) * D;
+    float inv = l[h] > 0 ? 1.0f / l[h] : 0.0f;
+    for (int d = 0; d < D; d++) o[d] = acc[(long)h * D + d] * inv;
+  }
+}
+
+static void attn_items(const void* p, long i0, long i1) {
+  const attn_args* a = (const attn_args*)p;
+  for (long i = i0; i < i1; i++) attend_one(a, (int)(i / a->m->kv_heads), (int)(i % a->m->kv_heads));
+}
+
+typedef struct {
+  const float* gu;  // (B, 2 * inter): [gate | up]
+  float* act;       // (B, inter)
+  int inter, kind;
+} act_args;
+
+static void act_rows(const void* p, long r0, long r1) {
+  const act_args* a = (const act_args*)p;
+  for (long r = r0; r < r1; r++) {
+    const float* gate = a->gu + r * 2 * a->inter;
+    const float* up = gate + a->inter;
+    float* o = a->act + r * a->inter;
+    int i = 0;
+    if (a->kind == 0)
+      for (; i + 8 <= a->inter; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(gelu_tanh256(_mm256_loadu_ps(gate + i)),
+                                              _mm256_loadu_ps(up + i)));
+    for (; i < a->inter; i++) {
+      float x = gate[i], gx;
+      if (a->kind == 0) {
+        float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        gx = 0.5f * x * (1.0f + tanhf(u));
+      } else {
+        gx = 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+      }
+      o[i] = gx * up[i];
+    }
+  }
+}
+
+// Seconds spent per phase of geode_decode_step since the last geode_decode_profile call:
+// 0 embedding + RoPE tables, 1 norms / QK-norm / RoPE / cache writes / residuals, 2 q/k/v,
+// 3 attention, 4 o, 5 gate/up, 6 activation, 7 down, 8 head + soft-cap.
+#define NPHASE 9
+static double phase_s[NPHASE];
+static _Atomic int phase_calls;
+
+// Copy the per-phase seconds into out[0..NPHASE) and the number of times the thread pool went
+// solo (a helper preempted) into out[NPHASE], then reset them; returns the step count.
+int geode_decode_profile(double* out) {
+  for (int i = 0; i < NPHASE; i++) out[i] = phase_s[i], phase_s[i] = 0;
+  out[NPHASE] = atomic_exchange(&pool_solo_count, 0);
+  return atomic_exchange(&phase_calls, 0);
+}
+
+#define PHASE(i)                   \
+  do {                             \
+    double t_ = now_s();           \
+    phase_s[i] += t_ - t_phase;    \
+    t_phase = t_;                  \
+  } while (0)
+
+// Decode one token for rows row0 .. row0+B-1 of the cache: ids, pos (B,) -> logits (B, vocab).
+// work: geode_decode_workspace(m, B) floats. Returns 0, or < 0 on bad input (nothing written
+// to the cache for -1 .. -3).
+int geode_decode_step(const geode_model* m, int B, int row0, const int64_t* ids,
+                      const int64_t* pos, float* logits, float* work, int nthreads) {
+  const int h = m->hidden, D = m->head_dim, H = m->heads, Hkv = m->kv_heads;
+  if (B < 1 || B > 64 || row0 < 0 || row0 + B > m->rows) return -1;
+  if (D > 256 || D % 2 || H % Hkv || (H / Hkv) > 64 || (long)(H / Hkv) * D > ATT_MAX_GD)
+    return -2;
+  for (int b = 0; b < B; b++)
+    if (ids[b] < 0 || ids[b] >= m->vocab || pos[b] < 0 || pos[b] >= m->capacity) return -3;
+  step_work w;
+  work_layout(m, B, work, &w);
+  double t_phase = now_s();
+  const long nqkv = (long)(H + 2 * Hkv) * D;
+
+  // embedding lookup, scaled as the model does (then rounded to bfloat16 for a bf16 model)
+  for (int b = 0; b < B; b++) {
+    float* x = w.x + (long)b * h;
+    for (int k = 0; k < h; k++) {
+      float e = load_w1(m->embed, m->float_kind, (long)ids[b] * h + k) * m->embed_scale;
+      x[k] = m->embed_round ? bf16_to_f32(f32_to_bf16(e)) : e;
+    }
+  }
+  // RoPE tables per row: [local cos | local sin | global cos | global sin], D/2 each
+  for (int b = 0; b < B; b++)
+    for (int kind = 0; kind < 2; kind++) {
+      float* cs = w.rope + (long)b * 2 * D + kind * D;
+      for (int i = 0; i < D / 2; i++) {
+        float f = (float)pos[b] * m->inv_freq[kind][i];
+        cs[i] = cosf(f);
+        cs[D / 2 + i] = sinf(f);
+      }
+    }
+  // slot positions (shared by all layers of a kind); the slot overwritten in a ring held
+  // position p - ring, outside the window of p
+  for (int b = 0; b < B; b++) {
+    long row = row0 + b, p = pos[b];
+    m->pos_table[1][row * m->capacity + p] = p;
+    m->pos_table[0][row * m->ring + p % m->ring] = p;
+  }
+  PHASE(0);
+
+  int rc = 0;
+  for (int li = 0; li < m->n_layers; li++) {
+    const geode_layer* L = &m->layer[li];
+    const int kind = L->window ? 0 : 1;
+    for (int b = 0; b < B; b++)
+      norm_row(w.x + (long)b * h, h, L->norm[0], m->float_kind, m->eps, w.xn + (long)b * h, 0);
+    PHASE(1);
+    rc |= linear_run(&L->qkv, B, w.xn, w.qkv, (int)nqkv, nthreads);  // (B, (H + 2 Hkv) D)
+    PHASE(2);
+    for (int b = 0; b < B; b++) {
+      const float* qkv = w.qkv + b * nqkv;
+      const float* cs = w.rope + (long)b * 2 * D + kind * D;
+      for (int hd = 0; hd < H; hd++)
+        norm_rope_head(qkv + (long)hd * D, D, L->q_norm, m->float_kind, m->eps, cs,
+                       w.q + ((long)b * H + hd) * D);
+      long row = row0 + b, slot = L->window ? pos[b] % L->slots : pos[b];
+      for (int g = 0; g < Hkv; g++) {
+        float kr[1024];
+        norm_rope_head(qkv + (long)(H + g) * D, D, L->k_norm, m->float_kind, m->eps, cs, kr);
+        const float* v = qkv + (long)(H + Hkv + g) * D;
+        long off = ((row * Hkv + g) * (long)L->slots + slot) * D;
+        if (m->cache_kind) {
+          uint16_t *kc = (uint16_t*)L->k_cache + off, *vc = (uint16_t*)L->v_cache + off;
+          for (int d = 0; d < D; d++) kc[d] = f32_to_bf16(kr[d]), vc[d] = f32_to_bf16(v[d]);
+        } else {
+          memcpy((float*)L->k_cache + off, kr, sizeof(float) * D);
+          memcpy((float*)L->v_cache + off, v, sizeof(float) * D);
+        }
+      }
+    }
+    attn_args aa = {m, L, row0, pos, w.q, w.att};
+    PHASE(1);
+    pool_run(attn_items, &aa, (long)B * Hkv, 1, nthreads);  // (B, H D)
+    PHASE(3);
+    rc |= linear_run(&L->o, B, w.att, w.tmp, h, nthreads);
+    PHASE(4);
+    for (int b = 0; b < B; b++) {
+      float* x = w.x + (long)b * h;
+      norm_row(w.tmp + (long)b * h, h, L->norm[1], m->float_kind, m->eps, x, 1);
+      norm_row(x, h, L->norm[2], m->float_kind, m->eps, w.xn + (long)b * h, 0);
+    }
+    PHASE(1);
+    rc |= linear_run(&L->gate_up, B, w.xn, w.gu, 2 * m->inter, nthreads);  // (B, 2 inter)
+    PHASE(5);
+    act_args ac = {w.gu, w.act, m->inter, m->act};
+    pool_run(act_rows, &ac, B, 1, (long)B * m->inter >= 16384 ? nthreads : 1);
+    PHASE(6);
+    rc |= linear_run(&L->down, B, w.act, w.tmp, h, nthreads);
+    PHASE(7);
+    for (int b = 0; b < B; b++)
+      norm_row(w.tmp + (long)b * h, h, L->norm[3], m->float_kind, m->eps, w.x + (long)b * h, 1);
+  }
+  for (int b = 0; b < B; b++)
+    norm_row(w.x + (long)b * h, h, m->final_norm, m->float_kind, m->eps, w.xn + (long)b * h, 0);
+  PHASE(1);
+  rc |= linear_run(&m->head, B, w.xn, logits, m->vocab, nthreads);
+  if (m->final_softcap > 0) softcap_inplace(logits, (long)B * m->vocab, m->final_softcap);
+  PHASE(8);
+  atomic_fetch_add(&phase_calls, 1);
+  return rc ? -4 : 0;
+}
+
+// ---------------------------------------------------------------- greedy sampling
+// out[r] = index of the largest x[r, :] (the first one on ties; the first NaN if any, as
+// torch.argmax), for `rows` rows of n floats (row stride ldx).
+void geode_argmax(int rows, long n, const float* x, long ldx, int64_t* out) {
+  for (int r = 0; r < rows; r++) {
+    const float* v = x + (long)r * ldx;
+    __m256 mx = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 8 <= n; k += 8) {
+      __m256 a = _mm256_loadu_ps(v + k);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+      mx = _mm256_max_ps(mx, a);
+    }
+    float best = -INFINITY;
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mx);
+    for (int i = 0; i < 8; i++) best = lanes[i] > best ? lanes[i] : best;
+    int has_nan = _mm256_movemask_ps(nan) != 0;
+    for (; k < n; k++) {
+      if (v[k] != v[k]) has_nan = 1;
+      else if (v[k] > best) best = v[k];
+    }
+    long idx = 0;
+    if (has_nan) {
+      while (v[idx] == v[idx]) idx++;
+    } else {
+      __m256 bv = _mm256_set1_ps(best);
+      for (k = 0; k + 8 <= n; k += 8) {
+        int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + k), bv, _CMP_EQ_OQ));
+        if (mask) break;
+      }
+      for (idx = k; idx < n && v[idx] != best; idx++) {
+      }
+    }
+    out[r] = idx;
+  }
 }

@@ -1,7 +1,9 @@
 """Loader of the CPU decode kernels in kernels.c (built on first use with the system C compiler).
 
 `gemv(kind, x, specs)` computes x W_i^T for several weights W_i sharing x (M <= 16 rows, float32),
-reading each weight byte once: the memory-bound shape of decoding. Weights stay in the Hugging
+reading each weight byte once: the memory-bound shape of decoding (6 rows and more take a
+register-blocked GEMM path in the same call). `geode_decode_step` (used by native.py) runs the
+whole decoder for one token of B sequences in one call. Weights stay in the Hugging
 Face (out, in) layout; formats: "f32", "bf16", "i8" (per-row scale), "i4" (group-wise scale/min).
 Without a compiler or AVX2/FMA, `available()` is False and callers use torch ops.
 
@@ -25,7 +27,8 @@ from pathlib import Path
 import torch
 
 KINDS = {"f32": 0, "bf16": 1, "i8": 2, "i4": 3}
-MAX_ROWS = 16  # x rows handled by the kernels; larger batches go to torch's GEMM
+MAX_ROWS = 16  # x rows the per-module decode path sends to the kernels (torch's GEMM above)
+GEMV_MAX_ROWS = 64  # x rows one gemv call takes (6 and more: the register-blocked GEMM path)
 MAX_WEIGHTS = 8
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-fPIC", "-shared", "-std=gnu11"]
@@ -60,7 +63,7 @@ def _build() -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             out = Path(tmp) / lib.name
             proc = subprocess.run(
-                [cc, *_FLAGS, str(_SOURCE), "-o", str(out)], capture_output=True, text=True
+                [cc, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True
             )
             if proc.returncode != 0:
                 raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-2000:]}")
@@ -77,6 +80,14 @@ def _build() -> ctypes.CDLL:
         "geode_norm_rope": (None, [Int, Int, Int, P, Int, P, F, P, P, P]),
         # rows, hq, hk, d, q, ldq, k, ldk, scale_q, scale_k, eps, cos, sin, out_q, out_k
         "geode_qk_norm_rope": (None, [Int, Int, Int, Int, P, Int, P, Int, P, P, F, P, P, P, P]),
+        # model, B -> workspace floats
+        "geode_decode_workspace": (ctypes.c_long, [P, Int]),
+        # model, B, row0, ids, pos, logits, work, threads
+        "geode_decode_step": (ctypes.c_int, [P, Int, Int, P, P, P, P, Int]),
+        # rows, n, x, ldx, out (int64)
+        "geode_argmax": (None, [Int, ctypes.c_long, P, ctypes.c_long, P]),
+        # out (10 doubles: seconds per phase, solo count) -> steps since the last call
+        "geode_decode_profile": (ctypes.c_int, [P]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(handle, name)
@@ -192,7 +203,7 @@ class GemvPlan:
 
 
 def gemv(x: torch.Tensor, plan: GemvPlan) -> torch.Tensor:
-    """x (M, K) float32 contiguous, M <= MAX_ROWS -> (M, sum N_i): [x W_1^T | x W_2^T | ...]."""
+    """x (M, K) float32 contiguous, M <= GEMV_MAX_ROWS -> (M, sum N_i): [x W_1^T | x W_2^T | ...]."""
     M = x.shape[0]
     y = torch.empty(M, plan.total, dtype=torch.float32)
     rc = (_lib or _need()).geode_gemv(
@@ -250,3 +261,16 @@ def qk_norm_rope(
         scale_k.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(), out_q.data_ptr(), out_k.data_ptr(),
     )  # fmt: skip
     return out_q, out_k
+
+
+def argmax(z: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of z (B, V) float32 on CPU, first index on ties (as torch.argmax), one
+    vectorized pass per row: torch's single-threaded argmax is ~10x slower at this shape."""
+    if z.dtype != torch.float32 or z.dim() != 2 or z.device.type != "cpu" or z.stride(1) != 1:
+        return z.argmax(-1)
+    lib = load()
+    if lib is None:
+        return z.argmax(-1)
+    out = torch.empty(z.shape[0], dtype=torch.long)
+    lib.geode_argmax(z.shape[0], z.shape[1], z.data_ptr(), z.stride(0), out.data_ptr())
+    return out

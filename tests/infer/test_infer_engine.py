@@ -30,11 +30,12 @@ def _hf_greedy(ref, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize(
     "plen,new,chunk", [(3, 14, 512), (4, 30, 512), (12, 10, 512), (17, 9, 4), (9, 12, 2)]
 )
-def test_greedy_token_identical_to_transformers(pair, plen, new, chunk):
+@pytest.mark.parametrize("native", [True, False])  # the native C step and the torch fallback
+def test_greedy_token_identical_to_transformers(pair, plen, new, chunk, native):
     ref, model = pair
     prompt = _prompt(plen, plen)
     expected = _hf_greedy(ref, prompt, new)
-    eng = Engine(model, prefill_chunk=chunk)
+    eng = Engine(model, prefill_chunk=chunk, native=native)
     got = eng.generate(Request(prompt, temperature=0, max_new_tokens=new, ignore_eos=True))
     assert got[0].token_ids == expected
     assert got[0].finish_reason == "length"
@@ -49,6 +50,8 @@ def test_batched_equals_one_at_a_time(model):
     alone = [Engine(model).generate(r)[0].token_ids for r in reqs]
     batched = Engine(model, max_batch=3).generate(reqs)
     assert [r.token_ids for r in batched] == alone
+    fallback = Engine(model, max_batch=3, native=False).generate(reqs)
+    assert [r.token_ids for r in fallback] == alone
     assert [len(r.token_ids) for r in batched] == [9, 4, 13, 7, 2]
 
 

@@ -38,6 +38,20 @@ def test_quantized_matmul_equals_dequantized_reference(mode, group, rows):
     assert (q.dequantized() - w).abs().max() < (0.05 * 8 / (127 if mode == "int8" else 7.5))
 
 
+@needs_kernels
+@pytest.mark.parametrize("mode,group", [("int8", 0), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("rows", [1, 2, 7, 23, 64])
+def test_quantized_kernels_in_one_call_equal_dequantized(mode, group, rows):
+    """One gemv call over 1..64 rows, two weights sharing x (rows path and GEMM path)."""
+    g = torch.Generator().manual_seed(rows)
+    w1, w2 = torch.randn(70, 384, generator=g) * 0.05, torch.randn(13, 384, generator=g) * 0.05
+    q1, q2 = (QuantLinear.from_weight(w, mode, group or 64) for w in (w1, w2))
+    x = torch.randn(rows, 384, generator=g)
+    y = kernels.gemv(x, kernels.GemvPlan([q1.kernel_spec(), q2.kernel_spec()]))
+    ref = torch.cat([x @ q1.dequantized().t(), x @ q2.dequantized().t()], 1)
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_int4_packing_round_trip_and_error_bound():
     w = torch.randn(16, 128) * 0.1
     packed, scale, mins = quantize_int4(w, 32)
@@ -55,7 +69,7 @@ def test_int4_packing_round_trip_and_error_bound():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 16, 23, 64])  # rows path below 6, GEMM path above
 def test_float_kernels_equal_torch(dtype, rows):
     w = torch.randn(130, 200).to(dtype)  # odd sizes: scalar tails
     spec = kernels.WeightSpec("f32" if dtype == torch.float32 else "bf16",

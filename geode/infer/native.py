@@ -1,0 +1,356 @@
+"""Native decode step: the whole decoder stack for one new token of B sequences in one C call.
+
+`NativeDecoder.build(model)` collects, once, pointers to every weight (in the kernel formats of
+kernels.WeightSpec: float32, bfloat16, int8, int4), norm, RoPE table and the model's constants
+into a C struct (`geode_model` in kernels.c); `step(ids, pos, cache)` binds the engine's
+`HybridCache` buffers (when the cache object changes) and calls `geode_decode_step`, which
+returns float32 logits (B, V). Python does O(1) work per step.
+
+Per layer the C step does what geode/model does for one token: input RMSNorm, fused q/k/v
+projection, QK-norm, RoPE (local / global base frequency and linear scaling: the model's own
+inverse-frequency tables), cache write (global layers: slot p; local layers: ring slot p mod R,
+and the cache's slot-position tables), attention over the row's valid slots (the same mask as
+`attention_mask`: cached, not in the future, inside the sliding window of a local layer),
+o-projection, post-attention norm, residual, pre-FF norm, gate/up, gelu(gate) * up, down,
+post-FF norm, residual; then the final norm, the head (tied embedding, lm_head or an installed
+quantized head) and final logit soft-capping. Activations stay float32 in C (a bfloat16
+model's torch path rounds them to bfloat16 after every op; the C step rounds only the scaled
+embedding and the stored keys/values, which are in the model dtype).
+
+Anything else (GPU, other dtypes or module types, biases, kernels unavailable) is not
+supported: `build` returns None with the reason in `NativeDecoder.why_not(model)`, and the
+engine keeps its torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from ..config import FULL, SLIDING
+from ..model.attention import Attention
+from ..model.layers import GatedMLP, RMSNorm, ScaledEmbedding
+from ..model.transformer import DecoderLayer, Transformer
+from . import kernels
+
+_FLOAT_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+MAX_ROWS = 64  # rows per C call (larger batches are split)
+_MAXW = kernels.MAX_WEIGHTS
+
+
+class _Linear(ctypes.Structure):
+    """Mirror of `geode_linear` (kernels.c): nw weights of one kind sharing x."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int),
+        ("K", ctypes.c_int),
+        ("G", ctypes.c_int),
+        ("nw", ctypes.c_int),
+        ("N", ctypes.c_int * _MAXW),
+        ("W", ctypes.c_void_p * _MAXW),
+        ("aux", ctypes.c_void_p * _MAXW),
+        ("aux2", ctypes.c_void_p * _MAXW),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    """Mirror of `geode_layer` (kernels.c)."""
+
+    _fields_ = [
+        ("qkv", _Linear),
+        ("o", _Linear),
+        ("gate_up", _Linear),
+        ("down", _Linear),
+        ("norm", ctypes.c_void_p * 4),
+        ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("slots", ctypes.c_int),
+        ("window", ctypes.c_int),
+    ]
+
+
+class _Model(ctypes.Structure):
+    """Mirror of `geode_model` (kernels.c)."""
+
+    _fields_ = [
+        ("n_layers", ctypes.c_int),
+        ("hidden", ctypes.c_int),
+        ("heads", ctypes.c_int),
+        ("kv_heads", ctypes.c_int),
+        ("head_dim", ctypes.c_int),
+        ("inter", ctypes.c_int),
+        ("vocab", ctypes.c_int),
+        ("float_kind", ctypes.c_int),
+        ("cache_kind", ctypes.c_int),
+        ("act", ctypes.c_int),
+        ("embed_round", ctypes.c_int),
+        ("eps", ctypes.c_float),
+        ("embed_scale", ctypes.c_float),
+        ("attn_scale", ctypes.c_float),
+        ("attn_softcap", ctypes.c_float),
+        ("final_softcap", ctypes.c_float),
+        ("embed", ctypes.c_void_p),
+        ("final_norm", ctypes.c_void_p),
+        ("head", _Linear),
+        ("inv_freq", ctypes.c_void_p * 2),
+        ("pos_table", ctypes.c_void_p * 2),
+        ("capacity", ctypes.c_int),
+        ("ring", ctypes.c_int),
+        ("rows", ctypes.c_int),
+        ("layer", ctypes.POINTER(_Layer)),
+    ]
+
+
+class Unsupported(Exception):
+    """The model (or cache) has something the native step does not implement."""
+
+
+def _float_spec(w: torch.Tensor) -> kernels.WeightSpec | None:
+    """Kernel view of a float32 / bfloat16 (N, K) weight (None: other dtype or layout)."""
+    if w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous():
+        return None
+    if w.dtype == torch.float32:
+        return kernels.WeightSpec("f32", w.detach())
+    if w.dtype == torch.bfloat16:
+        return kernels.WeightSpec("bf16", w.detach().view(torch.int16))
+    return None
+
+
+def _spec(module: nn.Module | None) -> kernels.WeightSpec:
+    """Kernel view of a projection's weight (KernelLinear, QuantLinear, plain Linear)."""
+    if module is None:
+        raise Unsupported("missing projection")
+    if getattr(module, "bias", None) is not None:
+        raise Unsupported(f"{type(module).__name__} has a bias")
+    get = getattr(module, "kernel_spec", None)
+    if get is not None:
+        spec = get()
+    elif type(module) in (nn.Linear, ScaledEmbedding):
+        spec = _float_spec(module.weight)
+    else:
+        raise Unsupported(f"projection of type {type(module).__name__}")
+    if spec is None:
+        raise Unsupported(f"{type(module).__name__} weight has no kernel format")
+    return spec
+
+
+def _linear(specs: list[kernels.WeightSpec], k: int) -> _Linear:
+    """A `geode_linear` over weights that share x (same kind, input width and group)."""
+    if len({(s.kind, s.k, s.group) for s in specs}) != 1 or specs[0].k != k:
+        raise Unsupported("weights sharing an input differ in format or width")
+    lin = _Linear(kind=specs[0].kind, K=k, G=specs[0].group, nw=len(specs))
+    for i, s in enumerate(specs):
+        lin.N[i], lin.W[i], lin.aux[i], lin.aux2[i] = s.n, s.ptr, s.aux, s.aux2
+    return lin
+
+
+def _float_param(t: torch.Tensor, kind: int, shape: tuple[int, ...]) -> int:
+    """Pointer of a contiguous CPU float parameter of the model's float kind and shape."""
+    if (
+        t.device.type != "cpu"
+        or _FLOAT_KINDS.get(t.dtype) != kind
+        or tuple(t.shape) != shape
+        or not t.is_contiguous()
+    ):
+        raise Unsupported(f"parameter {tuple(t.shape)} {t.dtype} is not {shape} of the model dtype")
+    return t.data_ptr()
+
+
+def _head_spec(model: Transformer) -> kernels.WeightSpec:
+    """The LM head as the model's `logits` computes it (override, tied embedding or lm_head)."""
+    head = model.head_override
+    if head is None:
+        return _spec(model.embed_tokens if model.lm_head is None else model.lm_head)
+    get = getattr(head, "kernel_spec", None)  # KernelHead, QuantLinear
+    if get is None:
+        raise Unsupported(f"head_override of type {type(head).__name__}")
+    spec = get()
+    if spec is None:
+        raise Unsupported("head weight has no kernel format")
+    return spec
+
+
+class NativeDecoder:
+    """Pointers to one model's weights for `geode_decode_step`, plus the bound cache."""
+
+    def __init__(self, model: Transformer):
+        """Collect everything the C step reads; raises Unsupported (see `why_not`)."""
+        if not kernels.available():
+            raise Unsupported(f"kernels unavailable: {kernels.load_error()}")
+        if type(model) is not Transformer or model.config.family != "gemma3":
+            raise Unsupported(f"model of type {type(model).__name__}")
+        cfg = model.config
+        if model.device.type != "cpu":
+            raise Unsupported(f"model on {model.device}")
+        fk = _FLOAT_KINDS.get(model.dtype)
+        if fk is None:
+            raise Unsupported(f"model dtype {model.dtype}")
+        h, V = cfg.hidden_size, cfg.vocab_size
+        H, Hkv, D, inter = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                            cfg.intermediate_size)  # fmt: skip
+        if D > 256 or (H // Hkv) * D > 4096 or H // Hkv > 64:
+            raise Unsupported(f"head_dim {D} with {H // Hkv} query heads per kv head")
+        emb = model.embed_tokens
+        if type(emb) is not ScaledEmbedding:
+            raise Unsupported(f"embedding of type {type(emb).__name__}")
+        keep: list[object] = []  # tensors and specs pointed to: alive as long as the plan
+
+        def fp(t: torch.Tensor, shape: tuple[int, ...]) -> int:
+            keep.append(t)
+            return _float_param(t, fk, shape)
+
+        attn0 = model.layers[0].self_attn if len(model.layers) else None
+        acts = set()
+        layers = (_Layer * len(model.layers))()
+        for i, layer in enumerate(model.layers):
+            if type(layer) is not DecoderLayer:
+                raise Unsupported(f"layer of type {type(layer).__name__}")
+            a, mlp = layer.self_attn, layer.mlp
+            if not isinstance(a, Attention) or not isinstance(mlp, GatedMLP):
+                raise Unsupported("attention or MLP of another type")
+            norms = (layer.input_layernorm, layer.post_attention_layernorm,
+                     layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm,
+                     a.q_norm, a.k_norm)  # fmt: skip
+            if any(not isinstance(n, RMSNorm) or n.eps != cfg.rms_norm_eps for n in norms):
+                raise Unsupported("norm of another type or epsilon")
+            if (a.num_heads, a.num_kv_heads, a.head_dim) != (H, Hkv, D):
+                raise Unsupported("attention shape differs from the config")
+            if a.scale != attn0.scale or a.softcap != attn0.softcap:
+                raise Unsupported("attention scale or soft-cap differs between layers")
+            if a.is_local != (cfg.layer_types[i] == SLIDING):
+                raise Unsupported("layer kind differs from the config")
+            specs = [_spec(a.q_proj), _spec(a.k_proj), _spec(a.v_proj)]
+            gu = [_spec(mlp.gate_proj), _spec(mlp.up_proj)]
+            down, o = _spec(mlp.down_proj), _spec(a.o_proj)
+            for s in (*specs, *gu, down, o):
+                keep.append(s)
+            rows = [s.n for s in (*specs, *gu, o, down)]
+            if rows != [H * D, Hkv * D, Hkv * D, inter, inter, h, h]:
+                raise Unsupported("projection shapes differ from the config")
+            L = layers[i]
+            L.qkv, L.o = _linear(specs, h), _linear([o], H * D)
+            L.gate_up, L.down = _linear(gu, h), _linear([down], inter)
+            for j, n in enumerate(norms[:4]):
+                L.norm[j] = fp(n.weight, (h,))
+            L.q_norm, L.k_norm = fp(a.q_norm.weight, (D,)), fp(a.k_norm.weight, (D,))
+            L.window = cfg.sliding_window if a.is_local else 0
+            acts.add(mlp.approximate)
+        if not acts <= {"tanh", "none"} or len(acts) > 1:
+            raise Unsupported(f"activations {sorted(acts)}")
+        head = _head_spec(model)
+        keep.append(head)
+        if head.n != V:
+            raise Unsupported("head shape differs from the vocabulary")
+        inv = [model._inv_freq[SLIDING], model._inv_freq[FULL]]
+        for t in inv:
+            if t.dtype != torch.float32 or t.shape != (D // 2,) or not t.is_contiguous():
+                raise Unsupported("RoPE tables")
+            keep.append(t)
+        scale = torch.tensor(h**0.5, dtype=emb.weight.dtype)  # as ScaledEmbedding rounds it
+        m = _Model(
+            n_layers=len(model.layers), hidden=h, heads=H, kv_heads=Hkv, head_dim=D,
+            inter=inter, vocab=V, float_kind=fk, cache_kind=0, act=0 if "tanh" in acts else 1,
+            embed_round=int(fk == 1), eps=cfg.rms_norm_eps, embed_scale=float(scale),
+            attn_scale=attn0.scale if attn0 else 1.0,
+            attn_softcap=(attn0.softcap or 0.0) if attn0 else 0.0,
+            final_softcap=cfg.final_logit_softcapping or 0.0,
+            embed=fp(emb.weight, (V, h)), final_norm=fp(model.norm.weight, (h,)),
+            head=_linear([head], h),
+        )  # fmt: skip
+        m.inv_freq[0], m.inv_freq[1] = inv[0].data_ptr(), inv[1].data_ptr()
+        m.layer = layers
+        self.model = m
+        self.layers = layers
+        self.keep = keep
+        self.vocab = V
+        self.window = cfg.sliding_window
+        self.fingerprint = self._fingerprint(model)
+        self.cache = None
+        self.work = torch.empty(0)
+
+    @staticmethod
+    def _fingerprint(model: Transformer) -> tuple:
+        """What the pointers depend on: every parameter/buffer's storage, dtype and shape, the
+        head override and module types (checked when requests are admitted, not per step)."""
+        tensors = [*model.parameters(), *model.buffers()]
+        head = model.head_override
+        if head is not None:
+            tensors += [*head.parameters(), *head.buffers()]
+        return (
+            tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors),
+            id(head),
+            tuple(type(m) for m in model.modules()),
+        )
+
+    @classmethod
+    def build(cls, model: Transformer) -> NativeDecoder | None:
+        """The decoder for this model, or None when it is not supported (see `why_not`)."""
+        try:
+            return cls(model)
+        except Unsupported:
+            return None
+
+    @classmethod
+    def why_not(cls, model: Transformer) -> str | None:
+        """Why the native step cannot run this model (None: it can)."""
+        try:
+            cls(model)
+        except Unsupported as e:
+            return str(e)
+        return None
+
+    def current(self, model: Transformer) -> bool:
+        """True while the model's tensors are the ones this plan points to."""
+        return self._fingerprint(model) == self.fingerprint
+
+    def bind(self, cache) -> None:
+        """Point the plan at a HybridCache's buffers (rows, capacity, ring, slot tables)."""
+        kind = _FLOAT_KINDS.get(cache.dtype)
+        if kind is None or cache.device.type != "cpu" or cache.static:
+            raise Unsupported(f"cache {cache.dtype} on {cache.device}")
+        if cache.window != self.window or len(cache.keys) != len(self.layers):
+            raise Unsupported("cache of another model")
+        m = self.model
+        m.cache_kind = kind
+        m.capacity, m.ring, m.rows = cache.capacity, cache.ring, cache.batch
+        for t in (cache.global_pos, cache.local_pos, *cache.keys, *cache.values):
+            if not t.is_contiguous():
+                raise Unsupported("non-contiguous cache")
+        m.pos_table[0], m.pos_table[1] = cache.local_pos.data_ptr(), cache.global_pos.data_ptr()
+        for L, local, k, v in zip(
+            self.layers, cache.is_local, cache.keys, cache.values, strict=True
+        ):
+            if (L.window > 0) != local or k.shape[1:] != (m.kv_heads, k.shape[2], m.head_dim):
+                raise Unsupported("cache layout differs from the model")
+            L.k_cache, L.v_cache, L.slots = k.data_ptr(), v.data_ptr(), k.shape[2]
+        self.cache = cache
+
+    def step(self, ids: list[int], pos: list[int], cache) -> torch.Tensor:
+        """Feed token ids[b] at position pos[b] to cache row b; logits (B, V) float32."""
+        if cache is not self.cache:
+            self.bind(cache)
+        B = len(ids)
+        lib = kernels.load()
+        ptr = ctypes.byref(self.model)
+        logits = torch.empty(B, self.vocab, dtype=torch.float32)
+        threads = kernels._threads[0] or torch.get_num_threads()
+        for r0 in range(0, B, MAX_ROWS):
+            n = min(MAX_ROWS, B - r0)
+            need = lib.geode_decode_workspace(ptr, n)
+            if self.work.numel() < need:
+                self.work = torch.empty(need, dtype=torch.float32)
+            ids_c = (ctypes.c_int64 * n)(*ids[r0 : r0 + n])
+            pos_c = (ctypes.c_int64 * n)(*pos[r0 : r0 + n])
+            rc = lib.geode_decode_step(
+                ptr, n, r0, ids_c, pos_c, logits[r0:].data_ptr(), self.work.data_ptr(), threads
+            )
+            if rc != 0:
+                raise ValueError(
+                    f"native decode step failed ({rc}): ids {ids}, positions {pos}, cache rows "
+                    f"{cache.batch}, capacity {cache.capacity}"
+                )
+        return logits
