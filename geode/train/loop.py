@@ -501,13 +501,11 @@ class Trainer:
         batch = self.loader.next_batch()
         d = self.distill
         on_policy = d.on_policy_tokens if d is not None else 0
-        real_mask = batch.loss_mask.clone()  # (B, T): targets that are data
-        real_mask[:, real_mask.shape[1] - on_policy :] = False
-        counts = torch.tensor([float(batch.loss_mask.sum()), float(real_mask.sum())],
-                              dtype=torch.float64)  # fmt: skip
-        n_global, n_real = (float(c) for c in all_reduce_sum(counts, self.info))
+        counts = torch.tensor([float(batch.loss_mask.sum())], dtype=torch.float64)
+        n_global = float(all_reduce_sum(counts, self.info)[0])
         scale = self.info.world_size / max(n_global, 1.0)
-        stats = torch.zeros(4, dtype=torch.float64)  # ce, z, distill, target entropy sums
+        # ce, z, distill, target entropy sums; tokens whose next-token target is data
+        stats = torch.zeros(5, dtype=torch.float64)
         for i in range(self.accum):
             rows = slice(i * self.micro, (i + 1) * self.micro)
             mb = Batch(*(t[rows] for t in vars(batch).values()))
@@ -518,6 +516,7 @@ class Trainer:
             mb = mb.to(self.info.device)
             mask = mb.loss_mask
             hard_mask = mask if real is None else mask & real.to(mask.device)
+            stats[4] += float(hard_mask.sum())
             with grad_sync(self.model, self.parallel, i == self.accum - 1):
                 with self._autocast():
                     logits = self.model(**mb.model_inputs())  # (M, T, V)
@@ -553,7 +552,7 @@ class Trainer:
         rec: dict[str, Any] = {
             "kind": "train",
             "step": step,
-            "loss": float(stats[0]) / max(n_real, 1.0),  # next-token CE on real data
+            "loss": float(stats[0]) / max(float(stats[4]), 1.0),  # next-token CE on real data
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": self.tokens,
@@ -562,7 +561,7 @@ class Trainer:
             * self.recipe.data.seq_len / dt,
         }  # fmt: skip
         if self.recipe.train.z_loss:
-            rec["z_loss"] = float(stats[1]) / max(n_global, 1.0)
+            rec["z_loss"] = float(stats[1]) / max(float(stats[4]), 1.0)  # z on data targets
         if d is not None:
             rec["distill_loss"] = float(stats[2]) / max(n_global, 1.0)
             rec["distill_kl"] = float(stats[2] - stats[3]) / max(n_global, 1.0)

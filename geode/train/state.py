@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..fileio import fsync_dir, sha256_file
+from ..fileio import fsync_dir, sha256_file, swap_dir_into_place
 from .distributed import DistInfo, barrier, broadcast_object
 
 MANIFEST = "MANIFEST.json"
@@ -132,12 +132,10 @@ class CheckpointManager:
                 if f.is_file()
             }
             manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
-            _fsync_files(tmp)
+            fsync_dir(tmp, files=True)
             _write_json(tmp / MANIFEST, manifest)
-            if final.exists():  # a re-run of the same step (e.g. after a rollback)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fsync_dir(self.root)
+            # a re-run of the same step (e.g. after a rollback) replaces the old directory
+            swap_dir_into_place(tmp, final)
             self._prune(step)
         barrier(self.info)
         return final
@@ -239,13 +237,6 @@ def _write_json(path: Path, obj: Any) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_files(directory: Path) -> None:
-    for f in directory.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 # ------------------------------------------------------------------------------ memory
