@@ -28,7 +28,7 @@ import torch
 
 KINDS = {"f32": 0, "bf16": 1, "i8": 2, "i4": 3}
 MAX_ROWS = 16  # x rows the per-module decode path sends to the kernels (torch's GEMM above)
-GEMV_MAX_ROWS = 64  # x rows one gemv call takes (6 and more: the register-blocked GEMM path)
+GEMV_MAX_ROWS = 64  # x rows one gemv or decode-step call takes (6 and more: register-blocked GEMM)
 MAX_WEIGHTS = 8
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-fPIC", "-shared", "-std=gnu11"]

@@ -36,7 +36,7 @@ from ..model.transformer import DecoderLayer, Transformer
 from . import kernels
 
 _FLOAT_KINDS = {torch.float32: 0, torch.bfloat16: 1}
-MAX_ROWS = 64  # rows per C call (larger batches are split)
+MAX_ROWS = kernels.GEMV_MAX_ROWS  # rows per C call, the C side's limit (larger batches are split)
 _MAXW = kernels.MAX_WEIGHTS
 
 
