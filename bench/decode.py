@@ -6,14 +6,16 @@ Parts (select with --parts, default all):
              generate, tokens/s and the fraction of the bandwidth roofline (bytes of weights +
              KV cache read per step / copy bandwidth)
   bf16       the same in bfloat16: geode bf16 vs geode f32 (and transformers bf16)
-  b16        batch-16 throughput: geode vs transformers batched generate
+  b16        batch-16 throughput: geode vs transformers batched generate (geode_unpacked: the
+             engine with pack_weights=False, its GEMM reading the weights in place)
   kv         KV-cache bytes of gemma3-4b shapes at 32K tokens: geode (the formula) vs what
              transformers' DynamicCache and StaticCache hold (meta tensors: nothing allocated)
   quant      int8 / int4 (group 32/64/128) vs float32: batch-1 speed on nano-60m, perplexity
              change on held-out tinyshakespeare text of a small byte-level model trained here
   prefill    prefill time of 2K / 8K / 32K-token prompts on nano-5m (max context raised to 32K)
   gemm       the kernels' x W^T at M = 16 rows (batch-16 decode) on nano-60m's weight shapes,
-             float32 and bfloat16 weights: GFLOP/s against torch's F.linear (same inputs)
+             float32 and bfloat16 weights, read from packed copies (what the engine uses for
+             batches of 6+) and in place from the rows: GFLOP/s against torch's F.linear
 
 The engine runs each decode step as one native C call (geode/infer/native.py); b1 also
 measures the engine's torch path (native=False: per-module kernels between torch ops).
@@ -164,9 +166,13 @@ def part_b16(args, state) -> None:
     model = _nano60m(state)
     ref = hf_model(model, torch.float32, state["tmp"])
     eng = Engine(copy.deepcopy(model), max_batch=16)
+    rows = Engine(copy.deepcopy(model), max_batch=16, pack_weights=False)
     res = interleaved(
         {
             "geode": lambda: measure_decode(eng, 16, args.prompt_len, args.new_tokens, reps=1),
+            "geode_unpacked": lambda: measure_decode(
+                rows, 16, args.prompt_len, args.new_tokens, reps=1
+            ),
             "transformers": lambda: hf_decode(ref, 16, args.prompt_len, args.new_tokens, reps=1),
         },
         args.reps,
@@ -303,8 +309,9 @@ def part_prefill(args, state) -> None:
         prev = s
 
 
-def _gemm_times(x, ws, plans, reps: int) -> dict[str, list[float]]:
-    """Seconds per call of the kernels (plans) and of torch's F.linear (ws), interleaved."""
+def _gemm_times(x, ws, plans, packed, reps: int) -> dict[str, list[float]]:
+    """Seconds per call of the kernels (plans: weights read in place, packed: from packed
+    copies) and of torch's F.linear (ws), interleaved."""
     from geode.infer import kernels
 
     xt = x.to(ws[0].dtype)
@@ -321,13 +328,14 @@ def _gemm_times(x, ws, plans, reps: int) -> dict[str, list[float]]:
     def ref(w):
         return torch.nn.functional.linear(xt, w)
 
-    per_call(ours, plans), per_call(ref, ws)  # warm-up
-    times: dict[str, list[float]] = {"geode": [], "torch": []}
+    per_call(ours, plans), per_call(ours, packed), per_call(ref, ws)  # warm-up
+    times: dict[str, list[float]] = {"geode": [], "geode_rows": [], "torch": []}
     for _ in range(reps):
         # torch's OpenMP workers spin after their regions and would take the cores the kernels'
         # pool needs (which then runs alone for 0.25 s): let them go idle first
         time.sleep(0.3)
-        times["geode"].append(per_call(ours, plans))
+        times["geode"].append(per_call(ours, packed))
+        times["geode_rows"].append(per_call(ours, plans))
         times["torch"].append(per_call(ref, ws))
     return times
 
@@ -348,15 +356,17 @@ def part_gemm(args, state) -> None:
             copies = max(1, (64 << 20) // (N * K * 4))
             ws = [(torch.randn(N, K, generator=g) * 0.05).to(dtype) for _ in range(copies)]
             kind = "f32" if dtype == torch.float32 else "bf16"
-            plans = [kernels.GemvPlan([kernels.WeightSpec(kind, w if kind == "f32" else
-                                                          w.view(torch.int16))]) for w in ws]  # fmt: skip
+            specs = [kernels.WeightSpec(kind, w if kind == "f32" else w.view(torch.int16))
+                     for w in ws]  # fmt: skip
+            plans = [kernels.GemvPlan([s]) for s in specs]
+            packed = [kernels.GemvPlan([s], packed=True) for s in specs]
             x = torch.randn(M, K, generator=g)
-            times = _gemm_times(x, ws, plans, max(5, 3 * args.reps))
+            times = _gemm_times(x, ws, plans, packed, max(5, 3 * args.reps))
             flop = 2 * M * N * K
             gf = {k: flop / statistics.median(v) / 1e9 for k, v in times.items()}
             emit(bench="gemm", shape=name, M=M, N=N, K=K, dtype=str(dtype)[6:],
-                 geode_gflops=gf["geode"], torch_gflops=gf["torch"],
-                 ratio=gf["geode"] / gf["torch"])  # fmt: skip
+                 geode_gflops=gf["geode"], geode_rows_gflops=gf["geode_rows"],
+                 torch_gflops=gf["torch"], ratio=gf["geode"] / gf["torch"])  # fmt: skip
 
 
 PARTS = {"bandwidth": part_bandwidth, "b1": part_b1, "bf16": part_bf16, "b16": part_b16,
@@ -372,9 +382,9 @@ def table() -> None:
         if b == "bandwidth":
             print(f"| bandwidth | copy ({r['threads']} threads) | {r['copy_gb_s']:.1f} GB/s |")
         elif b == "gemm":
-            print(f"| gemm | M=16 {r['shape']} {r['N']}x{r['K']} {r['dtype']}: geode / torch | "
-                  f"{r['geode_gflops']:.0f} / {r['torch_gflops']:.0f} GFLOP/s "
-                  f"({r['ratio']:.2f}x) |")  # fmt: skip
+            print(f"| gemm | M=16 {r['shape']} {r['N']}x{r['K']} {r['dtype']}: geode packed / "
+                  f"rows / torch | {r['geode_gflops']:.0f} / {r['geode_rows_gflops']:.0f} / "
+                  f"{r['torch_gflops']:.0f} GFLOP/s ({r['ratio']:.2f}x) |")  # fmt: skip
         elif "metric" in r:
             print(f"| {b} | {r['metric']} | {r['ratio']:.2f}x |")
         elif b in ("b1", "bf16", "b16"):

@@ -29,6 +29,7 @@ import torch
 KINDS = {"f32": 0, "bf16": 1, "i8": 2, "i4": 3}
 MAX_ROWS = 16  # x rows the per-module decode path sends to the kernels (torch's GEMM above)
 GEMV_MAX_ROWS = 64  # x rows one gemv or decode-step call takes (6 and more: register-blocked GEMM)
+GEMM_MIN_ROWS = 6  # x rows from which the C side runs the register-blocked GEMM (kernels.c)
 MAX_WEIGHTS = 8
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-fPIC", "-shared", "-std=gnu11"]
@@ -72,8 +73,12 @@ def _build() -> ctypes.CDLL:
     P, Int, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     PP, PI = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int)
     sigs = {
-        # kind, M, K, x, nw, W, N, y, ldy, aux, aux2, G, threads
-        "geode_gemv": (ctypes.c_int, [Int, Int, Int, P, Int, PP, PI, P, Int, PP, PP, Int, Int]),
+        # kind, M, K, x, nw, W, N, y, ldy, aux, aux2, G, packed W (or null), threads
+        "geode_gemv": (ctypes.c_int, [Int, Int, Int, P, Int, PP, PI, P, Int, PP, PP, Int, PP, Int]),
+        # N, K -> elements of a packed copy
+        "geode_pack_size": (ctypes.c_long, [Int, Int]),
+        # kind (0 f32, 1 bf16), N, K, W, P
+        "geode_pack": (ctypes.c_int, [Int, Int, Int, P, P]),
         # rows, d, x, ldx, scale, eps, out
         "geode_rmsnorm": (None, [Int, Int, P, Int, P, F, P]),
         # rows, heads, d, x, ldx, scale, eps, cos, sin, out
@@ -181,10 +186,28 @@ class WeightSpec:
         self.aux2 = aux2.data_ptr() if aux2 is not None else 0
 
 
-class GemvPlan:
-    """Weights of one kind and input width computed by one call (e.g. q/k/v): y = x [W_1; W_2..]^T."""
+def pack(spec: WeightSpec) -> torch.Tensor:
+    """A float32 / bfloat16 weight copied into the layout the GEMM (6+ rows) streams (geode_pack)."""
+    if spec.kind not in (KINDS["f32"], KINDS["bf16"]):
+        raise ValueError(f"only float32 / bfloat16 weights are packed, not kind {spec.kind}")
+    lib = _lib or _need()
+    out = torch.empty(
+        lib.geode_pack_size(spec.n, spec.k),
+        dtype=torch.float32 if spec.kind == KINDS["f32"] else torch.int16,
+    )
+    if lib.geode_pack(spec.kind, spec.n, spec.k, spec.ptr, out.data_ptr()) != 0:
+        raise RuntimeError(f"geode_pack failed for a ({spec.n}, {spec.k}) weight")
+    return out
 
-    def __init__(self, specs: list[WeightSpec]):
+
+class GemvPlan:
+    """Weights of one kind and input width computed by one call (e.g. q/k/v): y = x [W_1; W_2..]^T.
+
+    packed: also keep float32 / bfloat16 weights in the GEMM's streaming layout (`pack`), which
+    calls with 6+ rows read instead (the weights' bytes once more).
+    """
+
+    def __init__(self, specs: list[WeightSpec], packed: bool = False):
         if not 0 < len(specs) <= MAX_WEIGHTS:
             raise ValueError(f"a plan takes 1..{MAX_WEIGHTS} weights, got {len(specs)}")
         if len({(s.kind, s.k, s.group) for s in specs}) != 1:
@@ -200,6 +223,8 @@ class GemvPlan:
         self.n = (ctypes.c_int * nw)(*self.splits)
         self.aux = arr(*[s.aux for s in specs])
         self.aux2 = arr(*[s.aux2 for s in specs])
+        self.packed = [pack(s) for s in specs] if packed else []  # keep alive
+        self.p = arr(*[t.data_ptr() for t in self.packed]) if packed else None
 
 
 def gemv(x: torch.Tensor, plan: GemvPlan) -> torch.Tensor:
@@ -208,7 +233,7 @@ def gemv(x: torch.Tensor, plan: GemvPlan) -> torch.Tensor:
     y = torch.empty(M, plan.total, dtype=torch.float32)
     rc = (_lib or _need()).geode_gemv(
         plan.kind, M, plan.k, x.data_ptr(), plan.nw, plan.w, plan.n, y.data_ptr(), plan.total,
-        plan.aux, plan.aux2, plan.group, _threads[0] or torch.get_num_threads(),
+        plan.aux, plan.aux2, plan.group, plan.p, _threads[0] or torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"geode_gemv failed with code {rc}")

@@ -52,6 +52,7 @@ class _Linear(ctypes.Structure):
         ("W", ctypes.c_void_p * _MAXW),
         ("aux", ctypes.c_void_p * _MAXW),
         ("aux2", ctypes.c_void_p * _MAXW),
+        ("P", ctypes.c_void_p * _MAXW),
     ]
 
 
@@ -204,6 +205,7 @@ class NativeDecoder:
             return _float_param(t, fk, shape)
 
         attn0 = model.layers[0].self_attn if len(model.layers) else None
+        linears: list[tuple[_Linear, list[kernels.WeightSpec]]] = []  # views into the plan
         acts = set()
         layers = (_Layer * len(model.layers))()
         for i, layer in enumerate(model.layers):
@@ -234,6 +236,7 @@ class NativeDecoder:
             L = layers[i]
             L.qkv, L.o = _linear(specs, h), _linear([o], H * D)
             L.gate_up, L.down = _linear(gu, h), _linear([down], inter)
+            linears += [(L.qkv, specs), (L.o, [o]), (L.gate_up, gu), (L.down, [down])]
             for j, n in enumerate(norms[:4]):
                 L.norm[j] = fp(n.weight, (h,))
             L.q_norm, L.k_norm = fp(a.q_norm.weight, (D,)), fp(a.k_norm.weight, (D,))
@@ -263,6 +266,9 @@ class NativeDecoder:
         )  # fmt: skip
         m.inv_freq[0], m.inv_freq[1] = inv[0].data_ptr(), inv[1].data_ptr()
         m.layer = layers
+        linears.append((m.head, [head]))
+        self.linears = linears
+        self.packed: list[torch.Tensor] | None = None  # see pack()
         self.model = m
         self.layers = layers
         self.keep = keep
@@ -329,11 +335,29 @@ class NativeDecoder:
             L.k_cache, L.v_cache, L.slots = k.data_ptr(), v.data_ptr(), k.shape[2]
         self.cache = cache
 
-    def step(self, ids: list[int], pos: list[int], cache) -> torch.Tensor:
-        """Feed token ids[b] at position pos[b] to cache row b; logits (B, V) float32."""
+    def pack(self) -> int:
+        """Give the C GEMM (batches of 6+ rows) copies of the float32 / bfloat16 projection and
+        head weights in its streaming layout (kernels.pack); returns the bytes added."""
+        if self.packed is None:
+            self.packed = []
+            for lin, specs in self.linears:
+                if lin.kind in (kernels.KINDS["f32"], kernels.KINDS["bf16"]):
+                    for i, spec in enumerate(specs):
+                        t = kernels.pack(spec)
+                        self.packed.append(t)
+                        lin.P[i] = t.data_ptr()
+        return sum(t.numel() * t.element_size() for t in self.packed)
+
+    def step(self, ids: list[int], pos: list[int], cache, pack: bool = True) -> torch.Tensor:
+        """Feed token ids[b] at position pos[b] to cache row b; logits (B, V) float32.
+
+        pack: at the first batch of kernels.GEMM_MIN_ROWS or more rows, `pack` the weights.
+        """
         if cache is not self.cache:
             self.bind(cache)
         B = len(ids)
+        if pack and self.packed is None and B >= kernels.GEMM_MIN_ROWS:
+            self.pack()
         lib = kernels.load()
         ptr = ctypes.byref(self.model)
         logits = torch.empty(B, self.vocab, dtype=torch.float32)

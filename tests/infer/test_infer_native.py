@@ -33,10 +33,11 @@ def _model(dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
     return model.to(dtype).eval()
 
 
-def _decode_both(model, plens: list[int], steps: int, ring: bool = True, ref=None):
+def _decode_both(model, plens: list[int], steps: int, ring: bool = True, ref=None, pack=True):
     """Prefill rows of different lengths (torch), then decode `steps` tokens per row through the
     torch forward and through the native step on twin caches. Returns per-step logits pairs
-    (torch, native); with `ref` (a float32 twin of the model) also its logits."""
+    (torch, native); with `ref` (a float32 twin of the model) also its logits. pack: let the
+    native step pack the weights at 6+ rows (NativeDecoder.step)."""
     cfg, B = model.config, len(plens)
     cap = max(plens) + steps + 1
     native = NativeDecoder.build(model)
@@ -57,11 +58,12 @@ def _decode_both(model, plens: list[int], steps: int, ring: bool = True, ref=Non
             tok = [int(ids[b, pos[b]]) for b in range(B)]
             t, p = torch.tensor(tok)[:, None], torch.tensor(pos)[:, None]
             torch_logits = model.logits(model.hidden(t, p, caches[0])[:, 0]).float()
-            row = [torch_logits, native.step(tok, pos, caches[1])]
+            row = [torch_logits, native.step(tok, pos, caches[1], pack=pack)]
             if ref is not None:
                 row.append(ref.logits(ref.hidden(t, p, ref_cache)[:, 0]).float())
             out.append(row)
             pos = [q + 1 for q in pos]
+    assert (native.packed is not None) == (pack and B >= kernels.GEMM_MIN_ROWS)
     return out, caches
 
 
@@ -70,10 +72,15 @@ def _max_err(pairs) -> float:
 
 
 # Prompts shorter and longer than the window (5), 12 decode steps: every local ring wraps.
-# Batch 1 and 3 take the per-row gemv kernels, batch 8 the register-blocked GEMM path.
-@pytest.mark.parametrize("plens", [[4], [3, 8, 1], [1, 2, 3, 4, 5, 6, 7, 9]])
-def test_native_logits_equal_torch_float32(plens):
-    pairs, caches = _decode_both(_model(), plens, 12)
+# Batch 1 and 3 take the per-row gemv kernels, batch 8 the register-blocked GEMM path (weights
+# packed for it, or read in place).
+@pytest.mark.parametrize(
+    "plens,pack",
+    [([4], True), ([3, 8, 1], True), ([1, 2, 3, 4, 5, 6, 7, 9], True),
+     ([1, 2, 3, 4, 5, 6, 7, 9], False)],
+)  # fmt: skip
+def test_native_logits_equal_torch_float32(plens, pack):
+    pairs, caches = _decode_both(_model(), plens, 12, pack=pack)
     assert _max_err(pairs) <= 1e-4
     # the native step keeps the cache's keys, values and slot tables exactly as torch does
     for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values,
@@ -145,6 +152,29 @@ def test_engine_uses_native_step_and_matches_fallback():
     a = Engine(model).generate(Request([2, 40, 41], **lp))[0]
     b = Engine(model, native=False).generate(Request([2, 40, 41], **lp))[0]
     assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+
+
+def test_engine_packs_weights_at_batches_of_six_only_when_asked():
+    """pack_weights: the first native step of 6+ sequences packs the float projections and head
+    (their bytes once more, tiles of 6 rows padded); fewer sequences, or pack_weights=False,
+    never do. Packed or not, greedy tokens are the same."""
+    model = _model()
+    reqs = [Request([5, 6 + n, 7], temperature=0, max_new_tokens=5, ignore_eos=True)
+            for n in range(7)]  # fmt: skip
+    small = Engine(model, max_batch=5)
+    small.generate(reqs)
+    assert small._native is not None and small._native.packed is None
+    packed, rows = Engine(model), Engine(model, pack_weights=False)
+    a, b = packed.generate(reqs), rows.generate(reqs)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert rows._native.packed is None and packed._native.packed
+    cfg = model.config
+    h, D, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    shapes = [((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * D, h),
+              (h, cfg.num_attention_heads * D), (2 * inter, h), (h, inter)]  # fmt: skip
+    per_layer = sum(-(-n // 6) * 6 * k for n, k in shapes)  # whole tiles of 6 rows
+    expect = 4 * (cfg.num_hidden_layers * per_layer + -(-cfg.vocab_size // 6) * 6 * h)
+    assert packed._native.pack() == expect  # idempotent: the bytes it already holds
 
 
 def test_engine_falls_back_for_unsupported_models_and_rebuilds_after_changes():

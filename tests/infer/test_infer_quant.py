@@ -70,14 +70,26 @@ def test_int4_packing_round_trip_and_error_bound():
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 16, 23, 64])  # rows path below 6, GEMM path above
-def test_float_kernels_equal_torch(dtype, rows):
-    w = torch.randn(130, 200).to(dtype)  # odd sizes: scalar tails
-    spec = kernels.WeightSpec("f32" if dtype == torch.float32 else "bf16",
-                              w if dtype == torch.float32 else w.view(torch.int16))  # fmt: skip
+@pytest.mark.parametrize("packed", [False, True])
+def test_float_kernels_equal_torch(dtype, rows, packed):
+    # odd sizes: scalar tails; 130 rows = 21 tiles of 6 + 4 padded rows, groups of 8 tiles
+    # split across the two weights' boundary; 200 columns = slices of 128 + 72
+    w = torch.randn(130, 200).to(dtype)
+    w2 = torch.randn(47, 200).to(dtype)
+    kind = "f32" if dtype == torch.float32 else "bf16"
+    specs = [kernels.WeightSpec(kind, t if dtype == torch.float32 else t.view(torch.int16))
+             for t in (w, w2, w)]  # fmt: skip
     x = torch.randn(rows, 200)
-    y = kernels.gemv(x, kernels.GemvPlan([spec, spec]))
-    ref = x @ w.float().t()
-    assert (y[:, :130] - ref).abs().max() < 1e-4 and (y[:, 130:] - ref).abs().max() < 1e-4
+    y = kernels.gemv(x, kernels.GemvPlan(specs, packed=packed))
+    ref = torch.cat([x @ t.float().t() for t in (w, w2, w)], dim=1)
+    assert (y - ref).abs().max() < 1e-4
+
+
+@needs_kernels
+def test_pack_refuses_quantized_weights():
+    q = quantize_int8(torch.randn(12, 64))
+    with pytest.raises(ValueError, match="only float32 / bfloat16"):
+        kernels.pack(kernels.WeightSpec("i8", q[0], q[1]))
 
 
 def test_optimized_model_equals_plain(model):
