@@ -5,7 +5,8 @@ Parts (select with --parts, default all):
   b1         batch-1 greedy decode of nano-60m (random weights, float32): geode vs transformers
              generate, tokens/s and the fraction of the bandwidth roofline (bytes of weights +
              KV cache read per step / copy bandwidth)
-  bf16       the same in bfloat16: geode bf16 vs geode f32 (and transformers bf16)
+  bf16       the same in bfloat16: geode bf16 vs geode f32 (interleaved in this part) and
+             transformers bf16
   b16        batch-16 throughput: geode vs transformers batched generate (geode_unpacked: the
              engine with pack_weights=False, its GEMM reading the weights in place)
   kv         KV-cache bytes of gemma3-4b shapes at 32K tokens: geode (the formula) vs what
@@ -141,25 +142,27 @@ def part_b1(args, state, dtype=torch.float32, name="b1") -> None:
         fns["geode-torch-path"] = lambda: measure_decode(
             torch_path, 1, args.prompt_len, new, reps=1
         )
+    else:  # our float32 engine interleaved too: the bf16 / f32 ratio from the same minutes
+        f32 = Engine(copy.deepcopy(_nano60m(state)), max_batch=1)
+        fns["geode-float32"] = lambda: measure_decode(f32, 1, args.prompt_len, new, reps=1)
     res = interleaved(fns, args.reps)
     ctx = args.prompt_len + new // 2
     for impl, r in res.items():  # same weights and cache bytes on both sides
-        emit(bench=name, impl=impl, model="nano-60m", dtype=str(dtype)[6:], batch=1,
+        m, dt = (_nano60m(state), "float32") if impl == "geode-float32" else (model, str(dtype)[6:])
+        emit(bench=name, impl=impl, model="nano-60m", dtype=dt, batch=1,
              tokens_per_s=r["tokens_per_s"], step_ms=r["step_ms"], prefill_s=r["prefill_s"],
-             **_roofline(state, model, 1, ctx, r["tokens_per_s"]))  # fmt: skip
+             **_roofline(state, m, 1, ctx, r["tokens_per_s"]))  # fmt: skip
     ratio = res["geode"]["tokens_per_s"] / res["transformers"]["tokens_per_s"]
     emit(bench=name, metric="geode_over_transformers", dtype=str(dtype)[6:], ratio=ratio)
     state[f"geode-{dtype}"] = res["geode"]["tokens_per_s"]
+    if "geode-float32" in res:
+        state["geode-float32-interleaved"] = res["geode-float32"]["tokens_per_s"]
 
 
 def part_bf16(args, state) -> None:
     part_b1(args, state, torch.bfloat16, name="bf16")
-    f32 = state.get(f"geode-{torch.float32}")
-    if f32 is None:  # measure our f32 in this run for the ratio
-        eng = Engine(copy.deepcopy(_nano60m(state)), max_batch=1)
-        f32 = measure_decode(eng, 1, args.prompt_len, args.new_tokens, args.reps)["tokens_per_s"]
     emit(bench="bf16", metric="geode_bf16_over_geode_f32",
-         ratio=state[f"geode-{torch.bfloat16}"] / f32)  # fmt: skip
+         ratio=state[f"geode-{torch.bfloat16}"] / state["geode-float32-interleaved"])  # fmt: skip
 
 
 def part_b16(args, state) -> None:
