@@ -120,7 +120,9 @@ def _nano60m(state, dtype=torch.float32):
 
 
 def _roofline(state, model, batch, ctx, tps) -> dict:
-    bw = state.get("bw") or copy_bandwidth()
+    # the higher of the run's first and a fresh copy-bandwidth measurement: a ceiling taken at a
+    # slow minute would overstate the fraction (this host's bandwidth varies ~20-30%)
+    bw = max(state.get("bw") or 0.0, copy_bandwidth())
     step_bytes = weight_bytes_per_token(model) + cache_bytes_read(model, ctx, model.dtype, batch)
     roof = batch * bw / step_bytes
     return {"bytes_per_step": step_bytes, "roofline_tokens_per_s": roof,

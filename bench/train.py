@@ -16,7 +16,9 @@ in the same process, interleaved so that machine load affects both alike:
                 optimizer kernel from the rest
 
 Each prints one JSON line (median step time over --reps steps after --warmup), then a
-table with the ratio. On a GPU, add MFU = 6 * N * tokens/s / peak FLOP/s (--peak-tflops).
+table with the ratio of medians and the paired ratio: the median over rounds of transformers'
+step time over geode's in the same round (adjacent in time, so less exposed to this shared
+host's minute-to-minute swings, which reach +-30% per step). On a GPU, add MFU = 6 * N * tokens/s / peak FLOP/s (--peak-tflops).
 
     python bench/train.py                        # CPU, float32, 2 threads
     python bench/train.py --device cuda --dtype bfloat16 --preset gemma3-1b --batch 8 \
@@ -187,18 +189,23 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
     ref = next(r for r in rows if r["impl"] == "transformers")
+    paired = {}  # per round, transformers' step time over this one's (adjacent in time)
     for r in rows:
         if r["impl"].startswith("geode"):
             ratio = r["tokens_per_s"] / ref["tokens_per_s"]
-            print(json.dumps({"bench": "train", "impl": r["impl"],
-                              "ratio_over_transformers": ratio}))  # fmt: skip
+            rounds = [a / b for a, b in zip(times["transformers"], times[r["impl"]], strict=True)]
+            paired[r["impl"]] = statistics.median(rounds)
+            print(json.dumps({"bench": "train", "impl": r["impl"], "ratio_over_transformers": ratio,
+                              "paired_ratio_median": paired[r["impl"]]}))  # fmt: skip
     print(f"\n{args.preset} ({n_params / 1e6:.1f}M params), batch {args.batch} x {args.seq}, "
           f"{args.dtype}, {args.device}, {args.threads} threads")  # fmt: skip
-    print(f"{'impl':<20} {'step (s)':>10} {'tokens/s':>10} {'vs transformers':>16}")
+    print(f"{'impl':<20} {'step (s)':>10} {'tokens/s':>10} {'vs transformers':>16} "
+          f"{'paired':>7}")  # fmt: skip
     for r in rows:
         ratio = r["tokens_per_s"] / ref["tokens_per_s"]
+        pr = f"{paired[r['impl']]:>6.2f}x" if r["impl"] in paired else ""
         print(f"{r['impl']:<20} {r['step_s_median']:>10.3f} {r['tokens_per_s']:>10.0f} "
-              f"{ratio:>15.2f}x")  # fmt: skip
+              f"{ratio:>15.2f}x {pr}")  # fmt: skip
 
 
 if __name__ == "__main__":
