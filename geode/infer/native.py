@@ -25,8 +25,11 @@ engine keeps its torch path.
 from __future__ import annotations
 
 import ctypes
+import weakref
+from typing import Any
 
 import torch
+import torch.optim.optimizer as _optim
 from torch import nn
 
 from ..config import FULL, SLIDING
@@ -108,6 +111,25 @@ class _Model(ctypes.Structure):
 
 class Unsupported(Exception):
     """The model (or cache) has something the native step does not implement."""
+
+
+# Decoders holding packed weight copies. An optimizer step updates parameters in place, and
+# torch's fused AdamW does so without bumping the tensors' version counters, so every
+# optimizer step (any optimizer, process-wide hook) marks the decoders whose packed sources
+# it touched as stale; other in-place writes are seen through the version counters (see
+# NativeDecoder.pack).
+_PACKED: weakref.WeakSet[NativeDecoder] = weakref.WeakSet()
+_HOOK: list[Any] = []
+
+
+def _after_optimizer_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Mark packed copies of parameters this optimizer just updated as stale."""
+    if not _PACKED:
+        return
+    ptrs = {p.data_ptr() for g in opt.param_groups for p in g["params"]}
+    for dec in list(_PACKED):
+        if not ptrs.isdisjoint(dec.packed_sources):
+            dec.packed_stale = True
 
 
 def _float_spec(w: torch.Tensor) -> kernels.WeightSpec | None:
@@ -269,6 +291,9 @@ class NativeDecoder:
         linears.append((m.head, [head]))
         self.linears = linears
         self.packed: list[torch.Tensor] | None = None  # see pack()
+        self.packed_sources: set[int] = set()  # storage of the weights packed
+        self.packed_stale = False
+        self._packed_versions: list[tuple[torch.Tensor, int, int]] = []
         self.model = m
         self.layers = layers
         self.keep = keep
@@ -337,16 +362,40 @@ class NativeDecoder:
 
     def pack(self) -> int:
         """Give the C GEMM (batches of 6+ rows) copies of the float32 / bfloat16 projection and
-        head weights in its streaming layout (kernels.pack); returns the bytes added."""
-        if self.packed is None:
-            self.packed = []
+        head weights in its streaming layout (kernels.pack); returns the bytes added.
+
+        The copies follow the weights: `step` packs again after an optimizer step over them or
+        any in-place write that bumps their version counter (copy_, mul_ under no_grad,
+        load_state_dict). Writes through `.data` bypass both and are not seen.
+        """
+        if self.packed is None or self.packed_stale or self._versions_changed():
+            self.packed, self.packed_stale, self._packed_versions = [], False, []
             for lin, specs in self.linears:
                 if lin.kind in (kernels.KINDS["f32"], kernels.KINDS["bf16"]):
                     for i, spec in enumerate(specs):
                         t = kernels.pack(spec)
                         self.packed.append(t)
                         lin.P[i] = t.data_ptr()
+                        src = spec.tensors[0]
+                        self._packed_versions.append((src, src._version, src.data_ptr()))
+            self.packed_sources = {ptr for _, _, ptr in self._packed_versions}
+            _PACKED.add(self)
+            if not _HOOK:
+                _HOOK.append(_optim.register_optimizer_step_post_hook(_after_optimizer_step))
         return sum(t.numel() * t.element_size() for t in self.packed)
+
+    def _unpack(self) -> None:
+        """Drop the packed copies: the GEMM reads the weights in place again."""
+        for lin, _ in self.linears:
+            for i in range(lin.nw):
+                lin.P[i] = None
+        self.packed, self.packed_stale, self._packed_versions = None, False, []
+        self.packed_sources = set()
+        _PACKED.discard(self)
+
+    def _versions_changed(self) -> bool:
+        """True when a packed weight was written in place (or re-pointed) since packing."""
+        return any(t._version != v or t.data_ptr() != p for t, v, p in self._packed_versions)
 
     def step(self, ids: list[int], pos: list[int], cache, pack: bool = True) -> torch.Tensor:
         """Feed token ids[b] at position pos[b] to cache row b; logits (B, V) float32.
@@ -356,8 +405,10 @@ class NativeDecoder:
         if cache is not self.cache:
             self.bind(cache)
         B = len(ids)
-        if pack and self.packed is None and B >= kernels.GEMM_MIN_ROWS:
-            self.pack()
+        if pack and B >= kernels.GEMM_MIN_ROWS:
+            self.pack()  # packs once, again only when the weights changed
+        elif self.packed is not None and (self.packed_stale or self._versions_changed()):
+            self._unpack()  # small batches read the rows; stale copies must not linger
         lib = kernels.load()
         ptr = ctypes.byref(self.model)
         logits = torch.empty(B, self.vocab, dtype=torch.float32)

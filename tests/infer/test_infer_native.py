@@ -177,6 +177,36 @@ def test_engine_packs_weights_at_batches_of_six_only_when_asked():
     assert packed._native.pack() == expect  # idempotent: the bytes it already holds
 
 
+@pytest.mark.parametrize("update", ["fused_adamw", "no_grad_mul", "load_state_dict"])
+def test_packed_weights_follow_in_place_updates(update):
+    """After the weights change in place (an optimizer step, which torch's fused AdamW does
+    without bumping version counters, or writes under no_grad), the next batched step packs
+    again: tokens equal an engine that reads the weights in place."""
+    model = _model()
+    reqs = [Request([5, 6 + n, 7], temperature=0, max_new_tokens=6, ignore_eos=True)
+            for n in range(7)]  # fmt: skip
+    eng = Engine(model)
+    eng.generate(reqs)
+    first = eng._native.packed[0]
+    g = torch.Generator().manual_seed(3)
+    if update == "fused_adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    else:
+        with torch.no_grad():
+            if update == "no_grad_mul":
+                model.layers[2].mlp.up_proj.weight.mul_(-3.0)
+            else:
+                sd = {k: v + 0.1 * torch.randn(v.shape, generator=g)
+                      for k, v in model.state_dict().items()}  # fmt: skip
+                model.load_state_dict(sd)
+    got = [r.token_ids for r in eng.generate(reqs)]
+    assert eng._native.packed[0] is not first  # packed again
+    assert got == [r.token_ids for r in Engine(model, pack_weights=False).generate(reqs)]
+
+
 def test_engine_falls_back_for_unsupported_models_and_rebuilds_after_changes():
     biased = _model(attention_bias=True)
     assert "bias" in NativeDecoder.why_not(biased)
