@@ -25,6 +25,7 @@ engine keeps its torch path.
 from __future__ import annotations
 
 import ctypes
+import warnings
 import weakref
 from typing import Any
 
@@ -120,6 +121,18 @@ class Unsupported(Exception):
 # NativeDecoder.pack).
 _PACKED: weakref.WeakSet[NativeDecoder] = weakref.WeakSet()
 _HOOK: list[Any] = []
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _after_optimizer_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -293,6 +306,7 @@ class NativeDecoder:
         self.packed: list[torch.Tensor] | None = None  # see pack()
         self.packed_sources: set[int] = set()  # storage of the weights packed
         self.packed_stale = False
+        self.pack_refused: str | None = None  # why packing was skipped (memory), if it was
         self._packed_versions: list[tuple[torch.Tensor, int, int]] = []
         self.model = m
         self.layers = layers
@@ -368,7 +382,19 @@ class NativeDecoder:
         any in-place write that bumps their version counter (copy_, mul_ under no_grad,
         load_state_dict). Writes through `.data` bypass both and are not seen.
         """
+        if self.pack_refused:
+            return 0
         if self.packed is None or self.packed_stale or self._versions_changed():
+            need = self._pack_bytes()
+            avail = _available_memory()
+            if self.packed is None and avail is not None and need > avail // 2:
+                self.pack_refused = (
+                    f"packing the weights for batched decode needs {need / 2**20:.0f} MiB, more "
+                    f"than half of the {avail / 2**20:.0f} MiB available: the GEMM reads them "
+                    "in place"
+                )
+                warnings.warn(self.pack_refused, stacklevel=2)
+                return 0
             self.packed, self.packed_stale, self._packed_versions = [], False, []
             for lin, specs in self.linears:
                 if lin.kind in (kernels.KINDS["f32"], kernels.KINDS["bf16"]):
@@ -383,6 +409,15 @@ class NativeDecoder:
             if not _HOOK:
                 _HOOK.append(_optim.register_optimizer_step_post_hook(_after_optimizer_step))
         return sum(t.numel() * t.element_size() for t in self.packed)
+
+    def _pack_bytes(self) -> int:
+        """Bytes of the packed copies `pack` makes."""
+        lib, total = kernels.load(), 0
+        for lin, specs in self.linears:
+            if lin.kind in (kernels.KINDS["f32"], kernels.KINDS["bf16"]):
+                size = 4 if lin.kind == kernels.KINDS["f32"] else 2
+                total += sum(lib.geode_pack_size(sp.n, sp.k) * size for sp in specs)
+        return total
 
     def _unpack(self) -> None:
         """Drop the packed copies: the GEMM reads the weights in place again."""

@@ -207,6 +207,22 @@ def test_packed_weights_follow_in_place_updates(update):
     assert got == [r.token_ids for r in Engine(model, pack_weights=False).generate(reqs)]
 
 
+def test_packing_skipped_when_memory_is_short(monkeypatch):
+    """Packing needing more than half of the available memory is skipped with a warning that
+    says how much; the engine then reads the weights in place (same tokens)."""
+    from geode.infer import native as N
+
+    model = _model()
+    reqs = [Request([5, 6 + n], temperature=0, max_new_tokens=4, ignore_eos=True)
+            for n in range(6)]  # fmt: skip
+    monkeypatch.setattr(N, "_available_memory", lambda: 100_000)
+    eng = Engine(model)
+    with pytest.warns(UserWarning, match=r"needs \d+ MiB, more than half of the 0 MiB"):
+        got = [r.token_ids for r in eng.generate(reqs)]
+    assert eng._native.packed is None and "in place" in eng._native.pack_refused
+    assert got == [r.token_ids for r in Engine(model, pack_weights=False).generate(reqs)]
+
+
 def test_engine_falls_back_for_unsupported_models_and_rebuilds_after_changes():
     biased = _model(attention_bias=True)
     assert "bias" in NativeDecoder.why_not(biased)

@@ -304,3 +304,20 @@ def test_cli_help():
         assert "example:" in text
     serve = parser.parse_args(["serve", "m", "--api-key", "a", "--api-key", "b", "--port", "9"])
     assert serve.api_key == ["a", "b"] and serve.port == 9 and serve.host == "127.0.0.1"
+
+
+def test_cli_no_pack_weights_reaches_the_engine(tmp_path, monkeypatch):
+    """`geode serve --no-pack-weights` builds the engine with pack_weights=False."""
+    import uvicorn
+
+    import geode.serve.app as app_mod
+    from geode.cli import build_parser
+    from geode.cli.serve import run_serve
+
+    seen = []
+    monkeypatch.setattr(app_mod, "create_app", lambda *a, **kw: seen.append(kw) or "app")
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    parser = build_parser()
+    for flags, expect in (([], None), (["--no-pack-weights"], {"pack_weights": False})):
+        assert run_serve(parser.parse_args(["serve", str(tmp_path), *flags])) == 0
+        assert seen[-1]["engine_kwargs"] == expect
