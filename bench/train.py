@@ -18,7 +18,8 @@ in the same process, interleaved so that machine load affects both alike:
 Each prints one JSON line (median step time over --reps steps after --warmup), then a
 table with the ratio of medians and the paired ratio: the median over rounds of transformers'
 step time over geode's in the same round (adjacent in time, so less exposed to this shared
-host's minute-to-minute swings, which reach +-30% per step). On a GPU, add MFU = 6 * N * tokens/s / peak FLOP/s (--peak-tflops).
+host's minute-to-minute swings, which reach +-30% per step). On a GPU, add
+MFU = 6 * N * tokens/s / peak FLOP/s (--peak-tflops).
 
     python bench/train.py                        # CPU, float32, 2 threads
     python bench/train.py --device cuda --dtype bfloat16 --preset gemma3-1b --batch 8 \

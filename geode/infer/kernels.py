@@ -186,16 +186,21 @@ class WeightSpec:
         self.aux2 = aux2.data_ptr() if aux2 is not None else 0
 
 
+PACKABLE = {KINDS["f32"]: torch.float32, KINDS["bf16"]: torch.int16}  # kind -> packed dtype
+
+
+def packed_shape(spec: WeightSpec) -> tuple[int, torch.dtype]:
+    """Elements and dtype of `pack(spec)` (rows padded to whole tiles of the GEMM)."""
+    if spec.kind not in PACKABLE:
+        raise ValueError(f"only float32 / bfloat16 weights are packed, not kind {spec.kind}")
+    return (_lib or _need()).geode_pack_size(spec.n, spec.k), PACKABLE[spec.kind]
+
+
 def pack(spec: WeightSpec) -> torch.Tensor:
     """A float32 / bfloat16 weight copied into the layout the GEMM (6+ rows) streams (geode_pack)."""
-    if spec.kind not in (KINDS["f32"], KINDS["bf16"]):
-        raise ValueError(f"only float32 / bfloat16 weights are packed, not kind {spec.kind}")
-    lib = _lib or _need()
-    out = torch.empty(
-        lib.geode_pack_size(spec.n, spec.k),
-        dtype=torch.float32 if spec.kind == KINDS["f32"] else torch.int16,
-    )
-    if lib.geode_pack(spec.kind, spec.n, spec.k, spec.ptr, out.data_ptr()) != 0:
+    numel, dtype = packed_shape(spec)
+    out = torch.empty(numel, dtype=dtype)
+    if (_lib or _need()).geode_pack(spec.kind, spec.n, spec.k, spec.ptr, out.data_ptr()) != 0:
         raise RuntimeError(f"geode_pack failed for a ({spec.n}, {spec.k}) weight")
     return out
 

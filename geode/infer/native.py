@@ -141,7 +141,7 @@ def _after_optimizer_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) ->
         return
     ptrs = {p.data_ptr() for g in opt.param_groups for p in g["params"]}
     for dec in list(_PACKED):
-        if not ptrs.isdisjoint(dec.packed_sources):
+        if any(src in ptrs for _, _, src in dec._packed_versions):
             dec.packed_stale = True
 
 
@@ -304,9 +304,9 @@ class NativeDecoder:
         linears.append((m.head, [head]))
         self.linears = linears
         self.packed: list[torch.Tensor] | None = None  # see pack()
-        self.packed_sources: set[int] = set()  # storage of the weights packed
         self.packed_stale = False
         self.pack_refused: str | None = None  # why packing was skipped (memory), if it was
+        # per packed weight: its source tensor, version and storage pointer at packing
         self._packed_versions: list[tuple[torch.Tensor, int, int]] = []
         self.model = m
         self.layers = layers
@@ -396,27 +396,28 @@ class NativeDecoder:
                 warnings.warn(self.pack_refused, stacklevel=2)
                 return 0
             self.packed, self.packed_stale, self._packed_versions = [], False, []
-            for lin, specs in self.linears:
-                if lin.kind in (kernels.KINDS["f32"], kernels.KINDS["bf16"]):
-                    for i, spec in enumerate(specs):
-                        t = kernels.pack(spec)
-                        self.packed.append(t)
-                        lin.P[i] = t.data_ptr()
-                        src = spec.tensors[0]
-                        self._packed_versions.append((src, src._version, src.data_ptr()))
-            self.packed_sources = {ptr for _, _, ptr in self._packed_versions}
+            for lin, i, spec in self._packable():
+                t = kernels.pack(spec)
+                self.packed.append(t)
+                lin.P[i] = t.data_ptr()
+                src = spec.tensors[0]
+                self._packed_versions.append((src, src._version, src.data_ptr()))
             _PACKED.add(self)
             if not _HOOK:
                 _HOOK.append(_optim.register_optimizer_step_post_hook(_after_optimizer_step))
         return sum(t.numel() * t.element_size() for t in self.packed)
 
+    def _packable(self) -> list[tuple[_Linear, int, kernels.WeightSpec]]:
+        """(linear, index, spec) of every weight `pack` copies (float32 / bfloat16 kinds)."""
+        return [(lin, i, spec) for lin, specs in self.linears if lin.kind in kernels.PACKABLE
+                for i, spec in enumerate(specs)]  # fmt: skip
+
     def _pack_bytes(self) -> int:
         """Bytes of the packed copies `pack` makes."""
-        lib, total = kernels.load(), 0
-        for lin, specs in self.linears:
-            if lin.kind in (kernels.KINDS["f32"], kernels.KINDS["bf16"]):
-                size = 4 if lin.kind == kernels.KINDS["f32"] else 2
-                total += sum(lib.geode_pack_size(sp.n, sp.k) * size for sp in specs)
+        total = 0
+        for _, _, spec in self._packable():
+            numel, dtype = kernels.packed_shape(spec)
+            total += numel * dtype.itemsize
         return total
 
     def _unpack(self) -> None:
@@ -425,7 +426,6 @@ class NativeDecoder:
             for i in range(lin.nw):
                 lin.P[i] = None
         self.packed, self.packed_stale, self._packed_versions = None, False, []
-        self.packed_sources = set()
         _PACKED.discard(self)
 
     def _versions_changed(self) -> bool:
