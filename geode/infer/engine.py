@@ -224,6 +224,11 @@ class Engine:
         self.device = model.device
         self.dtype = model.dtype
         self.vocab_size = self.config.vocab_size
+        # Ids that can be sampled: with a tokenizer, those it has a piece for. An embedding may
+        # have padding rows past the tokenizer (Gemma 3 4B-27B: 262,208 rows, 262,144 pieces);
+        # they are never sampled, reported in logprobs or accepted in prompts.
+        pieces = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
+        self.token_vocab_size = min(self.vocab_size, pieces or self.vocab_size)
         if eos_token_ids is None:
             ids = {self.config.eos_token_id}
             if tokenizer is not None:
@@ -352,11 +357,12 @@ class Engine:
                 raise RequestError("prompt must be a string or a sequence of token ids") from None
         if not ids:
             raise RequestError("prompt is empty: at least one token is needed")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        bad = next((t for t in ids if not 0 <= t < self.token_vocab_size), None)
         if bad is not None:
-            raise RequestError(
-                f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})"
-            )
+            why = f"outside the vocabulary [0, {self.token_vocab_size})"
+            if 0 <= bad < self.vocab_size:
+                why += f" (rows {self.token_vocab_size}.. of the embedding have no tokenizer piece)"
+            raise RequestError(f"prompt token id {bad} is {why}")
         if params.max_new_tokens is None:
             params.max_new_tokens = self.max_seq_len - len(ids)
             if params.max_new_tokens < 1:
@@ -391,8 +397,8 @@ class Engine:
             else:
                 seq.decoder = _DiffDecoder(self.tokenizer, params.skip_special_tokens)
         if params.has_penalties:
-            seq.counts = torch.zeros(self.vocab_size, dtype=torch.float32)
-            seq.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
+            seq.counts = torch.zeros(self.token_vocab_size, dtype=torch.float32)
+            seq.seen = torch.zeros(self.token_vocab_size, dtype=torch.bool)
             seq.seen[torch.tensor(ids)] = True
         return seq
 
@@ -476,7 +482,7 @@ class Engine:
                 if stop == n:
                     last = self.model.logits(h[:, -1]).float()  # (1, V)
                 continue
-            logits = self.model.logits(h[0]).float()  # (T, V)
+            logits = self.model.logits(h[0]).float()[:, : self.token_vocab_size]  # (T, V')
             last = logits[-1:]
             logp = logits.log_softmax(-1)  # (T, V)
             targets = ids[start + 1 : stop + 1]  # next tokens scored by these positions
@@ -632,7 +638,12 @@ class Engine:
         return tokens
 
     def _advance(self, seqs: list[_Sequence], logits: torch.Tensor, rows: list[int]) -> list[Delta]:
-        """Sample, record logprobs, detokenize, check stop conditions; release finished rows."""
+        """Sample, record logprobs, detokenize, check stop conditions; release finished rows.
+
+        logits (B, V) float32; only the first token_vocab_size columns (ids with a tokenizer
+        piece) take part: padding rows are never sampled nor counted in the logprobs.
+        """
+        logits = logits[:, : self.token_vocab_size]  # (B, V'): a view, rows stay contiguous
         tokens = self._choose(seqs, logits).tolist()
         want_lp = [s.params.logprobs is not None for s in seqs]
         chosen_lp: list[float] = []

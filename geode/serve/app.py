@@ -122,9 +122,7 @@ class ServerState:
             if self.grammars is None:
                 from .constrain import Grammars
 
-                self.grammars = Grammars(
-                    self.tokenizer, self.engine.eos_token_ids, self.engine.vocab_size
-                )
+                self.grammars = Grammars(self.tokenizer, self.engine.eos_token_ids)
             return self.grammars
 
 
@@ -603,7 +601,7 @@ def _prompts(state: ServerState, prompt: Any) -> list[tuple[list[int], str | Non
     if prompt and all(isinstance(x, int) for x in prompt):
         prompt = [prompt]
     out = []
-    vocab = state.engine.vocab_size
+    vocab = state.engine.token_vocab_size  # ids with a tokenizer piece
     for i, p in enumerate(prompt):
         if isinstance(p, str):
             ids = list(tok.encode(p))

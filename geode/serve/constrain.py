@@ -44,14 +44,13 @@ class _TokenizerView:
 class Grammars:
     """Compiles grammars for one tokenizer; `processor(...)` makes a per-request processor."""
 
-    def __init__(self, tokenizer: Any, eos_token_ids: Iterable[int], vocab_size: int):
+    def __init__(self, tokenizer: Any, eos_token_ids: Iterable[int]):
         import llguidance
 
         self._llg = llguidance
         eos = sorted(int(i) for i in eos_token_ids)
         view = _TokenizerView(tokenizer, eos[0])
         self.tokenizer = tokenizer
-        self.vocab_size = vocab_size  # the model's (may exceed the tokenizer's)
         self.lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(view), eos_token=eos)
 
     def json_schema(self, schema: dict[str, Any] | None) -> str:
@@ -96,24 +95,24 @@ class Grammars:
         matcher = self._llg.LLMatcher(self.lltok, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
-        return GrammarProcessor(matcher, self.lltok.vocab_size, self.vocab_size)
+        return GrammarProcessor(matcher, self.lltok.vocab_size)
 
 
 class GrammarProcessor:
     """An engine logits processor that masks tokens the grammar does not allow next."""
 
-    def __init__(self, matcher: Any, tok_vocab: int, model_vocab: int):
+    def __init__(self, matcher: Any, tok_vocab: int):
         self.matcher = matcher
         self.consumed = 0
         self.tok_vocab = tok_vocab
-        self.model_vocab = model_vocab
         self.failed = False
 
-    def _mask(self) -> torch.Tensor:
+    def _mask(self, width: int) -> torch.Tensor:
+        """Allowed next ids as a bool mask (width,): ids past the tokenizer are never allowed."""
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[: self.tok_vocab].astype(bool)
-        mask = torch.zeros(self.model_vocab, dtype=torch.bool)
-        n = min(self.tok_vocab, self.model_vocab)
+        mask = torch.zeros(width, dtype=torch.bool)
+        n = min(self.tok_vocab, width)
         mask[:n] = torch.from_numpy(allowed[:n])
         return mask
 
@@ -125,7 +124,7 @@ class GrammarProcessor:
         self.consumed = len(generated)
         if self.failed or self.matcher.is_error():
             return logits  # cannot happen when every token was drawn from our mask
-        mask = self._mask().to(logits.device)
+        mask = self._mask(logits.shape[-1]).to(logits.device)
         if not bool(mask.any()):
             return logits
         return logits.masked_fill(~mask, float("-inf"))
