@@ -13,9 +13,10 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -193,11 +194,14 @@ def _index_tensors(files: list[Path]) -> dict[str, TensorEntry]:
     return table
 
 
-def _map_keys(stored: dict[str, TensorEntry], tied: bool) -> dict[str, tuple[str, TensorEntry]]:
-    """geode parameter name -> (stored name, entry); unknown tensors are errors."""
+def _map_keys(
+    stored: dict[str, TensorEntry], tied: bool, heads: Collection[str] = ()
+) -> dict[str, tuple[str, TensorEntry]]:
+    """geode parameter name -> (stored name, entry); unknown tensors are errors, except the
+    `heads` (tensors outside the decoder, e.g. a reward model's `score.weight`)."""
     mapped: dict[str, tuple[str, TensorEntry]] = {}
     for key, entry in stored.items():
-        if key.startswith(NON_TEXT_PREFIXES):
+        if key.startswith(NON_TEXT_PREFIXES) or key in heads:
             continue
         if key in LM_HEAD_KEYS:
             if not tied:  # a tied checkpoint may still carry a copy of the embedding
@@ -226,17 +230,19 @@ def load_model(
     *,
     allow_float16: bool = False,
     check_finite: bool = True,
+    heads: Collection[str] = (),
 ) -> Transformer:
     """Load a HF-layout checkpoint directory into a geode model (eval mode).
 
     dtype: None keeps the stored dtype; float16 is refused unless `allow_float16`.
+    heads: stored tensors outside the decoder to leave for the caller (`load_heads`).
     Peak memory stays near one copy of the weights: the model is built on the meta device
     and each tensor is read from the memory-mapped file and converted one at a time.
     """
     root = Path(path)
     config = read_config(root)
     stored = _index_tensors(_weight_files(root))
-    mapped = _map_keys(stored, config.tie_word_embeddings)
+    mapped = _map_keys(stored, config.tie_word_embeddings, heads)
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -296,6 +302,24 @@ def load_model(
     return model.eval()
 
 
+def load_heads(
+    path: str | os.PathLike, names: Collection[str], dtype: torch.dtype | str | None = None
+) -> dict[str, torch.Tensor]:
+    """The stored tensors `names` (outside the decoder, e.g. `score.weight`), checked finite."""
+    root = Path(path)
+    stored = _index_tensors(_weight_files(root))
+    out = {}
+    for name in names:
+        if name not in stored:
+            raise CheckpointError(f"{root}: missing tensor {name!r}")
+        with safe_open(str(stored[name].file), framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(name).to(dtype=parse_dtype(dtype) or stored[name].dtype)
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{stored[name].file}: tensor {name!r} contains NaN or inf")
+        out[name] = tensor
+    return out
+
+
 # ---------------------------------------------------------------------- writing
 def save_model(
     model: Transformer,
@@ -303,12 +327,16 @@ def save_model(
     *,
     max_shard_bytes: int = 5 * 1024**3,
     files: Mapping[str, str | os.PathLike] | None = None,
+    heads: Mapping[str, torch.Tensor] | None = None,
+    hf_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `model` as a HF `Gemma3ForCausalLM` checkpoint directory, atomically.
 
     Shards above `max_shard_bytes` (with model.safetensors.index.json); `files` maps extra
     file names (e.g. 'tokenizer.model') to source paths copied in. An existing directory
-    at `path` is replaced only once the new one is complete.
+    at `path` is replaced only once the new one is complete. `heads` are tensors stored
+    under their own names beside the decoder's, `hf_config` updates config.json (a reward
+    model: `score.weight`, architectures = [Gemma3TextForSequenceClassification]).
     """
     root = Path(path)
     if root.exists() and not root.is_dir():
@@ -317,6 +345,8 @@ def save_model(
     state = {}
     for name, tensor in model.state_dict().items():
         key = name if name == "lm_head.weight" else f"model.{name}"
+        state[key] = tensor.detach().to("cpu").contiguous()
+    for key, tensor in (heads or {}).items():
         state[key] = tensor.detach().to("cpu").contiguous()
     shards = _plan_shards(state, max_shard_bytes)
 
@@ -327,6 +357,7 @@ def save_model(
         hf = config.to_hf()
         dtype_name = str(model.dtype).removeprefix("torch.")
         hf["dtype"] = dtype_name
+        hf.update(hf_config or {})
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
         gen = {
             "bos_token_id": config.bos_token_id,
