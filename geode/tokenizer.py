@@ -1,11 +1,14 @@
-"""SentencePiece tokenizer: Gemma-style training, loading, special tokens, streaming decode.
+"""Tokenizers: Gemma-style SentencePiece training, loading, special tokens, streaming decode.
 
-A `Tokenizer` wraps a `sentencepiece` model (`tokenizer.model`, the file Gemma checkpoints
-ship). Encoding matches the Hugging Face Gemma tokenizer built from the same file: special
-token strings in the text (`<start_of_turn>`, `<bos>`, ...) become their single ids; the
-rest goes through SentencePiece unchanged. Decoding renders every id as its bytes
+A `Tokenizer` reads a vocabulary through one of two backends: a `sentencepiece` model
+(`tokenizer.model`, the file Gemma checkpoints ship) or a Hugging Face `tokenizer.json` of the
+same family (SentencePiece-style: `▁` for spaces, `<0xNN>` byte fallback), read with the
+`tokenizers` library, for checkpoints that ship only that file. Encoding matches the Hugging
+Face Gemma tokenizer built from the same file: special token strings in the text
+(`<start_of_turn>`, `<bos>`, ...) become their single ids; the rest goes through the backend
+unchanged. Decoding is geode's own, the same for both backends: every id renders as its bytes
 (`▁` -> space, byte-fallback pieces `<0xNN>` -> raw bytes, special pieces -> their text) and
-reads the bytes as UTF-8, each invalid byte becoming U+FFFD exactly as SentencePiece does;
+the bytes are read as UTF-8, each invalid byte becoming U+FFFD exactly as SentencePiece does;
 `StreamDecoder` does the same one token at a time, so its deltas always add up to `decode`.
 See docs/tokenizer.md.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import itertools
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +30,8 @@ import sentencepiece as spm
 from .fileio import atomic_write_bytes
 
 MODEL_FILENAME = "tokenizer.model"
+JSON_FILENAME = "tokenizer.json"
+JSON_CONFIG_FILENAME = "tokenizer_config.json"  # names of <bos>/<eos>/<pad> beside a tokenizer.json
 
 # Gemma's reserved pieces and ids (a trained geode tokenizer uses the same layout).
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -63,6 +69,9 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 # (`<mask>` and `[multimodal]` take ids 4 and 5 as in Gemma).
 DEFAULT_USER_SYMBOLS: tuple[str, ...] = ("<mask>", "[multimodal]") + SPECIAL_TOKENS[3:]
 
+# What a backend says each id is: decoding and `skip_special` follow from it.
+NORMAL, CONTROL, UNKNOWN, BYTE = 0, 1, 2, 3
+
 _ERRORS = "geode.sentencepiece_replace"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -77,37 +86,270 @@ def _replace_each_byte(err: UnicodeError) -> tuple[str, int]:
 codecs.register_error(_ERRORS, _replace_each_byte)
 
 
-class Tokenizer:
-    """A SentencePiece model with Gemma's special-token handling and exact byte-level decoding."""
+# ---- backends -------------------------------------------------------------------------------
+# A backend gives `Tokenizer` the vocabulary (pieces, kinds, reserved ids), encodes plain text
+# and serializes itself; everything else (special tokens, decoding, streaming) is `Tokenizer`'s.
 
-    def __init__(self, model: str | os.PathLike[str] | bytes, num_threads: int = -1) -> None:
-        """Load from a `.model` file path or its serialized bytes (see `load_tokenizer`)."""
-        self.path: Path | None = None
-        if isinstance(model, bytes):
-            proto = model
-        else:
-            self.path = Path(model)
-            proto = _read_model_file(self.path)
-        self._sp = spm.SentencePieceProcessor()
-        where = self.path or "<bytes>"
+
+class SentencePieceVocab:
+    """Backend over a SentencePiece model (`tokenizer.model`)."""
+
+    filename = MODEL_FILENAME
+    # SentencePiece matches user-defined pieces in text itself, control pieces and <unk> not:
+    # `Tokenizer` splits those out of the text first, as HF's Gemma tokenizer does.
+    matches_control_text = False
+
+    def __init__(self, proto: bytes, where: str = "<bytes>") -> None:
+        """Load serialized model bytes; `where` names the file in errors."""
         if not proto:
             raise ValueError(f"{where}: empty file, not a SentencePiece model")
+        self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(proto)
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{where}: not a valid SentencePiece model ({e})") from e
+        sp = self._sp
+        self.size: int = sp.vocab_size()
+        self.bos_id, self.eos_id, self.pad_id = sp.bos_id(), sp.eos_id(), sp.pad_id()
+        self.unk_id: int = sp.unk_id()
+        self.pieces: list[str] = [sp.id_to_piece(i) for i in range(self.size)]
+        self.kinds: list[int] = [
+            CONTROL
+            if sp.IsControl(i)
+            else UNKNOWN
+            if sp.IsUnknown(i)
+            else BYTE
+            if sp.IsByte(i)
+            else NORMAL
+            for i in range(self.size)
+        ]
+
+    def piece_id(self, piece: str) -> int | None:
+        """Id of a piece, None if absent."""
+        i = self._sp.piece_to_id(piece)
+        return None if i == self.unk_id and piece != self.pieces[i] else i
+
+    @cached_property
+    def strips_leading_space(self) -> bool:
+        """Whether SentencePiece drops the first piece's leading space (dummy prefix, Llama-style)."""
+        for i, piece in enumerate(self.pieces):
+            if piece.startswith("\u2581") and self.kinds[i] in (NORMAL, UNKNOWN):
+                return self._sp.decode([i]) != piece.replace("\u2581", " ")
+        return False
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of plain text."""
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        """Ids of each plain text (SentencePiece's multithreaded batch encoder)."""
+        return self._sp.encode(texts, num_threads=num_threads)
+
+    def serialized(self) -> bytes:
+        """The model file's bytes."""
+        return self._sp.serialized_model_proto()
+
+    def state(self) -> dict[str, Any]:
+        """What pickling needs besides `serialized()`."""
+        return {}
+
+
+def _json_tokens(node: Any) -> Iterator[dict[str, Any]]:
+    """Every component dict in a tokenizer.json section (through `Sequence` nesting)."""
+    if isinstance(node, dict):
+        yield node
+        for key in ("normalizers", "pretokenizers", "decoders", "processors"):
+            for child in node.get(key) or ():
+                yield from _json_tokens(child)
+
+
+def _json_strips_leading_space(spec: dict[str, Any], where: str) -> bool:
+    """Check the decoder is SentencePiece-style (so geode's byte rule is exact); say if it strips
+    the first leading space (Llama's `Strip`, `Metaspace` with a prepended `▁`)."""
+    strips = False
+    for d in _json_tokens(spec.get("decoder")):
+        kind = d.get("type")
+        if kind in ("Sequence", "ByteFallback", "Fuse"):
+            continue
+        if (
+            kind == "Replace"
+            and d.get("pattern") == {"String": "\u2581"}
+            and d.get("content") == " "
+        ):
+            continue
+        if (
+            kind == "Strip"
+            and d.get("content") == " "
+            and d.get("stop") == 0
+            and d.get("start") in (0, 1)
+        ):
+            strips = strips or d["start"] == 1
+            continue
+        if kind == "Metaspace" and d.get("replacement") == "\u2581":
+            strips = strips or d.get("prepend_scheme", "always") != "never"
+            continue
+        raise ValueError(
+            f"{where}: decoder {kind} ({json.dumps(d)[:120]}) is not supported: geode reads "
+            "SentencePiece-style tokenizers whose decoder only maps '\u2581' to a space and "
+            "<0xNN> pieces to bytes (Replace, ByteFallback, Fuse, Strip, Metaspace)"
+        )
+    return strips
+
+
+def _check_json_family(spec: Any, where: str) -> None:
+    """A clear error for a tokenizer.json geode cannot read exactly (another model family)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise ValueError(f"{where}: no 'model' object; not a Hugging Face tokenizer.json")
+    for section in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        for comp in _json_tokens(spec.get(section)):
+            if comp.get("type") == "ByteLevel":
+                raise ValueError(
+                    f"{where}: {section} type ByteLevel: a byte-level BPE (GPT-2 family) is not "
+                    "supported; geode reads SentencePiece-style tokenizers (Gemma, Llama: "
+                    "'\u2581' for spaces, <0xNN> byte-fallback pieces)"
+                )
+    kind = spec["model"].get("type")
+    if kind not in ("BPE", "Unigram"):
+        raise ValueError(
+            f"{where}: model.type {kind!r} is not supported; geode reads SentencePiece-style "
+            "BPE or Unigram tokenizers (Gemma, Llama)"
+        )
+
+
+class TokenizerJsonVocab:
+    """Backend over a Hugging Face `tokenizer.json` of the SentencePiece family, encoded by the
+    `tokenizers` library. Added tokens marked `special` count as control pieces."""
+
+    filename = JSON_FILENAME
+    # The `tokenizers` library matches every added token in text itself.
+    matches_control_text = True
+
+    def __init__(
+        self, text: str, where: str = "<tokenizer.json>", names: dict[str, str] | None = None
+    ) -> None:
+        """Load tokenizer.json text; `names` maps bos/eos/pad to pieces (default Gemma's)."""
+        import tokenizers
+
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from None
+        _check_json_family(spec, where)
+        self.strips_leading_space = _json_strips_leading_space(spec, where)
+        try:
+            self._tk = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # the library raises plain Exception on malformed specs
+            raise ValueError(f"{where}: the tokenizers library cannot read it ({e})") from None
+        self._text = text
+        self.names = {"bos": BOS, "eos": EOS, "pad": PAD, **(names or {})}
+        tk = self._tk
+        self.size = tk.get_vocab_size(with_added_tokens=True)
+        pieces = [tk.id_to_token(i) for i in range(self.size)]
+        if None in pieces:
+            raise ValueError(f"{where}: token id {pieces.index(None)} has no piece (ids have gaps)")
+        self.pieces: list[str] = pieces  # type: ignore[assignment]
+        model = spec["model"]
+        unk = model.get("unk_token") if model["type"] == "BPE" else model.get("unk_id")
+        self.unk_id = (
+            tk.token_to_id(unk) if isinstance(unk, str) else unk if unk is not None else -1
+        )
+        added = {a["id"]: a for a in spec.get("added_tokens") or ()}
+        byte_fallback = bool(model.get("byte_fallback"))
+        self.kinds: list[int] = []
+        for i, piece in enumerate(self.pieces):
+            if i in added:
+                kind = CONTROL if added[i].get("special") else NORMAL
+            elif byte_fallback and _BYTE_PIECE.fullmatch(piece):
+                kind = BYTE
+            else:
+                kind = NORMAL
+            self.kinds.append(UNKNOWN if i == self.unk_id else kind)
+        ids = [self.piece_id(self.names[k]) for k in ("bos", "eos", "pad")]
+        self.bos_id, self.eos_id, self.pad_id = (-1 if i is None else i for i in ids)
+
+    def piece_id(self, piece: str) -> int | None:
+        """Id of a piece, None if absent."""
+        return self._tk.token_to_id(piece)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of text (added tokens in it become their ids; no <bos> added)."""
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        """Ids of each text (the library's batch encoder; threads from RAYON_NUM_THREADS)."""
+        return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
+
+    def serialized(self) -> bytes:
+        """The tokenizer.json bytes."""
+        return self._text.encode("utf-8")
+
+    def state(self) -> dict[str, Any]:
+        """What pickling needs besides `serialized()`."""
+        return {"names": self.names}
+
+
+def _json_names(config: Path) -> dict[str, str]:
+    """bos/eos/pad piece names from a tokenizer_config.json (missing file or keys: none)."""
+    if not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config}: cannot read it as JSON ({e})") from None
+    out = {}
+    for key in ("bos", "eos", "pad"):
+        value = data.get(f"{key}_token") if isinstance(data, dict) else None
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+Backend = SentencePieceVocab | TokenizerJsonVocab
+
+
+def _open_backend(path: Path) -> Backend:
+    """The backend for a tokenizer file: `.json` -> tokenizer.json, else SentencePiece."""
+    data = _read_model_file(path)
+    if path.suffix == ".json":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        return TokenizerJsonVocab(
+            text, str(path), _json_names(path.with_name(JSON_CONFIG_FILENAME))
+        )
+    return SentencePieceVocab(data, str(path))
+
+
+class Tokenizer:
+    """A vocabulary (SentencePiece model or tokenizer.json) with Gemma's special-token handling
+    and exact byte-level decoding."""
+
+    def __init__(
+        self, model: str | os.PathLike[str] | bytes | Backend, num_threads: int = -1
+    ) -> None:
+        """Load from a `.model` / `tokenizer.json` path, SentencePiece model bytes, or a backend."""
+        self.path: Path | None = None
+        if isinstance(model, bytes):
+            self._vocab: Backend = SentencePieceVocab(model)
+        elif isinstance(model, SentencePieceVocab | TokenizerJsonVocab):
+            self._vocab = model
+        else:
+            self.path = Path(model)
+            self._vocab = _open_backend(self.path)
         self.num_threads = num_threads
         self._init_tables()
 
     def _init_tables(self) -> None:
-        sp = self._sp
-        unk = sp.unk_id()
-        # Pieces SentencePiece does not match in text by itself but HF does: control pieces
-        # (<bos>, <eos>, <pad>, ...) and <unk>. User-defined pieces it matches natively.
+        v = self._vocab
+        # Pieces the backend does not match in text by itself but HF does: control pieces
+        # (<bos>, <eos>, <pad>, ...) and <unk>.
         self._text_specials: dict[str, int] = {}
-        for i in range(sp.vocab_size()):
-            if sp.IsControl(i) or sp.IsUnknown(i):
-                self._text_specials.setdefault(sp.id_to_piece(i), i)
+        if not v.matches_control_text:
+            for i, kind in enumerate(v.kinds):
+                if kind in (CONTROL, UNKNOWN):
+                    self._text_specials.setdefault(v.pieces[i], i)
         self._split_re = (
             re.compile(
                 "|".join(re.escape(p) for p in sorted(self._text_specials, key=len, reverse=True))
@@ -116,14 +358,12 @@ class Tokenizer:
             else None
         )
         special: dict[str, int] = {}
-        for name, fixed in ((BOS, sp.bos_id()), (EOS, sp.eos_id()), (PAD, sp.pad_id())):
+        for name, fixed in ((BOS, v.bos_id), (EOS, v.eos_id), (PAD, v.pad_id)):
             if fixed >= 0:
                 special[name] = fixed
         for name in SPECIAL_TOKENS:
-            if name not in special:
-                i = sp.piece_to_id(name)
-                if i != unk or name == sp.id_to_piece(unk):
-                    special[name] = i
+            if name not in special and (i := v.piece_id(name)) is not None:
+                special[name] = i
         self._special_ids = special
 
     # ---- vocabulary -------------------------------------------------------------------------
@@ -131,7 +371,7 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """Number of pieces (ids are 0 .. vocab_size-1)."""
-        return self._sp.vocab_size()
+        return self._vocab.size
 
     def __len__(self) -> int:
         """Same as `vocab_size`."""
@@ -140,22 +380,22 @@ class Tokenizer:
     @property
     def bos_id(self) -> int:
         """Id of `<bos>` (-1 if the model has none)."""
-        return self._sp.bos_id()
+        return self._vocab.bos_id
 
     @property
     def eos_id(self) -> int:
         """Id of `<eos>` (-1 if the model has none)."""
-        return self._sp.eos_id()
+        return self._vocab.eos_id
 
     @property
     def pad_id(self) -> int:
         """Id of `<pad>` (-1 if the model has none)."""
-        return self._sp.pad_id()
+        return self._vocab.pad_id
 
     @property
     def unk_id(self) -> int:
-        """Id of `<unk>`."""
-        return self._sp.unk_id()
+        """Id of `<unk>` (-1 if the model has none)."""
+        return self._vocab.unk_id
 
     @property
     def special_ids(self) -> dict[str, int]:
@@ -165,14 +405,11 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         """The piece string of an id (e.g. `▁the`, `<0x0A>`, `<start_of_turn>`)."""
         self._check_ids([token_id])
-        return self._sp.id_to_piece(token_id)
+        return self._vocab.pieces[token_id]
 
     def piece_to_id(self, piece: str) -> int | None:
         """The id of a piece, or None if the vocabulary has no such piece."""
-        i = self._sp.piece_to_id(piece)
-        if i == self.unk_id and piece != self._sp.id_to_piece(i):
-            return None
-        return i
+        return self._vocab.piece_id(piece)
 
     def is_special(self, token_id: int) -> bool:
         """True for control pieces, `<unk>`, and the ids in `special_ids`."""
@@ -215,16 +452,16 @@ class Tokenizer:
             if isinstance(seg, int):
                 ids.append(seg)
             elif seg:
-                ids.extend(self._sp.encode(seg))
+                ids.extend(self._vocab.encode(seg))
         return self._wrap(ids, add_bos, add_eos)
 
     def encode_batch(
         self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False
     ) -> list[list[int]]:
-        """`encode` of each text, using SentencePiece's multithreaded batch encoder."""
+        """`encode` of each text, using the backend's multithreaded batch encoder."""
         split = [self._segments(t) for t in texts]
         plain = [seg for segs in split for seg in segs if isinstance(seg, str) and seg]
-        encoded = iter(self._sp.encode(plain, num_threads=self.num_threads) if plain else [])
+        encoded = iter(self._vocab.encode_batch(plain, self.num_threads) if plain else [])
         out = []
         for segs in split:
             ids: list[int] = []
@@ -241,13 +478,11 @@ class Tokenizer:
     @cached_property
     def _bytes(self) -> list[bytes]:
         """The UTF-8 bytes each id decodes to (special pieces as their text)."""
-        sp = self._sp
         table = []
-        for i in range(sp.vocab_size()):
-            piece = sp.id_to_piece(i)
-            if sp.IsByte(i) and (m := _BYTE_PIECE.fullmatch(piece)):
+        for piece, kind in zip(self._vocab.pieces, self._vocab.kinds):
+            if kind == BYTE and (m := _BYTE_PIECE.fullmatch(piece)):
                 table.append(bytes([int(m.group(1), 16)]))
-            elif sp.IsControl(i) or sp.IsUnknown(i):
+            elif kind in (CONTROL, UNKNOWN):
                 table.append(piece.encode("utf-8"))
             else:
                 table.append(piece.replace("\u2581", " ").encode("utf-8"))
@@ -256,8 +491,7 @@ class Tokenizer:
     @cached_property
     def _skip(self) -> list[bool]:
         """Per id: dropped by `decode(..., skip_special=True)`."""
-        sp = self._sp
-        skip = [sp.IsControl(i) or sp.IsUnknown(i) for i in range(sp.vocab_size())]
+        skip = [kind in (CONTROL, UNKNOWN) for kind in self._vocab.kinds]
         for i in self._special_ids.values():
             skip[i] = True
         return skip
@@ -266,27 +500,21 @@ class Tokenizer:
     def _bytes_skip(self) -> list[bytes]:
         return [b"" if s else b for b, s in zip(self._bytes, self._skip)]
 
-    @cached_property
+    @property
     def _strips_leading_space(self) -> bool:
-        """Whether SentencePiece drops the leading space of the first piece when decoding.
+        """Whether decoding drops the leading space of the first piece.
 
         True for models with a dummy prefix or whitespace normalisation (Llama-style);
         False for Gemma-style models, whose decoding keeps every space.
         """
-        sp = self._sp
-        for i in range(sp.vocab_size()):
-            piece = sp.id_to_piece(i)
-            if piece.startswith("\u2581") and not (sp.IsControl(i) or sp.IsByte(i)):
-                return sp.decode([i]) != piece.replace("\u2581", " ")
-        return False
+        return self._vocab.strips_leading_space
 
     def _leading_space_id(self, token_id: int) -> bool:
-        """True if this id is a piece whose leading space SentencePiece strips at the start."""
-        sp = self._sp
+        """True if this id is a piece whose leading space decoding strips at the start."""
         return (
             self._strips_leading_space
             and self._bytes[token_id][:1] == b" "
-            and not (sp.IsControl(token_id) or sp.IsUnknown(token_id) or sp.IsByte(token_id))
+            and self._vocab.kinds[token_id] == NORMAL
         )
 
     def _check_ids(self, ids: Sequence[int]) -> None:
@@ -316,24 +544,41 @@ class Tokenizer:
 
     # ---- persistence ------------------------------------------------------------------------
 
+    @property
+    def filename(self) -> str:
+        """The file name this kind of tokenizer has in a checkpoint (`tokenizer.model` / `.json`)."""
+        return self._vocab.filename
+
     def serialized_model(self) -> bytes:
-        """The SentencePiece model file's bytes."""
-        return self._sp.serialized_model_proto()
+        """The tokenizer file's bytes (SentencePiece model, or tokenizer.json text)."""
+        return self._vocab.serialized()
 
     def save(self, dir_or_path: str | os.PathLike[str]) -> Path:
-        """Write the model file (into `dir/tokenizer.model` for a directory); returns the path."""
+        """Write the tokenizer file (into `dir/<filename>` for a directory); returns the path."""
         path = Path(dir_or_path)
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)
-            path = path / MODEL_FILENAME
+            path = path / self.filename
         atomic_write_bytes(path, self.serialized_model())
         return path
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"proto": self.serialized_model(), "path": self.path, "threads": self.num_threads}
+        return {
+            "proto": self.serialized_model(),
+            "json": isinstance(self._vocab, TokenizerJsonVocab),
+            "state": self._vocab.state(),
+            "path": self.path,
+            "threads": self.num_threads,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["proto"], state["threads"])  # type: ignore[misc]
+        where = str(state["path"] or "<pickled>")
+        vocab: Backend = (
+            TokenizerJsonVocab(state["proto"].decode("utf-8"), where, **state["state"])
+            if state.get("json")
+            else SentencePieceVocab(state["proto"], where)
+        )
+        self.__init__(vocab, state["threads"])  # type: ignore[misc]
         self.path = state["path"]
 
     def __repr__(self) -> str:
@@ -401,19 +646,29 @@ def _read_model_file(path: Path) -> bytes:
         raise OSError(f"cannot read tokenizer model {path}: {e.strerror or e}") from e
 
 
-def load_tokenizer(path: str | os.PathLike[str], num_threads: int = -1) -> Tokenizer:
-    """Load a `tokenizer.model` file, or the one inside a checkpoint directory."""
+def find_tokenizer(path: str | os.PathLike[str]) -> Path | None:
+    """The file `load_tokenizer(path)` reads: in a directory its `tokenizer.model`, else its
+    `tokenizer.json`; a file itself; None when there is none."""
     p = Path(path)
     if p.is_dir():
-        model = p / MODEL_FILENAME
-        if not model.is_file():
-            raise FileNotFoundError(f"no {MODEL_FILENAME} in checkpoint directory {p}")
-        p = model
-    elif not p.exists():
+        return next((p / n for n in (MODEL_FILENAME, JSON_FILENAME) if (p / n).is_file()), None)
+    return p if p.exists() else None
+
+
+def load_tokenizer(path: str | os.PathLike[str], num_threads: int = -1) -> Tokenizer:
+    """Load a `tokenizer.model` / `tokenizer.json` file, or the one in a checkpoint directory
+    (`tokenizer.model` preferred)."""
+    p = Path(path)
+    found = find_tokenizer(p)
+    if found is None and p.is_dir():
         raise FileNotFoundError(
-            f"tokenizer not found: {p} (expected a {MODEL_FILENAME} file or a dir)"
+            f"no {MODEL_FILENAME} in checkpoint directory {p} (and no {JSON_FILENAME})"
         )
-    return Tokenizer(p, num_threads=num_threads)
+    if found is None:
+        raise FileNotFoundError(
+            f"tokenizer not found: {p} (expected a {MODEL_FILENAME} or {JSON_FILENAME} file or a dir)"
+        )
+    return Tokenizer(found, num_threads=num_threads)
 
 
 # ---- training -------------------------------------------------------------------------------
