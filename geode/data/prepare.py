@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -123,9 +122,9 @@ def _load_tokenizer(spec: str | TokenizerLike) -> tuple[TokenizerLike, dict[str,
 
 
 def _progress(total: int | None, desc: str, enabled: bool):
-    from tqdm import tqdm
+    from ..progress import progress
 
-    return tqdm(total=total, desc=desc, unit="doc", disable=not enabled, file=sys.stderr)
+    return progress(total, desc, "doc", enabled=enabled)
 
 
 def prepare(

@@ -45,16 +45,9 @@ def _jsonable(x: Any) -> Any:
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from ..progress import progress
 
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="sample",
-        disable=not enabled,
-        dynamic_ncols=True,
-    )
+    return progress(total, desc, "sample", initial=initial, enabled=enabled)
 
 
 def _load_done(path: Path) -> dict[str, dict]:
