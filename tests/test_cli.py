@@ -68,3 +68,30 @@ def test_init_ships_tokenizer_and_checks_its_size(tmp_path, capsys):
     )
     assert "do not fit nano-1m's 2048-row embedding" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_init_sizes_the_embedding_from_the_tokenizer(tmp_path, capsys):
+    """One row per piece: sampling can never pick an id the tokenizer cannot decode."""
+    import json
+    import random
+
+    from geode.tokenizer import train_tokenizer
+
+    rng = random.Random(1)
+    words = [
+        "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 8))) for _ in range(800)
+    ]
+    tok = train_tokenizer(texts=[" ".join(rng.choices(words, k=10)) for _ in range(800)],
+                          vocab_size=400, out=tmp_path / "tok.model")  # fmt: skip
+    argv = ["init", "nano-1m", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok.model")]
+    assert main(argv) == 0
+    assert "400-row embedding sized from the tokenizer" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["vocab_size"] == 400
+    model = geode.load_model(tmp_path / "m")
+    assert model.embed_tokens.weight.shape == (400, model.config.hidden_size)
+    argv = ["generate", str(tmp_path / "m"), "--prompt", "ab", "--max-new-tokens", "48",
+            "--ignore-eos", "--seed", "0", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 48 and max(out["token_ids"]) < 400
+    assert out["text"] == tok.decode(out["token_ids"], skip_special=True)

@@ -36,7 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument(
-        "--tokenizer", metavar="MODEL", help="tokenizer.model to ship in the checkpoint directory"
+        "--tokenizer",
+        metavar="MODEL",
+        help="tokenizer.model to ship in the checkpoint directory; the embedding gets one row "
+        "per piece (a tokenizer larger than the preset's vocabulary is refused)",
     )
     p.set_defaults(func=run_init)
 
@@ -45,9 +48,10 @@ def run_info(args: argparse.Namespace) -> int:
     """Print the summary."""
     import json
 
-    from ..info import format_summary, model_summary, resolve_config
+    from ..info import format_summary, model_summary, resolve_config, tokenizer_file
 
-    summary = model_summary(resolve_config(args.model), args.dtype)
+    tok = tokenizer_file(args.model)
+    summary = model_summary(resolve_config(args.model), args.dtype, tokenizer=tok)
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 
@@ -59,18 +63,27 @@ def run_init(args: argparse.Namespace) -> int:
 
     config = get_preset(args.preset)
     files = {}
+    vocab = ""
     if args.tokenizer:
+        import dataclasses
+
         from ..tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)
         if tok.vocab_size > config.vocab_size:
             raise ValueError(
                 f"{args.tokenizer}: {tok.vocab_size} pieces do not fit {args.preset}'s "
-                f"{config.vocab_size}-row embedding"
+                f"{config.vocab_size}-row embedding; train the tokenizer with --vocab-size "
+                f"{config.vocab_size} or less, or pick a preset with a larger vocabulary"
             )
+        # One embedding row per piece: rows without a piece could be sampled but not decoded.
+        config = dataclasses.replace(config, vocab_size=tok.vocab_size)
         files["tokenizer.model"] = args.tokenizer
+        vocab = f", {tok.vocab_size}-row embedding sized from the tokenizer"
     model = build_model(config, dtype=parse_dtype(args.dtype), seed=args.seed)
     path = save_model(model, args.out, files=files)
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.preset} ({n:,} parameters, {args.dtype}, seed {args.seed}) to {path}")
+    print(
+        f"wrote {args.preset} ({n:,} parameters, {args.dtype}, seed {args.seed}{vocab}) to {path}"
+    )
     return 0
