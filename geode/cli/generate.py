@@ -94,11 +94,9 @@ def load_for_inference(model: str, dtype: str | None, device: str | None, seed: 
     path = Path(model)
     if path.is_dir():
         net = load_model(path, dtype=dtype, device=device)
-        tok = None
-        if (path / "tokenizer.model").exists():
-            from ..tokenizer import load_tokenizer
+        from ..tokenizer import find_tokenizer, load_tokenizer
 
-            tok = load_tokenizer(path / "tokenizer.model")
+        tok = load_tokenizer(path) if find_tokenizer(path) else None  # .model, else .json
         return net, tok
     try:
         config = get_preset(model)
@@ -127,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         tok = load_tokenizer(args.tokenizer)
     if args.prompt and tok is None:
         raise CLIError(
-            f"{args.model} has no tokenizer.model: pass --tokenizer PATH or token ids with --ids"
+            f"{args.model} has no tokenizer.model or tokenizer.json: pass --tokenizer PATH or "
+            "token ids with --ids"
         )
     if args.quant:
         quantize(model, args.quant, args.group_size)
@@ -159,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write("\n")
         else:
             results = engine.generate(reqs)
-    for r in results:
+    for i, r in enumerate(results):
         if args.json:
             out = {
                 "prompt_token_ids": r.prompt_token_ids,
@@ -176,6 +175,55 @@ def run(args: argparse.Namespace) -> int:
                 "metrics": r.metrics,
             }
             print(json.dumps(out))
-        elif not args.stream:
+            continue
+        if not args.stream:
             print(r.text if r.text is not None else " ".join(map(str, r.token_ids)))
+        if r.logprobs is not None:
+            print(format_logprobs(r, tok))
+        if r.text is not None and not r.text.strip():
+            where = f"prompt {i + 1}: " if len(results) > 1 else ""
+            print(f"geode generate: {where}{explain_empty(r, tok)}", file=sys.stderr)
     return 0
+
+
+def _piece(tok, token_id: int) -> str:
+    """How a token reads in notes and tables: its piece (e.g. '▁the', '<eos>'), else its id."""
+    if tok is None:
+        return f"id {token_id}"
+    try:
+        if hasattr(tok, "id_to_piece"):
+            return repr(tok.id_to_piece(token_id))
+        return repr(tok.decode([token_id]))
+    except (IndexError, ValueError, KeyError):
+        return f"id {token_id} (no piece)"
+
+
+def explain_empty(result, tok) -> str:
+    """Why a result has no visible text: the finish reason and the token or stop that ended it."""
+    ids, stop = result.token_ids, result.stop_reason
+    head = f"empty result (finish_reason={result.finish_reason})"
+    if result.text:
+        head = f"only whitespace {result.text!r} (finish_reason={result.finish_reason})"
+    if isinstance(stop, int) and len(ids) == 1:
+        return (
+            f"{head}: the model produced {_piece(tok, stop)} (id {stop}) first; "
+            "--min-new-tokens N or --ignore-eos generates past it (a random or barely "
+            "trained model often ends at once; try another prompt or a sampling --seed)"
+        )
+    body = ids[:-1] if isinstance(stop, int) else ids
+    shown = " ".join(_piece(tok, t) for t in body[:8]) + (" ..." if len(body) > 8 else "")
+    if isinstance(stop, str):
+        where = f"after {result.text!r}" if result.text else "at the start of the output"
+        return f"{head}: the stop string {stop!r} matched {where} (generated: {shown})"
+    end = f", then {_piece(tok, stop)} (id {stop})" if isinstance(stop, int) else ""
+    return f"{head}: {len(body)} generated token(s) without visible text: {shown}{end}"
+
+
+def format_logprobs(result, tok) -> str:
+    """One line per generated token: its log-probability and the top alternatives."""
+    lines = ["logprobs (token, log p, top alternatives):"]
+    tops = result.top_logprobs or [None] * len(result.token_ids)
+    for t, lp, top in zip(result.token_ids, result.logprobs, tops, strict=True):
+        alts = "  ".join(f"{_piece(tok, k)} {v:.3f}" for k, v in (top or {}).items())
+        lines.append(f"  {_piece(tok, t):<16} {lp:8.3f}" + (f"   {alts}" if alts else ""))
+    return "\n".join(lines)

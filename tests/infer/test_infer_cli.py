@@ -58,3 +58,72 @@ def test_help_has_an_example(capsys, verb):
     with pytest.raises(SystemExit):
         main([*verb, "--help"])
     assert "example" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tok_model(tmp_path_factory):
+    """A nano-1m checkpoint with a 600-piece tokenizer (`geode init --tokenizer`)."""
+    import random
+
+    from geode.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tokmodel")
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnop", k=rng.randint(2, 7))) for _ in range(2000)]
+    text = [" ".join(rng.choices(words, k=12)) for _ in range(1500)]
+    train_tokenizer(texts=text, vocab_size=600, out=root / "tok.model")
+    assert main(["init", "nano-1m", str(root / "m"), "--tokenizer", str(root / "tok.model")]) == 0
+    return root / "m"
+
+
+def _first_token(capsys, model, prompt: str) -> int:
+    argv = ["generate", str(model), "--prompt", prompt, "--temperature", "0", "--json",
+            "--max-new-tokens", "1", "--ignore-eos"]  # fmt: skip
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)["token_ids"][0]
+
+
+def test_empty_result_is_explained_with_finish_reason_and_stop_token(capsys, tok_model):
+    import geode
+
+    tok = geode.load_tokenizer(tok_model)
+    first = _first_token(capsys, tok_model, "abc")
+    argv = ["generate", str(tok_model), "--prompt", "abc", "--temperature", "0",
+            "--stop-token-id", str(first)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert out.out == "\n"  # the (empty) text is still printed, for scripts
+    assert "empty result (finish_reason=stop)" in out.err
+    assert f"the model produced {tok.id_to_piece(first)!r} (id {first}) first" in out.err
+    assert "--min-new-tokens" in out.err
+    # Generating past it: a non-empty result, no note.
+    assert main([*argv, "--min-new-tokens", "3", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "empty" not in out.err
+    # A stop string that matches at once.
+    piece = tok.decode([first])
+    assert main([*argv[:-2], "--stop", piece.strip()[:1]]) == 0
+    out = capsys.readouterr()
+    assert f"the stop string {piece.strip()[:1]!r} matched " in out.err
+    assert repr(tok.id_to_piece(first)) in out.err
+
+
+def test_logprobs_print_a_table_without_json(capsys, tok_model):
+    argv = ["generate", str(tok_model), "--prompt", "abc", "--temperature", "0",
+            "--max-new-tokens", "4", "--ignore-eos", "--logprobs", "2"]  # fmt: skip
+    assert main([*argv, "--json"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ref["text"] and lines[1].startswith("logprobs")
+    rows = lines[2:]
+    assert len(rows) == 4
+    import geode
+
+    tok = geode.load_tokenizer(tok_model)
+    for row, t, lp, top in zip(rows, ref["token_ids"], ref["logprobs"], ref["top_logprobs"]):
+        assert row.split()[0] == repr(tok.id_to_piece(t))
+        assert float(row.split()[1]) == pytest.approx(lp, abs=1e-3)
+        assert len(top) == 2 and all(f"{v:.3f}" in row for v in top.values())
+    assert main([*argv, "--stream"]) == 0  # streamed text, then the same table
+    assert capsys.readouterr().out.splitlines()[1:] == lines[1:]
