@@ -93,8 +93,12 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 # ---------------------------------------------------------------------- reading
 def read_config(path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of a checkpoint directory (reads config.json only)."""
+    """The ModelConfig of a checkpoint directory (reads config.json only) or a .gguf file."""
     root = Path(path)
+    if root.suffix.lower() == ".gguf" and root.is_file():
+        from .gguf import read_gguf
+
+        return read_gguf(root).config
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a checkpoint directory (expected the HF layout)")
     cfg_file = root / CONFIG_FILE
@@ -232,7 +236,7 @@ def load_model(
     check_finite: bool = True,
     heads: Collection[str] = (),
 ) -> Transformer:
-    """Load a HF-layout checkpoint directory into a geode model (eval mode).
+    """Load a HF-layout checkpoint directory (or a .gguf file) into a geode model (eval mode).
 
     dtype: None keeps the stored dtype; float16 is refused unless `allow_float16`.
     heads: stored tensors outside the decoder to leave for the caller (`load_heads`).
@@ -240,6 +244,10 @@ def load_model(
     and each tensor is read from the memory-mapped file and converted one at a time.
     """
     root = Path(path)
+    if root.suffix.lower() == ".gguf" and root.is_file():  # llama.cpp's format: geode/gguf.py
+        from .gguf import load_gguf_model
+
+        return load_gguf_model(root, dtype, device, allow_float16=allow_float16)
     config = read_config(root)
     stored = _index_tensors(_weight_files(root))
     mapped = _map_keys(stored, config.tie_word_embeddings, heads)

@@ -258,7 +258,7 @@ class TokenizerJsonVocab:
         self.kinds: list[int] = []
         for i, piece in enumerate(self.pieces):
             if i in added:
-                kind = CONTROL if added[i].get("special") else NORMAL
+                kind = NORMAL
             elif byte_fallback and _BYTE_PIECE.fullmatch(piece):
                 kind = BYTE
             else:
@@ -657,8 +657,12 @@ def find_tokenizer(path: str | os.PathLike[str]) -> Path | None:
 
 def load_tokenizer(path: str | os.PathLike[str], num_threads: int = -1) -> Tokenizer:
     """Load a `tokenizer.model` / `tokenizer.json` file, or the one in a checkpoint directory
-    (`tokenizer.model` preferred)."""
+    (`tokenizer.model` preferred), or the tokenizer in a .gguf file's metadata."""
     p = Path(path)
+    if p.suffix.lower() == ".gguf" and p.is_file():
+        from .gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(p, num_threads=num_threads)
     found = find_tokenizer(p)
     if found is None and p.is_dir():
         raise FileNotFoundError(

@@ -82,3 +82,21 @@ def real_gguf() -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return _cached(_real_cache_dir() / MODEL_NAME, lambda tmp: assemble(tmp, overwrite=True))
+
+
+@pytest.fixture(scope="session")
+def real_hf(real_gguf: Path) -> Path:
+    """HF-layout directory (float32 safetensors, config.json, tokenizer.model rebuilt from the
+    GGUF) of the real Gemma 3 270M, made once by `geode convert --type f32`; cached beside
+    `real_gguf`, keyed by the converter's source so a changed converter reconverts."""
+    import hashlib
+
+    from geode import gguf
+    from geode.cli import main
+
+    key = hashlib.sha256(Path(gguf.__file__).read_bytes()).hexdigest()[:12]
+
+    def build(tmp: Path) -> None:
+        assert main(["convert", str(real_gguf), str(tmp), "--type", "f32"]) == 0
+
+    return _cached(real_gguf.parent / f"hf-f32-{key}", build)

@@ -14,6 +14,7 @@ import sys
 # Verb-group modules, in the order their verbs are listed by `geode --help`.
 VERB_MODULES: list[str] = [
     "geode.cli.model",
+    "geode.cli.convert",
     "geode.cli.generate",
     "geode.cli.tokenizer",
     "geode.cli.data",
