@@ -258,7 +258,7 @@ class TokenizerJsonVocab:
         self.kinds: list[int] = []
         for i, piece in enumerate(self.pieces):
             if i in added:
-                kind = NORMAL
+                kind = CONTROL if added[i].get("special") else NORMAL
             elif byte_fallback and _BYTE_PIECE.fullmatch(piece):
                 kind = BYTE
             else:
