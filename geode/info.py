@@ -30,6 +30,13 @@ def resolve_config(model: str) -> ModelConfig:
     )
 
 
+def tokenizer_file(model: str) -> Path | None:
+    """The tokenizer file a checkpoint's loaders use (tokenizer.model, else tokenizer.json)."""
+    from .tokenizer import find_tokenizer
+
+    return None if model in PRESETS else find_tokenizer(model)
+
+
 def parameter_counts(config: ModelConfig) -> dict[str, int]:
     """Total, embedding (input embedding matrix) and non-embedding parameters, from the config."""
     h, hd = config.hidden_size, config.head_dim
@@ -61,14 +68,17 @@ def layer_pattern(config: ModelConfig) -> str:
     return s
 
 
-def model_summary(config: ModelConfig, dtype: torch.dtype | str = "bfloat16") -> dict[str, Any]:
-    """Everything `geode info` prints, as a JSON-able dict."""
+def model_summary(
+    config: ModelConfig, dtype: torch.dtype | str = "bfloat16", tokenizer: Path | None = None
+) -> dict[str, Any]:
+    """Everything `geode info` prints, as a JSON-able dict (`tokenizer`: the file used)."""
     dtype = parse_dtype(dtype)
     dtype_name = str(dtype).removeprefix("torch.")
     one = kv_cache_bytes(config, 1, dtype, ring_buffer=False)
     return {
         "name": config.name,
         "family": config.family,
+        "tokenizer": str(tokenizer) if tokenizer else None,
         "parameters": parameter_counts(config),
         "layers": config.num_hidden_layers,
         "global_layers": config.num_global_layers,
@@ -132,6 +142,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"shape            hidden {c['hidden_size']}, mlp {c['intermediate_size']}, "
         f"heads {c['num_attention_heads']}/{c['num_key_value_heads']} kv x {c['head_dim']}, "
         f"vocab {c['vocab_size']:,}",
+        f"tokenizer        {s.get('tokenizer') or '(none)'}",
         f"layers           {s['layers']} = {s['local_layers']} local (window "
         f"{s['sliding_window']}) + {s['global_layers']} global; pattern {s['layer_pattern']}",
         f"rope             local base {c['rope_local_base_freq']:g}, global base "
