@@ -95,7 +95,7 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a checkpoint directory (reads config.json only) or a .gguf file."""
     root = Path(path)
-    if root.suffix.lower() == ".gguf" and root.is_file():
+    if root.suffix.lower() == ".gguf" and not root.is_dir():
         from .gguf import read_gguf
 
         return read_gguf(root).config
@@ -244,7 +244,7 @@ def load_model(
     and each tensor is read from the memory-mapped file and converted one at a time.
     """
     root = Path(path)
-    if root.suffix.lower() == ".gguf" and root.is_file():  # llama.cpp's format: geode/gguf.py
+    if root.suffix.lower() == ".gguf" and not root.is_dir():  # llama.cpp's format: geode/gguf.py
         from .gguf import load_gguf_model
 
         return load_gguf_model(root, dtype, device, allow_float16=allow_float16)

@@ -659,7 +659,7 @@ def load_tokenizer(path: str | os.PathLike[str], num_threads: int = -1) -> Token
     """Load a `tokenizer.model` / `tokenizer.json` file, or the one in a checkpoint directory
     (`tokenizer.model` preferred), or the tokenizer in a .gguf file's metadata."""
     p = Path(path)
-    if p.suffix.lower() == ".gguf" and p.is_file():
+    if p.suffix.lower() == ".gguf" and not p.is_dir():
         from .gguf import load_gguf_tokenizer
 
         return load_gguf_tokenizer(p, num_threads=num_threads)

@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
                 tokenizer=_tokenizer(args.tokenizer),
             )
         else:
-            if not Path(args.model).is_dir():
-                raise CLIError(f"--model {args.model}: not a checkpoint directory")
+            if not (Path(args.model).is_dir() or Path(args.model).suffix.lower() == ".gguf"):
+                raise CLIError(f"--model {args.model}: not a checkpoint directory or .gguf file")
             backend = EngineBackend.from_path(
                 args.model, chat=args.chat, batch_size=args.batch_size
             )

@@ -92,7 +92,7 @@ def load_for_inference(model: str, dtype: str | None, device: str | None, seed: 
     from ..checkpoint import parse_dtype
 
     path = Path(model)
-    if path.is_dir():
+    if path.is_dir() or path.suffix.lower() == ".gguf":  # .gguf: geode/gguf.py
         net = load_model(path, dtype=dtype, device=device)
         from ..tokenizer import find_tokenizer, load_tokenizer
 

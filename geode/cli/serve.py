@@ -71,8 +71,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from geode.cli import CLIError
     from geode.serve.app import create_app
 
-    if not Path(args.model).is_dir():
-        raise CLIError(f"{args.model}: not a checkpoint directory")
+    if not (Path(args.model).is_dir() or Path(args.model).suffix.lower() == ".gguf"):
+        raise CLIError(f"{args.model}: not a checkpoint directory or .gguf file")
     if args.max_batch < 1 or args.max_queue < 0:
         raise CLIError("--max-batch must be >= 1 and --max-queue >= 0")
     app = create_app(
@@ -101,7 +101,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from geode.infer import Engine, Request, RequestError
 
     path = Path(args.model)
-    if not (path / "tokenizer.model").is_file():
+    if path.suffix.lower() != ".gguf" and not (path / "tokenizer.model").is_file():
         raise CLIError(f"{args.model}: not a checkpoint directory with a tokenizer.model")
     model = geode.load_model(path)
     tok = geode.load_tokenizer(path)
