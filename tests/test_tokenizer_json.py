@@ -263,15 +263,16 @@ def real_tokenizer_json(real_gguf: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def real(real_tokenizer_json: Path) -> tuple[Tokenizer, object]:
-    """(geode's tokenizer from the real tokenizer.json, transformers' from the same file)."""
+def real(real_tokenizer_json: Path, real_gguf: Path) -> tuple[Tokenizer, object, Tokenizer]:
+    """(geode's tokenizer from the real tokenizer.json, transformers' from the same file,
+    geode's SentencePiece tokenizer rebuilt from the GGUF's metadata)."""
     import transformers
 
     assert not (real_tokenizer_json / MODEL_FILENAME).exists()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoTokenizer.from_pretrained(real_tokenizer_json)
-    return load_tokenizer(real_tokenizer_json), hf
+    return load_tokenizer(real_tokenizer_json), hf, load_tokenizer(real_gguf)
 
 
 def _real_spans(n: int, seed: int = 0) -> list[str]:
@@ -289,11 +290,13 @@ def _real_spans(n: int, seed: int = 0) -> list[str]:
 
 
 def test_real_gemma_ids_equal_transformers(real) -> None:
-    tok, hf = real
-    assert tok.vocab_size == len(hf) == 262_144
+    tok, hf, gguf_sp = real
+    assert tok.vocab_size == len(hf) == gguf_sp.vocab_size == 262_144
+    assert tok._bytes == gguf_sp._bytes and tok._skip == gguf_sp._skip  # both backends agree
     spans = _real_spans(300)
     assert len(spans) >= 300
     batch = tok.encode_batch(spans)
+    assert batch == gguf_sp.encode_batch(spans)
     for text, ids in zip(spans, batch, strict=True):
         assert ids == _hf_ids(hf, text), repr(text[:80])
         assert tok.decode(ids) == text == hf.decode(ids), repr(text[:80])
@@ -301,7 +304,8 @@ def test_real_gemma_ids_equal_transformers(real) -> None:
 
 
 def test_real_gemma_specials_stream_and_chat(real) -> None:
-    tok, hf = real
+    tok, hf, gguf_sp = real
+    assert tok.special_ids == gguf_sp.special_ids
     assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 2, 3)
     assert tok.special_ids == {
         "<bos>": 2, "<eos>": 1, "<pad>": 0, "<start_of_turn>": 105, "<end_of_turn>": 106,
