@@ -36,13 +36,30 @@ from .pack import PackedDataset, TokenStream, open_dataset
 
 @dataclass
 class Batch:
-    """One rank's packed batch; every tensor row is one window of T+1 tokens."""
+    """One rank's batch; every tensor row is one window (or sequence) of T+1 tokens.
+
+    The packed loader fills the first five fields; other producers (SFT conversations,
+    preference pairs, rollouts) fill the same fields and the optional ones their objective
+    reads. `loss_mask` is always set: when not given, it is derived from `segment_ids`.
+    """
 
     tokens: torch.Tensor  # (B, T+1) int64 token ids
     positions: torch.Tensor  # (B, T+1) int64 position inside the document, 0 at its start
     segment_ids: torch.Tensor  # (B, T+1) int64 document number inside the row, from 0
     sources: torch.Tensor  # (B,) int64 index of the source of each row (DataLoader.sources)
     windows: torch.Tensor  # (B,) int64 window index of each row inside its source
+    # (B, T) bool: True where target t (token t+1) is trained on. Default: False only where
+    # the target starts a new document (not predictable from the one before).
+    loss_mask: torch.Tensor | None = None
+    # (B,) int64 pair id: rows of a preference pair are adjacent, chosen first (row 2k
+    # chosen, row 2k+1 rejected, pair[2k] == pair[2k+1]); None outside preference batches
+    pair: torch.Tensor | None = None
+    weights: torch.Tensor | None = None  # (B,) float per-row weight (None: 1)
+    advantages: torch.Tensor | None = None  # (B,) or (B, T) float (policy-gradient rows)
+
+    def __post_init__(self) -> None:
+        if self.loss_mask is None:
+            self.loss_mask = self.segment_ids[:, 1:] == self.segment_ids[:, :-1]
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -54,11 +71,6 @@ class Batch:
         """Next-token targets (B, T)."""
         return self.tokens[:, 1:]
 
-    @property
-    def loss_mask(self) -> torch.Tensor:
-        """(B, T) bool: False where the target starts a new document (not predictable)."""
-        return self.segment_ids[:, 1:] == self.segment_ids[:, :-1]
-
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments for `model(**batch.model_inputs())`: ids, positions, segments (B, T)."""
         return {
@@ -67,9 +79,19 @@ class Batch:
             "segment_ids": self.segment_ids[:, :-1],
         }
 
+    def _map(self, fn: Any) -> Batch:
+        return Batch(**{k: None if t is None else fn(t) for k, t in vars(self).items()})
+
+    def rows(self, rows: slice | torch.Tensor) -> Batch:
+        """The rows `rows` of every field (a micro-batch)."""
+        return self._map(lambda t: t[rows])
+
     def to(self, device: torch.device | str) -> Batch:
         """A copy on `device`."""
-        return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
 
 
 class Windows:

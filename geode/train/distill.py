@@ -144,35 +144,6 @@ def target_entropy_sum(q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (h * mask).sum()
 
 
-def check_compatible(teacher_cfg: Any, student_cfg: Any, teacher_path: str) -> None:
-    """Teacher and student must share the vocabulary (same tokenizer)."""
-    if teacher_cfg.vocab_size != student_cfg.vocab_size:
-        raise DistillError(
-            f"distill.teacher = {teacher_path!r}: teacher vocab_size {teacher_cfg.vocab_size} "
-            f"!= student vocab_size {student_cfg.vocab_size}; distillation needs the same "
-            "tokenizer for both"
-        )
-    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        a, b = getattr(teacher_cfg, name), getattr(student_cfg, name)
-        if a != b:
-            raise DistillError(
-                f"distill.teacher = {teacher_path!r}: teacher {name} {a} != student {name} {b}"
-            )
-
-
-def check_tokenizer(teacher_path: str, data_manifest: dict[str, Any]) -> None:
-    """If the teacher ships a tokenizer.model, it must be the one the data was packed with."""
-    from ..fileio import sha256_file
-
-    tok = Path(teacher_path) / "tokenizer.model"
-    want = (data_manifest.get("tokenizer") or {}).get("sha256")
-    if tok.is_file() and want and sha256_file(tok) != want:
-        raise DistillError(
-            f"{tok}: the teacher's tokenizer differs from the one the training data was "
-            f"prepared with (SHA-256 {want[:12]}...); distillation needs one tokenizer"
-        )
-
-
 # ------------------------------------------------------------------------------ offline
 class TargetCache:
     """Precomputed teacher targets per data window: ids (S, T, K) and q (S, T, K) per stream.

@@ -4,11 +4,11 @@ One step (global batch G sequences, W ranks, A micro-batches of M sequences per 
 G = M * A * W):
 
     batch   <- loader.next_batch()                    this rank's G/W rows (B, T+1)
-    N       <- all-reduce(sum of loss_mask)           unmasked targets in the global batch
     for each micro-batch (gradient sync on the last only):
-        logits = model(ids, positions, segment_ids)   (bfloat16 autocast if configured)
-        loss   = sum_tokens[ce + z] * W / N           DDP/FSDP average over W -> global mean
-        loss.backward()
+        sum, n, metrics = objective.loss_sum(model, micro-batch)   (objectives/, autocast inside)
+        sum.backward()
+    N <- all-reduce(sum of n)                          e.g. trained targets in the global batch
+    grads *= W / N                                     DDP/FSDP averaged over W -> global mean
     clip the global gradient norm; lr <- schedule(step); AdamW step
 
 so the update is the same whatever W and A (up to float summation order). Checkpoints,
@@ -25,18 +25,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
 from ..checkpoint import load_model, save_model
 from ..config import ConfigError, ModelConfig, get_preset
 from ..data import DataError
-from ..data.loader import Batch, DataLoader
+from ..data.loader import DataLoader
 from ..data.pack import open_dataset
 from ..model import build_model
 from ..recipe import RecipeError, recipe_to_toml
-from . import distill as D
+from .batches import TrainData
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -61,9 +59,10 @@ from .fault import (
     name_faulty,
     param_checksum,
 )
-from .loss import loss_terms, next_token_loss_sum
+from .loss import loss_terms
 from .memory import check_fits, estimate_bytes
-from .metrics import MetricsLog, fmt_duration, plot_curves, read_metrics
+from .metrics import MetricsLog, plot_curves, read_metrics
+from .objectives import build_objective, objective_class, objective_kind
 from .optim import build_optimizer, lr_at, set_lr
 from .recipe import TrainRecipe, check_recipe, micro_batch_and_accumulation, recipe_dict
 from .state import (
@@ -111,7 +110,10 @@ class Trainer:
         out: str | Path | None = None,
         resume: bool = False,
         progress: bool | None = None,
+        *,
+        data: TrainData | None = None,
     ):
+        """`data`: batches given in code (SFT, pairs, rollouts) instead of the packed dataset."""
         self.t_init = time.time()
         self.recipe = recipe
         self.out = Path(out if out is not None else recipe.out)
@@ -131,48 +133,27 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
 
         # ---- data
-        self.data = open_dataset(recipe.data.path)
-        eval_path = recipe.data.eval_path or recipe.data.path
+        self.train_data = data
+        self.data = self.eval_data = None
         self.eval_source = recipe.data.eval_source
-        self.eval_data = None
-        if self.eval_source:
-            self.eval_data = self.data if eval_path == recipe.data.path else open_dataset(eval_path)
-            if self.eval_source not in self.eval_data.streams:
-                raise DataError(
-                    f"data.eval_source = {self.eval_source!r}: no such stream in {eval_path} "
-                    f"(streams: {', '.join(self.eval_data.streams)})"
-                )
-        sources = list(recipe.data.sources)
-        if not sources:
-            sources = [
-                s
-                for s in self.data.streams
-                if not (s == self.eval_source and eval_path == recipe.data.path)
-            ]
-        self.sources = sources
+        if data is None:
+            self._open_packed_data()
+        else:
+            self.sources = [data.describe]
 
         # ---- model
         self.config = resolve_model_config(recipe)
-        if self.data.vocab_size > self.config.vocab_size:
+        data_vocab = self.data.vocab_size if data is None else data.vocab_size
+        if data_vocab > self.config.vocab_size:
             raise RecipeError(
-                f"the data at {recipe.data.path} was tokenized with {self.data.vocab_size} ids "
+                f"the data at {recipe.data.path} was tokenized with {data_vocab} ids "
                 f"but the model has vocab_size {self.config.vocab_size}; set "
-                f"model.overrides.vocab_size >= {self.data.vocab_size} or use a matching preset"
+                f"model.overrides.vocab_size >= {data_vocab} or use a matching preset"
             )
         dtype = torch.bfloat16 if recipe.model.dtype == "bfloat16" else torch.float32
         self.autocast_dtype = torch.bfloat16 if t.precision == "bfloat16" else None
-        self.teacher = None
-        self._engine = None  # on-policy distillation: the student's sampler (built on first use)
-        self.cache: D.TargetCache | None = None
-        self.distill = recipe.distill
-        teacher_params = 0
-        if self.distill is not None and self.distill.teacher:
-            from ..checkpoint import read_config
-
-            tcfg = read_config(self.distill.teacher)
-            D.check_compatible(tcfg, self.config, self.distill.teacher)
-            D.check_tokenizer(self.distill.teacher, self.data.manifest)
-            teacher_params = _count_params(tcfg)
+        # frozen models the objective holds (a distillation teacher, a reference)
+        frozen_params = objective_class(objective_kind(recipe)).preflight(self)
         self.parallel = resolve_parallel(t.parallel, info)
         n_params = _count_params(self.config)
         est = estimate_bytes(
@@ -184,7 +165,7 @@ class Trainer:
             act_bytes=2 if self.autocast_dtype is not None else 4,
             shards=info.world_size if self.parallel == "fsdp" else 1,
             checkpointing=t.activation_checkpointing,
-            teacher_params=teacher_params if self.distill and self.distill.mode == "online" else 0,
+            teacher_params=frozen_params,
         )
         check_fits(
             est,
@@ -199,6 +180,10 @@ class Trainer:
             model = build_model(
                 self.config, dtype=dtype, device=info.device, seed=recipe.model.seed
             )
+        if recipe.lora is not None:
+            from .sft_lora import add_lora
+
+            model = add_lora(model, recipe.lora)
         model.train()
         model.gradient_checkpointing = t.activation_checkpointing
         # torch.compile per decoder layer (fuses norms, RoPE, GeGLU and residuals around the
@@ -211,21 +196,9 @@ class Trainer:
         self.raw_model = model
         self.model = wrap_model(model, info, self.parallel)
         self.optimizer = build_optimizer(self.model, recipe.optim)
-        if self.distill is not None and self.distill.teacher and self.distill.mode == "online":
-            self.teacher = load_model(self.distill.teacher, dtype=dtype, device=info.device)
-            self.teacher.requires_grad_(False)
 
         # ---- loop state
-        self.loader = DataLoader(
-            self.data,
-            batch_size=self.micro * self.accum,
-            seq_len=recipe.data.seq_len,
-            seed=recipe.data.seed,
-            rank=info.rank,
-            world_size=info.world_size,
-            mixture=recipe.data.mixture,
-            sources=sources,
-        )
+        self.loader = self._train_loader() if data is None else data.source()
         self.step = 0
         self.tokens = 0  # training tokens (targets) consumed, all ranks
         self.goodput = Goodput(first_start=self.t_init)
@@ -255,8 +228,7 @@ class Trainer:
         self._saved_step = -1  # step of the newest checkpoint on disk
         self._prepare_out()
         self._resume()
-        if self.distill is not None and self.distill.mode == "offline":
-            self._ensure_cache()
+        self.objective = build_objective(self)  # after the model; may load frozen models
 
     # ------------------------------------------------------------------ setup
     def _prepare_out(self) -> None:
@@ -344,144 +316,38 @@ class Trainer:
         if self.sdc_every:
             self._take_sdc_snapshot()
 
-    # ------------------------------------------------------------------ distillation targets
-    def _cache_expect(self) -> dict[str, Any]:
-        d = self.distill
-        streams = {n: self.loader.windows[i].num_windows for i, n in enumerate(self.sources)}
-        if self.eval_data is not None:
-            from ..data.loader import Windows
+    # ------------------------------------------------------------------ data
+    def _open_packed_data(self) -> None:
+        """The recipe's prepared dataset (training streams + the held-out stream)."""
+        recipe = self.recipe
+        self.data = open_dataset(recipe.data.path)
+        eval_path = recipe.data.eval_path or recipe.data.path
+        if self.eval_source:
+            self.eval_data = self.data if eval_path == recipe.data.path else open_dataset(eval_path)
+            if self.eval_source not in self.eval_data.streams:
+                raise DataError(
+                    f"data.eval_source = {self.eval_source!r}: no such stream in {eval_path} "
+                    f"(streams: {', '.join(self.eval_data.streams)})"
+                )
+        sources = list(recipe.data.sources)
+        if not sources:
+            sources = [
+                s
+                for s in self.data.streams
+                if not (s == self.eval_source and eval_path == recipe.data.path)
+            ]
+        self.sources = sources
 
-            w = Windows(self.eval_data.streams[self.eval_source], self.recipe.data.seq_len, 0)
-            streams[f"eval.{self.eval_source}"] = w.num_windows
-        return {
-            "format": D.CACHE_FORMAT,
-            "seq_len": self.recipe.data.seq_len,
-            "top_k": min(d.top_k, self.config.vocab_size),
-            "sampling": d.sampling,
-            "temperature": d.temperature,
-            "seed": self.recipe.data.seed,
-            "vocab_size": self.config.vocab_size,
-            "id_dtype": "uint16" if self.config.vocab_size <= 2**16 else "uint32",
-            "data": str(self.data.manifest.get("created", "")),
-            "streams": streams,
-        }
-
-    def _windows_needed(self) -> dict[str, np.ndarray]:
-        """(stream -> window ids) this run will train and evaluate on, from a dry loader."""
-        needed: dict[str, set[int]] = {n: set() for n in self.sources}
-        dry = DataLoader(
+    def _train_loader(self) -> DataLoader:
+        return DataLoader(
             self.data,
-            batch_size=self.micro * self.accum * self.info.world_size,
+            batch_size=self.micro * self.accum,
             seq_len=self.recipe.data.seq_len,
             seed=self.recipe.data.seed,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
             mixture=self.recipe.data.mixture,
             sources=self.sources,
-        )
-        for _ in range(self.recipe.train.max_steps):
-            b = dry.next_batch()
-            for s, w in zip(b.sources.tolist(), b.windows.tolist()):
-                needed[self.sources[s]].add(w)
-        if self.eval_data is not None:
-            ev = self._eval_loader(world=1, rank=0)
-            name = f"eval.{self.eval_source}"
-            needed[name] = set()
-            for _ in range(self.recipe.eval.batches):
-                needed[name].update(ev.next_batch().windows.tolist())
-        return {k: np.array(sorted(v), np.int64) for k, v in needed.items()}
-
-    def _ensure_cache(self) -> None:
-        """Offline distillation: make sure every target this run needs is in the cache."""
-        d = self.distill
-        root = Path(d.cache)
-        expect = self._cache_expect()
-        if self.info.is_main and not (root / D.CACHE_FILE).exists():
-            D.TargetCache.create(root, expect)
-        barrier(self.info)
-        cache = D.TargetCache.open(root, expect, writable=True)
-        needed = self._windows_needed()
-        todo = {s: cache.missing(s, w) for s, w in needed.items()}
-        n_todo = sum(len(v) for v in todo.values())
-        if n_todo:
-            if not d.teacher:
-                raise D.DistillError(
-                    f"{root}: {n_todo} windows this run needs are not in the cache and "
-                    "distill.teacher is not set to compute them"
-                )
-            teacher = load_model(d.teacher, dtype=self.raw_model.dtype, device=self.info.device)
-            self._fill_cache(cache, teacher, todo)
-            del teacher
-        barrier(self.info)
-        self.cache = D.TargetCache.open(root, expect)
-
-    @torch.no_grad()
-    def _fill_cache(
-        self, cache: D.TargetCache, teacher: nn.Module, todo: dict[str, np.ndarray]
-    ) -> None:
-        """Run the teacher over missing windows (rank r takes every W-th) and store targets."""
-        d, T = self.distill, self.recipe.data.seq_len
-        t0 = time.time()
-        done = 0
-        for stream, windows in todo.items():
-            mine = windows[self.info.rank :: self.info.world_size]
-            data = self.eval_data if stream.startswith("eval.") else self.data
-            name = stream.removeprefix("eval.") if stream.startswith("eval.") else stream
-            from ..data.loader import Windows
-
-            win = Windows(data.streams[name], T, 0)
-            for i in range(0, len(mine), self.micro):
-                chunk = [int(w) for w in mine[i : i + self.micro]]
-                parts = [win.window(w) for w in chunk]
-                tok, pos, seg = (torch.from_numpy(np.stack(x)) for x in zip(*parts))
-                b = Batch(tok, pos, seg, torch.zeros(len(chunk)), torch.tensor(chunk))
-                b = b.to(self.info.device)
-                with self._autocast():
-                    logits = teacher(**b.model_inputs())
-                ids, q = D.targets_for_batch(
-                    logits, [stream] * len(chunk), chunk, d.top_k, d.sampling,
-                    d.temperature, self.recipe.data.seed,
-                )  # fmt: skip
-                for j, w in enumerate(chunk):
-                    cache.put(stream, w, ids[j], q[j])
-                done += len(chunk)
-        cache.flush()
-        if self.info.is_main:
-            print(
-                f"geode distill: cached teacher targets for {done} windows on rank 0 in "
-                f"{fmt_duration(time.time() - t0)}",
-                flush=True,
-            )
-
-    def _student_rollout(self, mb: Batch, names: list[str]) -> tuple[Batch, torch.Tensor]:
-        """On-policy distillation: the student samples the tail of each row (see D.student_rollout)."""
-        from ..infer import Engine
-
-        d = self.distill
-        if self._engine is None:  # plain module classes: the model keeps training afterwards
-            self._engine = Engine(self.raw_model, max_batch=self.micro, optimize=False,
-                                  max_seq_len=self.recipe.data.seq_len + 1)  # fmt: skip
-        seeds = [
-            D.window_seed(self.recipe.data.seed + 1, name, int(w))
-            for name, w in zip(names, mb.windows.tolist())
-        ]
-        try:
-            with self._autocast():
-                return D.student_rollout(
-                    self._engine, mb, d.on_policy_tokens, d.on_policy_temperature, seeds
-                )
-        finally:
-            self.raw_model.train()
-
-    def _targets(self, b: Batch, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher targets (ids, q), each (B, T, K), for the rows of `b`."""
-        d = self.distill
-        windows = b.windows.tolist()
-        if self.cache is not None:
-            ids, q = self.cache.get(names, windows)
-            return ids.to(self.info.device), q.to(self.info.device)
-        with torch.no_grad(), self._autocast():
-            logits = self.teacher(**b.model_inputs())  # (B, T, V)
-        return D.targets_for_batch(
-            logits, names, windows, d.top_k, d.sampling, d.temperature, self.recipe.data.seed
         )
 
     # ------------------------------------------------------------------ step
@@ -499,39 +365,27 @@ class Trainer:
         if not replay:
             self.faults.maybe_kill(step)
         batch = self.loader.next_batch()
-        d = self.distill
-        on_policy = d.on_policy_tokens if d is not None else 0
-        counts = torch.tensor([float(batch.loss_mask.sum())], dtype=torch.float64)
-        n_global = float(all_reduce_sum(counts, self.info)[0])
-        scale = self.info.world_size / max(n_global, 1.0)
-        # ce, z, distill, target entropy sums; tokens whose next-token target is data
-        stats = torch.zeros(5, dtype=torch.float64)
-        for i in range(self.accum):
-            rows = slice(i * self.micro, (i + 1) * self.micro)
-            mb = Batch(*(t[rows] for t in vars(batch).values()))
-            names = [self.sources[s] for s in mb.sources.tolist()]
-            real = None
-            if on_policy:
-                mb, real = self._student_rollout(mb, names)
-            mb = mb.to(self.info.device)
-            mask = mb.loss_mask
-            hard_mask = mask if real is None else mask & real.to(mask.device)
-            stats[4] += float(hard_mask.sum())
-            with grad_sync(self.model, self.parallel, i == self.accum - 1):
-                with self._autocast():
-                    logits = self.model(**mb.model_inputs())  # (M, T, V)
-                total, ce, z = next_token_loss_sum(
-                    logits, mb.targets, hard_mask, self.recipe.train.z_loss, self._loss_terms
-                )
-                if d is not None:
-                    ids, q = self._targets(mb, names)
-                    dl = D.distill_loss_sum(logits, ids, q, mask)
-                    total = dl + d.hard_weight * ce + z
-                    stats[2] += float(dl.detach())
-                    stats[3] += float(D.target_entropy_sum(q, mask))
-                (total * scale).backward()
-            stats[0] += float(ce)
-            stats[1] += float(z)
+        # Every micro-batch back-propagates its loss *sum*; the gradient is divided by the
+        # normalizer summed over micro-batches and ranks after the last one (base.py).
+        sums: dict[str, float] = {}
+        normalizer = 0.0
+        n_micro = max(1, -(-len(batch) // self.micro))
+        for i in range(n_micro):
+            mb = batch.rows(slice(i * self.micro, (i + 1) * self.micro)).to(self.info.device)
+            with grad_sync(self.model, self.parallel, i == n_micro - 1):
+                total, n, metrics = self.objective.loss_sum(self.model, mb)
+                total.backward()
+            normalizer += float(n)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        keys = sorted(sums)
+        stats = torch.tensor(
+            [normalizer, float(batch.loss_mask.sum()), *(sums[k] for k in keys)],
+            dtype=torch.float64,
+        )
+        all_reduce_sum(stats, self.info)
+        n_global = float(stats[0])
+        self._scale_grads(self.info.world_size / max(n_global, 1.0))  # DDP/FSDP averaged over W
         gsum = grad_checksum(self.raw_model) if self._sdc_due(step) else None
         if not replay:
             self.faults.maybe_bitflip(step, self.raw_model, "grad")
@@ -542,34 +396,37 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if not replay:
             self.faults.maybe_bitflip(step, self.raw_model, "param")
-        all_reduce_sum(stats, self.info)
         self.step = step
-        tokens = int(n_global)
-        self.tokens += tokens
+        self.tokens += int(stats[1])  # trained targets
         dt = time.perf_counter() - t0
         self.goodput.useful_s += dt
         self._step_times[step] = dt
+        report = self.objective.report(
+            {k: float(v) for k, v in zip(keys, stats[2:])}, n_global, training=True
+        )
         rec: dict[str, Any] = {
             "kind": "train",
             "step": step,
-            "loss": float(stats[0]) / max(float(stats[4]), 1.0),  # next-token CE on real data
+            "loss": report.pop("loss"),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": self.tokens,
             "step_s": dt,
             "tokens_per_s": self.micro * self.accum * self.info.world_size
             * self.recipe.data.seq_len / dt,
+            **report,
         }  # fmt: skip
-        if self.recipe.train.z_loss:
-            rec["z_loss"] = float(stats[1]) / max(float(stats[4]), 1.0)  # z on data targets
-        if d is not None:
-            rec["distill_loss"] = float(stats[2]) / max(n_global, 1.0)
-            rec["distill_kl"] = float(stats[2] - stats[3]) / max(n_global, 1.0)
         if replay:
             rec["replay"] = True
         if gsum is not None:
             rec["_grad_checksum"] = gsum
         return rec
+
+    def _scale_grads(self, factor: float) -> None:
+        """Multiply every gradient by `factor` (the global normalisation of the loss sums)."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
 
     def _clip(self) -> float:
         """Clip the global gradient norm (DTensor-aware); returns the norm before clipping."""
@@ -679,38 +536,38 @@ class Trainer:
             sources=[self.eval_source],
         )
 
+    def _eval_batches(self):
+        """This rank's held-out batches (the same every time), or None without held-out data."""
+        if self.train_data is not None:
+            make = self.train_data.eval_batches
+            return make() if make is not None else None
+        if self.eval_data is None:
+            return None
+        loader = self._eval_loader()
+        return (loader.next_batch() for _ in range(self.recipe.eval.batches))
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss on the same windows every time (+ teacher KL when distilling)."""
-        if self.eval_data is None:
+        """Held-out metrics of the objective ("eval_loss", ...) on the same batches every time."""
+        batches = self._eval_batches()
+        if batches is None:
             return {}
         self.model.eval()
-        loader = self._eval_loader()
-        sums = torch.zeros(4, dtype=torch.float64)  # ce, n, distill ce, target entropy
-        name = f"eval.{self.eval_source}"
-        for _ in range(self.recipe.eval.batches):
-            batch = loader.next_batch()
-            for i in range(0, len(batch.windows), self.micro):  # forward passes of micro rows
-                b = Batch(*(t[i : i + self.micro] for t in vars(batch).values()))
-                b = b.to(self.info.device)
-                mask = b.loss_mask
-                with self._autocast():
-                    logits = self.model(**b.model_inputs())  # (M, T, V)
-                _, ce, _ = next_token_loss_sum(logits, b.targets, mask)
-                sums[0] += float(ce)
-                sums[1] += float(mask.sum())
-                if self.distill is not None:
-                    ids, q = self._targets(b, [name] * len(b.windows))
-                    sums[2] += float(D.distill_loss_sum(logits, ids, q, mask))
-                    sums[3] += float(D.target_entropy_sum(q, mask))
-        all_reduce_sum(sums, self.info)
+        sums: dict[str, float] = {}
+        normalizer = 0.0
+        for batch in batches:
+            for i in range(0, len(batch), self.micro):  # forward passes of micro rows
+                b = batch.rows(slice(i, i + self.micro)).to(self.info.device)
+                _, n, metrics = self.objective.loss_sum(self.model, b)
+                normalizer += float(n)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        keys = sorted(sums)
+        stats = torch.tensor([normalizer, *(sums[k] for k in keys)], dtype=torch.float64)
+        all_reduce_sum(stats, self.info)
         self.model.train()
-        n = max(float(sums[1]), 1.0)
-        out = {"eval_loss": float(sums[0]) / n}
-        if self.distill is not None:
-            out["eval_distill"] = float(sums[2]) / n
-            out["eval_kl"] = float(sums[2] - sums[3]) / n
-        return out
+        report = {k: float(v) for k, v in zip(keys, stats[1:])}
+        return self.objective.report(report, float(stats[0]), training=False)
 
     # ------------------------------------------------------------------ run
     def fit(self) -> dict[str, Any]:
@@ -803,9 +660,17 @@ class Trainer:
             model = unwrap(self.model)
         if self.info.is_main:
             files = {}
-            tok = (self.data.manifest.get("tokenizer") or {}).get("path")
+            if self.train_data is not None:
+                tok = self.train_data.tokenizer
+            else:
+                tok = (self.data.manifest.get("tokenizer") or {}).get("path")
             if tok and Path(tok).is_file():
                 files["tokenizer.model"] = tok
+            if self.recipe.lora is not None:  # OUT/adapter (peft layout) + merged OUT/model
+                from .sft_lora import merged_copy, save_adapter
+
+                save_adapter(model, self.out / "adapter", self.recipe.lora)
+                model = merged_copy(model)
             save_model(model, path, files=files)
         barrier(self.info)
         return path

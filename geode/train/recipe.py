@@ -44,6 +44,7 @@ class DataSection:
     seed: int = 0  # shuffling seed of the loader
     eval_path: str = ""  # prepared dataset holding the held-out stream (default: `path`)
     eval_source: str = ""  # held-out stream name; empty: no held-out evaluation
+    tokenizer: str = ""  # tokenizer.model for text data (chat JSONL, pairs); default: model.init's
 
 
 @dataclass
@@ -136,6 +137,27 @@ class DistillSection:
 
 
 @dataclass
+class ObjectiveSection:
+    """Which objective trains the model (geode.train.objectives); its own options table."""
+
+    kind: str = ""  # a registered kind ("ntp", "sft", "distill", ...); empty: distill or ntp
+    options: dict[str, Any] = field(default_factory=dict)  # checked by the objective's Options
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters through `peft` (Hu et al. 2021, arXiv:2106.09685): W + (alpha/r) B A."""
+
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scale numerator: the update is (alpha / r) * B @ A
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"]
+    )  # fmt: skip  # Hugging Face module names (geode's own names are mapped)
+
+
+@dataclass
 class TrainRecipe:
     """A pretraining (or distillation) run."""
 
@@ -150,6 +172,8 @@ class TrainRecipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     fault: FaultSection = field(default_factory=FaultSection)
     distill: DistillSection | None = None  # present: distillation run
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    lora: LoraSection | None = None  # present: train LoRA adapters, base weights frozen
 
 
 def load_train_recipe(
@@ -261,6 +285,7 @@ def check_recipe(recipe: TrainRecipe, where: str = "recipe", world_size: int | N
         fail("model.overrides", "cannot change the shape of an `init` checkpoint")
     if world_size is not None:
         micro_batch_and_accumulation(recipe, world_size, where)
+    _check_objective(recipe, where)
     d = recipe.distill
     if d is not None:
         if not d.teacher and not (d.mode == "offline" and d.cache):
@@ -285,6 +310,27 @@ def check_recipe(recipe: TrainRecipe, where: str = "recipe", world_size: int | N
                      "rank; use parallel = 'ddp' or 'none'")  # fmt: skip
         if not d.on_policy_temperature > 0:
             fail("distill.on_policy_temperature", "must be > 0")
+
+
+def _check_objective(recipe: TrainRecipe, where: str) -> None:
+    """The objective kind is registered and its options parse; LoRA settings are sane."""
+    from .objectives.base import objective_class, objective_kind, parse_options
+
+    try:
+        cls = objective_class(objective_kind(recipe))
+        parse_options(cls, recipe.objective.options)
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+    lo = recipe.lora
+    if lo is not None:
+        if lo.r < 1:
+            raise RecipeError(f"{where}: lora.r = {lo.r}: must be >= 1")
+        if not 0 <= lo.dropout < 1:
+            raise RecipeError(f"{where}: lora.dropout = {lo.dropout}: must be in [0, 1)")
+        if not lo.target_modules:
+            raise RecipeError(f"{where}: lora.target_modules is empty")
+        if recipe.train.parallel == "fsdp":
+            raise RecipeError(f"{where}: [lora] runs with train.parallel 'none' or 'ddp', not fsdp")
 
 
 def micro_batch_and_accumulation(

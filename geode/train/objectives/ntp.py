@@ -1,0 +1,47 @@
+"""Next-token prediction: masked cross-entropy (+ PaLM z-loss) per trained target token.
+
+The normalizer is the number of trained targets (`batch.loss_mask`), so the update is the
+global per-token mean. The same objective trains SFT rows: their `loss_mask` keeps only the
+assistant tokens (geode.train.sft), kind "sft".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...data.loader import Batch
+from ..loss import next_token_loss_sum
+from .base import Metrics, Objective, register
+
+
+@register("ntp")
+class NextToken(Objective):
+    """sum over trained targets of -log p(y_t) + z_loss * log Z_t^2 (loss.py)."""
+
+    def loss_sum(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, float, Metrics]:
+        """Forward `batch`; (ce + z summed over loss_mask, trained targets, {ce, z, tokens})."""
+        mask = batch.loss_mask
+        with self.autocast():
+            logits = model(**batch.model_inputs())  # (M, T, V)
+        total, ce, z = next_token_loss_sum(
+            logits, batch.targets, mask, self.trainer.recipe.train.z_loss,
+            self.trainer._loss_terms,
+        )  # fmt: skip
+        n = float(mask.sum())
+        return total, n, {"ce": ce, "z": z, "tokens": n}
+
+    def report(self, sums: dict[str, float], normalizer: float, training: bool) -> dict[str, float]:
+        """{"loss": CE per token (+ "z_loss" when on)}; eval: {"eval_loss"}."""
+        n = max(sums["tokens"], 1.0)
+        if not training:
+            return {"eval_loss": sums["ce"] / n}
+        out = {"loss": sums["ce"] / n}
+        if self.trainer.recipe.train.z_loss:
+            out["z_loss"] = sums["z"] / n
+        return out
+
+
+@register("sft")
+class SupervisedFineTuning(NextToken):
+    """Next-token loss on the targets SFT batches mark (assistant tokens, optionally tool calls)."""
