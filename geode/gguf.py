@@ -229,13 +229,19 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
 
 
 def _field(fields: dict[str, Any], key: str, path: Path, default: Any = ...) -> Any:
-    """A metadata value (str, number, bool or list); `default` when absent, else an error."""
+    """A metadata value (str, number, bool or list); `default` when absent, else an error.
+    A float32 scalar comes back as the shortest decimal that is that float32 (1e-06, not
+    9.99999997e-07), i.e. the value the writer was given."""
     if key not in fields:
         if default is ...:
             raise CheckpointError(f"{path}: missing GGUF metadata field {key!r}")
         return default
     value = fields[key]
-    return value.tolist() if isinstance(value, np.ndarray) else value
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float):
+        return float(str(np.float32(value)))
+    return value
 
 
 def _config(fields: dict[str, Any], embed_rows: int, tied: bool, path: Path) -> ModelConfig:
@@ -359,7 +365,10 @@ def gguf_tensor(ckpt: GGUFCheckpoint, name: str) -> torch.Tensor:
     values = gguf.dequantize(t.raw(), t.qtype)  # (rows, row elements) float32
     if _is_norm(t.name):
         values = values - np.float32(1)
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(t.shape))
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if not values.flags.writeable:  # F32 comes back as a view of the read-only file mapping
+        values = values.copy()
+    return torch.from_numpy(values.reshape(t.shape))
 
 
 def load_gguf_model(
@@ -534,6 +543,12 @@ def _tokenizer_fields(writer: Any, proto_bytes: bytes, vocab_size: int, where: s
     sp = pb.ModelProto.SentencePiece
     tokens, scores, types = [], [], []
     for p in proto.pieces:
+        if p.type == sp.USER_DEFINED and " " in p.piece:
+            raise CheckpointError(
+                f"{where}: user-defined piece {p.piece!r} holds a plain space; GGUF stores "
+                f"user-defined pieces with {_SPACE!r} written as a space, so it would come back "
+                f"as {p.piece.replace(' ', _SPACE)!r}"
+            )
         kind = sp.CONTROL if p.type == sp.UNKNOWN else p.type
         tokens.append(p.piece.replace(_SPACE, " ") if p.type == sp.USER_DEFINED else p.piece)
         scores.append(p.score)
