@@ -19,6 +19,43 @@ import torch
 
 # Compact JSON (no free whitespace): a random or weak model cannot pad forever with spaces.
 _JSON_OPTIONS = {"whitespace_flexible": False}
+# Characters of a forced tool call's string argument whose schema sets no bound of its own.
+TOOL_STRING_MAX = 256
+# Schema keywords whose values are schemas, or maps / lists of schemas.
+_SUBSCHEMA = ("items", "additionalProperties", "then", "else", "contains")  # not `not`, `if`
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def close_schema(schema: Any, max_string: int = TOOL_STRING_MAX) -> Any:
+    """A copy of a tool's parameter schema as a forced call follows it, so that it always ends.
+
+    As OpenAI's strict mode does, an object schema that does not set `additionalProperties`
+    gets `false` (only its declared properties; otherwise a model may invent keys forever); a
+    string schema with no `maxLength`, `enum`, `const` or `pattern` gets `maxLength:
+    max_string`. Everything the schema states itself is kept.
+    """
+    if isinstance(schema, list):
+        return [close_schema(s, max_string) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if key in out:
+            out[key] = close_schema(out[key], max_string)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: close_schema(v, max_string) for k, v in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = close_schema(out[key], max_string)
+    kinds = out.get("type")
+    kinds = set(kinds) if isinstance(kinds, list) else {kinds}
+    if ("object" in kinds or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    if "string" in kinds and not any(k in out for k in ("maxLength", "enum", "const", "pattern")):
+        out["maxLength"] = max_string
+    return out
 
 
 class GrammarError(ValueError):
@@ -62,7 +99,8 @@ class Grammars:
             raise GrammarError(f"invalid JSON schema: {e}") from None
 
     def tool_call(self, tools: Sequence[dict[str, Any]]) -> str:
-        """The grammar of exactly one tool call to one of `tools` (OpenAI function dicts)."""
+        """The grammar of exactly one tool call to one of `tools` (OpenAI function dicts), their
+        parameter schemas closed and bounded by `close_schema`."""
         specials = self.tokenizer.special_ids
         try:
             start, end = specials["<start_of_tool_call>"], specials["<end_of_tool_call>"]
@@ -70,7 +108,7 @@ class Grammars:
             raise GrammarError(f"the tokenizer has no {e.args[0]} token") from None
         options = []
         for fn in tools:
-            params = fn.get("parameters") or {"type": "object"}
+            params = close_schema(fn.get("parameters") or {"type": "object"})
             options.append(
                 {
                     "type": "object",
