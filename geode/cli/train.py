@@ -10,6 +10,7 @@ _TRAIN_EXAMPLE = """\
 example:
   geode train recipes/train/nano.toml --out runs/nano
   geode train recipes/train/nano.toml --out runs/nano --resume --max-steps 400
+  geode train recipes/train/nano.toml --out runs/nano --resume --allow-fresh
   geode train recipes/train/nano.toml --set optim.lr=1e-3 --set train.precision=bfloat16
   torchrun --nproc-per-node 2 -m geode train recipes/train/nano.toml --out runs/nano-ddp
   torchrun --nproc-per-node 2 --max-restarts 2 -m geode train recipes/train/nano.toml \\
@@ -30,7 +31,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="training recipe, a TOML file (see docs/training.md)")
     p.add_argument("--out", help="output directory (default: the recipe's `out`)")
     p.add_argument(
-        "--resume", action="store_true", help="continue from the newest good checkpoint in --out"
+        "--resume",
+        action="store_true",
+        help="continue from the newest good checkpoint in --out; if none is valid, exit non-zero "
+        "naming every bad file",
+    )
+    p.add_argument(
+        "--allow-fresh",
+        action="store_true",
+        help="with --resume (or a torchrun restart): start again from step 0 when no checkpoint "
+        "or replica is valid; the abandoned run's checkpoints and metrics are moved aside",
     )
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument(
@@ -96,7 +106,7 @@ def _run(args: argparse.Namespace, distill: bool) -> int:
     import torch.distributed as dist
 
     from ..recipe import RecipeError
-    from ..train.fault import SDCError
+    from ..train.fault import ReplicaDirError, SDCError
     from ..train.memory import BatchMemoryError
     from ..train.recipe import load_train_recipe
     from ..train.run import distill as run_distill_
@@ -113,11 +123,14 @@ def _run(args: argparse.Namespace, distill: bool) -> int:
     try:
         if distill:
             control = False if args.no_control else None
-            run_distill_(recipe, args.out, args.resume, progress, control=control)
+            run_distill_(
+                recipe, args.out, args.resume, progress, control=control,
+                allow_fresh=args.allow_fresh,
+            )  # fmt: skip
         else:
-            run_train_(recipe, args.out, args.resume, progress)
+            run_train_(recipe, args.out, args.resume, progress, allow_fresh=args.allow_fresh)
         ok = True
-    except (RecipeError, BatchMemoryError, ResumeError, SDCError) as e:
+    except (RecipeError, BatchMemoryError, ResumeError, SDCError, ReplicaDirError) as e:
         raise CLIError(str(e)) from None
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -9,6 +9,11 @@ Three mechanisms, made real at the scale of one host with a few processes:
    host memory (a tmpfs such as /dev/shm survives the worker processes) and sends a copy to
    its ring neighbour rank+1, which keeps it too. A restarted rank whose own copy is gone
    (a replaced host) receives it from the neighbour ("recover from an intact replica").
+   Replicas live in a private directory: created by `mkdtemp` (mode 0700, a random name,
+   recorded in OUT/.replicas.json so a restarted worker finds it) and checked on every use
+   (a real directory, owned by this user, no access for others); their content is
+   safetensors + JSON (`state.snapshot_bytes`), so another local user can neither read the
+   state nor plant a file that runs code when read.
 2. Silent data corruption (SDC). Data-parallel replicas must hold bitwise-equal parameters
    and, after the all-reduce, bitwise-equal gradients. Every `fault.sdc_every` steps the
    ranks compare exact integer checksums of both. On a mismatch every rank rolls back to the
@@ -31,7 +36,9 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +52,7 @@ from .distributed import (
     DistInfo,
     all_gather_object,
     all_gather_tensor,
+    broadcast_object,
     exchange_ring,
     recv_bytes,
     send_bytes,
@@ -206,11 +214,73 @@ def name_faulty(first_mismatch: int | None, info: DistInfo) -> tuple[list[int], 
 
 
 # ------------------------------------------------------------------------------ replicas
+REPLICA_POINTER = ".replicas.json"  # in OUT: where this run's private replica directory is
+
+
+class ReplicaDirError(RuntimeError):
+    """The replica directory is not private to this user (or cannot be made so)."""
+
+
+def _host_memory() -> Path:
+    """Where replica directories are made by default: /dev/shm (a tmpfs) when present."""
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
 def default_replica_dir(out: Path) -> Path:
-    """A host-memory directory for the run at `out` (/dev/shm when present)."""
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
-    tag = hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:12]
-    return base / f"geode-replica-{tag}"
+    """The private replica directory recorded for the run at `out` (it may be gone), or
+    where a new one would be created when none is recorded."""
+    try:
+        return Path(json.loads((Path(out) / REPLICA_POINTER).read_text())["dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return _host_memory() / "geode-replica-<random>"
+
+
+def check_private_dir(path: Path) -> str | None:
+    """None if `path` is a real directory owned by this user with no group/other access,
+    else what is wrong."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory (a symlink or a file)"
+    if st.st_uid != os.getuid():
+        return f"{path} belongs to uid {st.st_uid}, not to this user ({os.getuid()})"
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        return f"{path} has mode {stat.S_IMODE(st.st_mode):o}; a replica directory must be 700"
+    return None
+
+
+def private_replica_dir(out: Path, base: str | Path | None, info: DistInfo) -> Path:
+    """This run's private replica directory (collective): the one recorded in
+    OUT/.replicas.json if it is still private to this user, else a fresh `mkdtemp` under `base`
+    (default /dev/shm) recorded there. A rank on another host creates the same name (mode
+    0700) if it is missing there; a directory that exists but is not private is refused."""
+    out = Path(out)
+    base = Path(base) if base else _host_memory()
+    path = None
+    if info.is_main:
+        recorded = default_replica_dir(out)
+        if (out / REPLICA_POINTER).is_file() and check_private_dir(recorded) is None:
+            path = recorded
+        else:
+            base.mkdir(parents=True, exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix="geode-replica-", dir=base))
+            out.mkdir(parents=True, exist_ok=True)
+            record = json.dumps({"dir": str(path), "uid": os.getuid()}).encode()
+            atomic_write_bytes(out / REPLICA_POINTER, record)
+            (out / REPLICA_POINTER).chmod(0o600)
+        path = str(path)
+    path = Path(broadcast_object(path, info))
+    if not path.exists():  # another host: its own copy of the directory, same name
+        try:
+            path.mkdir(mode=0o700, parents=False)
+        except FileExistsError:  # a sibling rank on this host made it first
+            pass
+    problem = check_private_dir(path)
+    if problem:
+        raise ReplicaDirError(f"in-memory replicas: {problem}; refusing to use it")
+    return path
 
 
 class ReplicaStore:
@@ -218,7 +288,10 @@ class ReplicaStore:
 
     def __init__(self, root: Path, info: DistInfo, run_id: str):
         self.root, self.info, self.run_id = Path(root), info, run_id
-        self.root.mkdir(parents=True, exist_ok=True)
+        problem = check_private_dir(self.root)
+        if problem:
+            raise ReplicaDirError(f"in-memory replicas: {problem}; use `private_replica_dir`")
+        self.rejected: list[str] = []  # invalid replica files `restore` met
         r, w = info.rank, info.world_size
         self.own = self.root / f"rank{r}.own"
         self.held = self.root / f"rank{r}.holds-rank{(r - 1) % w}"
@@ -258,6 +331,7 @@ class ReplicaStore:
         )
         if not ok:
             if path.exists():
+                self.rejected.append(f"{path}: invalid in-memory replica (other run or corrupt)")
                 warnings.warn(f"ignoring invalid in-memory replica {path}", stacklevel=2)
             return None
         return int(header["step"]), data
@@ -266,10 +340,14 @@ class ReplicaStore:
         """Delete this rank's own copy (test hook: the host's memory is lost)."""
         self.own.unlink(missing_ok=True)
 
-    def clear(self) -> None:
-        """Remove this rank's files (end of a successful run)."""
+    def discard(self) -> None:
+        """Remove this rank's files (an abandoned run's state; the directory stays)."""
         for p in (self.own, self.held):
             p.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Remove this rank's files and, once empty, the directory (end of a successful run)."""
+        self.discard()
         try:
             self.root.rmdir()
         except OSError:
@@ -282,8 +360,10 @@ class ReplicaStore:
         ring successor holds.
         """
         r, w = self.info.rank, self.info.world_size
+        self.rejected = []
         own = self._read(self.own, r)
         held = self._read(self.held, (r - 1) % w)
+        self.rejected = [x for rank in all_gather_object(self.rejected, self.info) for x in rank]
         table = all_gather_object(
             (own[0] if own else None, held[0] if held else None), self.info
         )  # per rank: (own step, step of the predecessor's copy it holds)
@@ -308,7 +388,7 @@ class ReplicaStore:
                 where = f"the copy held by rank {holder}"
         wheres = all_gather_object(where, self.info)
         where = "; ".join(f"rank {i}: {x}" for i, x in enumerate(wheres))
-        return step, snapshot_from_bytes(payload), where
+        return step, snapshot_from_bytes(payload, f"the replica of rank {r}"), where
 
 
 # ------------------------------------------------------------------------------ goodput

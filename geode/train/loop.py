@@ -53,11 +53,11 @@ from .fault import (
     SDCError,
     SDCWarning,
     compare_replicas,
-    default_replica_dir,
     disagreeing,
     grad_checksum,
     name_faulty,
     param_checksum,
+    private_replica_dir,
 )
 from .loss import loss_terms
 from .memory import check_fits, estimate_bytes
@@ -112,8 +112,10 @@ class Trainer:
         progress: bool | None = None,
         *,
         data: TrainData | None = None,
+        allow_fresh: bool = False,
     ):
-        """`data`: batches given in code (SFT, pairs, rollouts) instead of the packed dataset."""
+        """`data`: batches given in code (SFT, pairs, rollouts) instead of the packed dataset;
+        `allow_fresh`: a resume that finds no valid state starts again instead of failing."""
         self.t_init = time.time()
         self.recipe = recipe
         self.out = Path(out if out is not None else recipe.out)
@@ -124,6 +126,7 @@ class Trainer:
         self.progress = recipe.train.progress if progress is None else progress
         self.restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         self.resume = resume or self.restart_count > 0
+        self.resume_requested, self.allow_fresh = resume, allow_fresh
         t = recipe.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -183,7 +186,7 @@ class Trainer:
         if recipe.lora is not None:
             from .sft_lora import add_lora
 
-            model = add_lora(model, recipe.lora)
+            model = add_lora(model, recipe.lora, recipe.model.init)
         model.train()
         model.gradient_checkpointing = t.activation_checkpointing
         # torch.compile per decoder layer (fuses norms, RoPE, GeGLU and residuals around the
@@ -221,7 +224,7 @@ class Trainer:
         self.sdc_events: list[dict[str, Any]] = []
         self.replicas = None
         if recipe.fault.replica_every:
-            root = Path(recipe.fault.replica_dir or default_replica_dir(self.out))
+            root = private_replica_dir(self.out, recipe.fault.replica_dir, info)
             self.replicas = ReplicaStore(root, info, run_id=str(self.out.resolve()))
             self.faults.replicas = self.replicas
         self.last_eval: dict[str, float] = {}
@@ -232,10 +235,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _prepare_out(self) -> None:
-        """Create OUT, refuse to overwrite an earlier run's checkpoints unless resuming."""
+        """Create OUT, refuse to overwrite an earlier run's checkpoints unless resuming; the
+        metrics of an earlier run without checkpoints are set aside, never appended to."""
         problem = None
         if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            if not self.resume:  # a resume creates nothing until it has found what to resume
+                self.out.mkdir(parents=True, exist_ok=True)
             old = self.ckpt._listing()
             if not self.resume and old:
                 problem = (
@@ -243,8 +248,9 @@ class Trainer:
                     f"{old[0][1].name}); pass --resume to continue it or choose another --out"
                 )
             elif not self.resume:
-                (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            (self.out / "recipe.toml").write_text(recipe_to_toml(self.recipe))
+                moved = _set_aside(self.out / "metrics.jsonl", _stamp())
+                if moved is not None:
+                    print(f"geode train: an earlier run's metrics moved to {moved}", flush=True)
         problem = broadcast_object(problem, self.info)
         if problem:
             raise ResumeError(problem)
@@ -300,8 +306,7 @@ class Trainer:
             self._saved_step = found.step
             source = f"checkpoint {found.path}"
         else:
-            if self.info.is_main:
-                print(f"geode train: nothing to resume in {self.out}; starting fresh", flush=True)
+            self._start_fresh()
             self._after_restore(None)
             return
         self.goodput.restarts += 1
@@ -312,7 +317,47 @@ class Trainer:
             print(f"geode train: resumed at step {self.step} from {source}", flush=True)
         self._after_restore(source)
 
+    def _start_fresh(self) -> None:
+        """No valid checkpoint or replica to resume from: fail naming every bad file, unless
+        `allow_fresh` (or a torchrun restart of a run that never wrote any state); then the
+        abandoned run's checkpoints and metrics are set aside, never mixed into this run."""
+        bad = self.ckpt.rejected + (self.replicas.rejected if self.replicas is not None else [])
+        partial = [f"{p}: a checkpoint write that never finished" for p in self.ckpt.partial()]
+        if not self.allow_fresh and (bad or self.resume_requested):
+            listed = "\n".join(f"  - {x}" for x in bad + partial) or (
+                f"  - {self.ckpt.root}: no checkpoint"
+            )
+            raise ResumeError(
+                f"cannot resume {self.out}: no valid checkpoint or in-memory replica:\n{listed}\n"
+                "repair or remove them, or pass --allow-fresh to start again from step 0 (the "
+                "abandoned run's checkpoints and metrics are then moved aside)"
+            )
+        stamp, moved = _stamp(), []
+        if self.info.is_main:
+            self.metrics.close()
+            for path in (self.ckpt.root, self.out / "metrics.jsonl"):
+                aside = _set_aside(path, stamp)
+                if aside is not None:
+                    moved.append(str(aside))
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=True)
+        if self.replicas is not None:
+            self.replicas.discard()
+        barrier(self.info)
+        why = "--allow-fresh" if self.allow_fresh else "a restart before any checkpoint"
+        event = {"kind": "event", "event": "fresh_start", "step": 0, "reason": why}
+        self.metrics.write({**event, "rejected": bad, "set_aside": moved})
+        if self.info.is_main:
+            print(
+                f"geode train: nothing valid to resume in {self.out}; starting from step 0 ({why})"
+                + "".join(f"\n  rejected: {x}" for x in bad)
+                + (f"\n  set aside: {', '.join(moved)}" if moved else ""),
+                flush=True,
+            )
+
     def _after_restore(self, source: str | None) -> None:
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.toml").write_text(recipe_to_toml(self.recipe))
         if self.sdc_every:
             self._take_sdc_snapshot()
 
@@ -575,13 +620,10 @@ class Trainer:
         r, info = self.recipe, self.info
         max_steps = r.train.max_steps
         bar = None
-        if self.progress and info.is_main:
-            from tqdm import tqdm
+        if info.is_main:  # a bar on a terminal, else a line every N s (geode/progress.py)
+            from ..progress import progress
 
-            bar = tqdm(
-                total=max_steps, initial=self.step, desc=r.name, unit="step",
-                dynamic_ncols=True, file=sys.stderr,
-            )  # fmt: skip
+            bar = progress(max_steps, r.name, "step", initial=self.step, enabled=self.progress)
         t_fit = time.perf_counter()
         tok0 = self.tokens
         rec: dict[str, Any] = {}
@@ -725,6 +767,25 @@ def _count_params(config: ModelConfig) -> int:
     layer = attn + 3 * h * i + 4 * h  # + gated MLP + four norms
     head = 0 if config.tie_word_embeddings else config.vocab_size * h
     return config.vocab_size * h + config.num_hidden_layers * layer + h + head
+
+
+def _stamp() -> str:
+    """UTC time for the names of set-aside files (metrics.abandoned-20260101T120000Z.jsonl)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _set_aside(path: Path, stamp: str) -> Path | None:
+    """Rename `path` (a file or directory of an abandoned run) to NAME.abandoned-STAMP[.ext];
+    None if it does not exist."""
+    if not path.exists():
+        return None
+    dest = path.with_name(f"{path.stem}.abandoned-{stamp}{path.suffix}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.stem}.abandoned-{stamp}-{n}{path.suffix}")
+    os.replace(path, dest)
+    return dest
 
 
 def _dig(d: dict[str, Any], dotted: str) -> Any:

@@ -17,33 +17,34 @@ from ..fileio import atomic_write_bytes
 
 
 class MetricsLog:
-    """Append-only JSONL writer (active on the main rank only)."""
+    """Append-only JSONL writer (active on the main rank only); the file is created by the
+    first record, so a run that fails before its first record leaves none behind."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = Path(path), enabled
         self._f = None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record and flush it (a kill loses at most the line being written)."""
-        if self._f is not None:
-            self._f.write(json.dumps(record, allow_nan=True) + "\n")
-            self._f.flush()
+        if not self.enabled:
+            return
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._f.write(json.dumps(record, allow_nan=True) + "\n")
+        self._f.flush()
 
     def truncate_after(self, step: int) -> None:
         """Drop train/eval records of steps after `step` (a resumed run redoes them)."""
         if not self.enabled or not self.path.exists():
             return
-        self._f.close()
+        self.close()
         keep = [
             line
             for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
             if _keep(line, step)
         ]
         atomic_write_bytes(self.path, "".join(keep).encode("utf-8"))
-        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def close(self) -> None:
         """Close the file."""

@@ -114,7 +114,9 @@ class FaultSection:
 
     sdc_every: int = 0  # steps between cross-replica checksum comparisons (0: off; DDP only)
     replica_every: int = 0  # steps between in-memory state replicas for fast restart (0: off)
-    replica_dir: str = ""  # host-memory directory for replicas (default /dev/shm/geode-<run>)
+    # host-memory directory in which the run's private replica directory (0700, random name,
+    # recorded in OUT/.replicas.json) is made; default /dev/shm
+    replica_dir: str = ""
 
 
 @dataclass
@@ -277,8 +279,17 @@ def check_recipe(recipe: TrainRecipe, where: str = "recipe", world_size: int | N
         fail("optim.decay_fraction", "must be in (0, 1]")
     if not all(0 <= b < 1 for b in o.betas):
         fail("optim.betas", "each beta must be in [0, 1)")
-    if o.warmup_steps > recipe.train.max_steps:
-        fail("optim.warmup_steps", f"must be <= train.max_steps ({recipe.train.max_steps})")
+    # after the warmup, cosine needs 2 steps (the peak, then the minimum at the last step),
+    # wsd and constant 1 (wsd's last step is at the minimum)
+    after = 2 if o.schedule == "cosine" else 1
+    if o.warmup_steps and o.warmup_steps > recipe.train.max_steps - after:
+        fail(
+            "optim.warmup_steps",
+            f"must be <= train.max_steps - {after} ({recipe.train.max_steps - after}): the "
+            f"warmup would leave the {o.schedule} schedule no step "
+            f"{'at the peak rate' if o.schedule == 'constant' else 'to decay'}; use fewer "
+            "warmup steps or more steps",
+        )
     if not 0 < recipe.train.memory_fraction <= 1:
         fail("train.memory_fraction", "must be in (0, 1]")
     if recipe.model.overrides and recipe.model.init:

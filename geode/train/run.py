@@ -27,9 +27,12 @@ def train(
     resume: bool = False,
     progress: bool | None = None,
     overrides: list[str] | None = None,
+    allow_fresh: bool = False,
 ) -> dict[str, Any]:
-    """Pretrain (or distill, if the recipe has [distill]) to OUT; returns the run summary."""
-    return Trainer(_as_recipe(recipe, overrides), out, resume, progress).fit()
+    """Pretrain (or distill, if the recipe has [distill]) to OUT; returns the run summary.
+    A resume that finds no valid state fails (naming the bad files) unless `allow_fresh`."""
+    recipe = _as_recipe(recipe, overrides)
+    return Trainer(recipe, out, resume, progress, allow_fresh=allow_fresh).fit()
 
 
 def distill(
@@ -39,6 +42,7 @@ def distill(
     progress: bool | None = None,
     control: bool | None = None,
     overrides: list[str] | None = None,
+    allow_fresh: bool = False,
 ) -> dict[str, Any]:
     """Distil a student into OUT/student and, with `control`, train it from scratch into
     OUT/control on the same tokens; writes OUT/comparison.json and OUT/comparison.png."""
@@ -47,13 +51,15 @@ def distill(
         raise RecipeError("geode distill needs a [distill] section (teacher, top_k, ...)")
     out = Path(out if out is not None else recipe.out)
     control = recipe.distill.control if control is None else control
-    student = Trainer(recipe, out / "student", resume, progress)
+    student = Trainer(recipe, out / "student", resume, progress, allow_fresh=allow_fresh)
     info = student.info
     s = student.fit()
     result: dict[str, Any] = {"student": s}
     if control:
         ctrl_recipe = replace(recipe, distill=None, name=f"{recipe.name}-control")
-        result["control"] = Trainer(ctrl_recipe, out / "control", resume, progress).fit()
+        result["control"] = Trainer(
+            ctrl_recipe, out / "control", resume, progress, allow_fresh=allow_fresh
+        ).fit()
     if info.is_main:
         result["comparison"] = _compare(out, control)
         (out / "comparison.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -4,24 +4,33 @@ A checkpoint is a directory `OUT/checkpoints/step-00000120/`:
 
     .metadata, __<rank>_0.distcp   model + optimizer state, `torch.distributed.checkpoint`
                                    (each rank writes its own shards; resharding on load)
-    rng-rank<r>.pt                 that rank's RNG states (torch CPU/CUDA, numpy, python)
+    rng-rank<r>.safetensors        that rank's RNG states (torch CPU/CUDA, numpy, python),
+                                   in the `snapshot_bytes` encoding (no pickle)
     trainer.json                   step, loader position, schedule, goodput counters, recipe
     MANIFEST.json                  size and SHA-256 of every file above; written last
 
 It is written under a temporary name (`.step-00000120.tmp`) and renamed into place only when
 MANIFEST.json is on disk, so a kill during the write never leaves a directory that looks
 complete. On resume the newest checkpoint whose manifest and files verify is used; a
-partial or corrupted one is skipped with a `CheckpointWarning` naming the bad file.
+partial or corrupted one is skipped with a `CheckpointWarning` naming the bad file, and every
+rejected one is kept in `CheckpointManager.rejected` so a resume that finds nothing usable can
+name them all. The files are made writable by their owner only, and a checkpoint whose files
+belong to another user or are writable by others is refused (the `.metadata` file of
+`torch.distributed.checkpoint` is a pickle).
+
+In-memory snapshots (SDC rollback, replicas) and RNG states are serialised by
+`snapshot_bytes`: tensors in safetensors, everything else as JSON in its metadata, never a
+pickle, so reading one cannot run code.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 import re
 import shutil
+import stat
 import time
 import warnings
 from collections.abc import Callable
@@ -95,6 +104,7 @@ class CheckpointManager:
         self.root, self.info, self.keep, self.verify = Path(root), info, keep, verify
         # test hook: called between the state files and the manifest (fault injection)
         self.before_manifest: Callable[[int], None] | None = None
+        self.rejected: list[str] = []  # what `latest` found wrong, one line per checkpoint
 
     # ---------------------------------------------------------------- save
     def save(
@@ -119,13 +129,15 @@ class CheckpointManager:
                 checkpoint_id=str(tmp),
                 no_dist=not self.info.distributed,
             )
-        torch.save(rng_state(), tmp / f"rng-rank{self.info.rank}.pt")
+        (tmp / rng_file(self.info.rank)).write_bytes(snapshot_bytes(rng_state()))
         barrier(self.info)
         if self.info.is_main:
             body = {"format": FORMAT, "version": VERSION, "step": step, **trainer}
             _write_json(tmp / TRAINER_FILE, body)
             if self.before_manifest is not None:
                 self.before_manifest(step)
+            for f in (tmp, *tmp.iterdir()):  # writable by the owner only (see `check`)
+                f.chmod(stat.S_IMODE(f.stat().st_mode) & ~0o022)
             files = {
                 f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
                 for f in sorted(tmp.iterdir())
@@ -161,9 +173,16 @@ class CheckpointManager:
         return sorted(out, reverse=True)
 
     # ---------------------------------------------------------------- find
+    def partial(self) -> list[Path]:
+        """Temporary directories of checkpoint writes that never finished (killed mid-write)."""
+        return sorted(self.root.glob(".step-*.tmp")) if self.root.is_dir() else []
+
     def check(self, path: Path) -> str | None:
         """None if the checkpoint at `path` verifies, else what is wrong (naming the file)."""
         mpath = path / MANIFEST
+        unsafe = _not_private(path)
+        if unsafe:
+            return unsafe
         if not mpath.is_file():
             return f"{mpath} is missing (partial checkpoint)"
         try:
@@ -179,6 +198,9 @@ class CheckpointManager:
             f = path / name
             if not f.is_file():
                 return f"{f} is missing"
+            unsafe = _not_private(f)
+            if unsafe:
+                return unsafe
             size = f.stat().st_size
             if size != entry["bytes"]:
                 return f"{f} has {size} bytes, {MANIFEST} says {entry['bytes']} (truncated?)"
@@ -187,21 +209,27 @@ class CheckpointManager:
         return None
 
     def latest(self) -> Found | None:
-        """The newest verified checkpoint (rank 0 checks, every rank gets the answer)."""
-        found = None
+        """The newest verified checkpoint (rank 0 checks, every rank gets the answer); the
+        checkpoints skipped on the way are listed in `self.rejected`."""
+        found, rejected = None, []
         if self.info.is_main:
             for step, path in self._listing():
                 problem = self.check(path)
                 if problem is None:
-                    trainer = json.loads((path / TRAINER_FILE).read_text())
-                    found = (step, str(path), trainer)
-                    break
+                    try:
+                        trainer = json.loads((path / TRAINER_FILE).read_text())
+                    except ValueError as e:  # verified, so only a bug or a race gets here
+                        problem = f"{path / TRAINER_FILE} is not valid JSON ({e})"
+                    else:
+                        found = (step, str(path), trainer)
+                        break
+                rejected.append(f"{path}: {problem}")
                 warnings.warn(
                     f"skipping checkpoint {path.name}: {problem}; trying the previous one",
                     CheckpointWarning,
                     stacklevel=2,
                 )
-        found = broadcast_object(found, self.info)
+        found, self.rejected = broadcast_object((found, rejected), self.info)
         if found is None:
             return None
         return Found(found[0], Path(found[1]), found[2])
@@ -220,15 +248,34 @@ class CheckpointManager:
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
-        rng = found.path / f"rng-rank{self.info.rank}.pt"
+        rng = found.path / rng_file(self.info.rank)
         if rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(snapshot_from_bytes(rng.read_bytes(), str(rng)))
         else:
             warnings.warn(
-                f"{rng} is missing (checkpoint written by fewer ranks); RNG not restored",
+                f"{rng} is missing (checkpoint written by fewer ranks, or by a geode that "
+                "pickled RNG states); RNG not restored",
                 CheckpointWarning,
                 stacklevel=2,
             )
+
+
+def rng_file(rank: int) -> str:
+    """File name of a rank's RNG states inside a checkpoint."""
+    return f"rng-rank{rank}.safetensors"
+
+
+def _not_private(path: Path) -> str | None:
+    """Why `path` could have been written by another user (None if it cannot)."""
+    st = path.lstat()
+    if st.st_uid != os.getuid():
+        return f"{path} belongs to uid {st.st_uid}, not to this user ({os.getuid()}); refusing it"
+    if stat.S_IMODE(st.st_mode) & 0o022:
+        return (
+            f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); refusing "
+            f"it (run `chmod go-w` on it if you trust its content)"
+        )
+    return None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -305,16 +352,87 @@ def _rewrap(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return local.clone()
 
 
+_TREE = "geode.tree"  # safetensors metadata key holding the JSON of the non-tensor structure
+
+
 def snapshot_bytes(obj: Any) -> bytes:
-    """Serialise a snapshot (tensors and plain data) to bytes."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+    """Serialise a snapshot (tensors, numpy arrays, tuples, dicts with str keys, lists, JSON
+    scalars) to safetensors bytes: tensors as tensors, the structure as JSON in the metadata."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def enc(x: Any) -> Any:
+        if torch.is_tensor(x):
+            key = str(len(tensors))
+            t = x.detach().to("cpu")
+            if t.numel() and (t.data_ptr() in seen or not t.is_contiguous()):
+                t = t.clone(memory_format=torch.contiguous_format)
+            if t.numel():
+                seen.add(t.data_ptr())
+            tensors[key] = t
+            return {"__tensor__": key}
+        if isinstance(x, np.ndarray):
+            key = str(len(tensors))
+            raw = np.ascontiguousarray(x)
+            tensors[key] = torch.frombuffer(
+                bytearray(raw.tobytes()) or bytearray(1), dtype=torch.uint8
+            )
+            return {"__ndarray__": key, "dtype": raw.dtype.str, "shape": list(raw.shape)}
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v) for v in x]}
+        if isinstance(x, list):
+            return [enc(v) for v in x]
+        if isinstance(x, dict):
+            bad = [k for k in x if not isinstance(k, str) or k.startswith("__")]
+            if bad:
+                raise TypeError(f"snapshot_bytes: dict key {bad[0]!r} is not a plain string")
+            return {k: enc(v) for k, v in x.items()}
+        if x is None or isinstance(x, bool | int | float | str):
+            return x
+        raise TypeError(f"snapshot_bytes: cannot store a {type(x).__name__}")
+
+    tree = json.dumps(enc(obj))
+    return save(tensors, metadata={_TREE: tree})
 
 
-def snapshot_from_bytes(data: bytes) -> Any:
-    """Inverse of `snapshot_bytes`."""
-    return torch.load(io.BytesIO(data), weights_only=False)
+def snapshot_from_bytes(data: bytes, where: str = "snapshot") -> Any:
+    """Inverse of `snapshot_bytes` (no code runs while reading); ValueError naming `where`."""
+    from safetensors.torch import load
+
+    try:
+        n = int.from_bytes(data[:8], "little")
+        tree = json.loads(json.loads(data[8 : 8 + n])["__metadata__"][_TREE])
+        tensors = load(data)
+    except Exception as e:  # noqa: BLE001 - any malformed input is the same error
+        raise ValueError(f"{where} is not a geode snapshot ({type(e).__name__}: {e})") from None
+
+    def dec(x: Any) -> Any:
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        if "__tensor__" in x:
+            return tensors[x["__tensor__"]]
+        if "__ndarray__" in x:
+            raw = tensors[x["__ndarray__"]].numpy().tobytes()
+            dtype, shape = np.dtype(x["dtype"]), x["shape"]
+            return (
+                np.frombuffer(raw[: dtype.itemsize * int(np.prod(shape))], dtype)
+                .reshape(shape)
+                .copy()
+            )
+        if "__tuple__" in x:
+            return tuple(dec(v) for v in x["__tuple__"])
+        return {k: dec(v) for k, v in x.items()}
+
+    try:
+        return dec(tree)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where} has an inconsistent structure ({e})") from None
 
 
 def now() -> float:

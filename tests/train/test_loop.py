@@ -141,7 +141,8 @@ def test_bfloat16_autocast_trains(tmp_path, data):
 
 
 def test_cli_train_resume_and_refusal(tmp_path, data, capsys):
-    recipe = write_recipe(tmp_path / "r.toml", tiny_recipe(data))
+    # warmup 1: a 2-step run with the helper's 2 warmup steps would never decay (refused)
+    recipe = write_recipe(tmp_path / "r.toml", tiny_recipe(data, optim={"warmup_steps": 1}))
     out = str(tmp_path / "cli")
     assert main(["train", str(recipe), "--out", out, "--max-steps", "2", "--no-progress"]) == 0
     assert main(["train", str(recipe), "--out", out, "--max-steps", "3"]) == 2
