@@ -595,11 +595,11 @@ def _check_files(files: dict[str, str | bytes], limits: Limits) -> list[tuple[st
             raise ValueError(f"sandbox.run: file name {name!r} escapes the work dir")
         out.append((str(p), content.encode() if isinstance(content, str) else bytes(content)))
     total = sum(len(b) for _, b in out)
-    if total > limits.work_dir_bytes // 2 or len(out) > limits.work_dir_files // 2:
+    if total > limits.work_dir_bytes or len(out) >= limits.work_dir_files:
         raise ValueError(
-            f"sandbox.run: {len(out)} input files of {total} bytes exceed half of "
-            f"Limits.work_dir_bytes={limits.work_dir_bytes} / work_dir_files="
-            f"{limits.work_dir_files}"
+            f"sandbox.run: {len(out)} input files of {total} bytes do not fit the work dir "
+            f"(Limits.work_dir_bytes={limits.work_dir_bytes}, "
+            f"work_dir_files={limits.work_dir_files})"
         )
     return out
 

@@ -86,7 +86,8 @@ def _own_cgroups() -> set[str]:
     return {os.path.join(p, n) for p in parents for n in os.listdir(p) if n.startswith(mine)}
 
 
-def _tagged_processes(tag: str) -> list[str]:
+def tagged_processes(tag: str) -> list[str]:
+    """Pids of the processes whose command line holds `tag`."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -112,7 +113,7 @@ class Host:
     def check_unchanged(self, keys: tuple[int, ...] = ()) -> None:
         """Nothing of the run is left and no resource it tried to take is gone."""
         assert not _own_cgroups(), "a run cgroup was left behind"
-        assert not _tagged_processes(self.tag), "a process of the run survived it"
+        assert not tagged_processes(self.tag), "a process of the run survived it"
         for k in keys:
             assert k not in _sysv_keys("shm") and k not in _sysv_keys("msg"), "SysV IPC left"
         assert not [n for n in os.listdir("/dev/shm") if self.tag in n], "/dev/shm file left"
@@ -326,7 +327,7 @@ def test_input_files_over_the_work_dir_are_refused():
     with pytest.raises(ValueError, match="work_dir_bytes"):
         sandbox.run(["/bin/true"], files={"a": b"x" * (40 * MiB)}, limits=SMALL)
     with pytest.raises(ValueError, match="work_dir_files"):
-        sandbox.run(["/bin/true"], files={f"f{i}": "" for i in range(400)}, limits=SMALL)
+        sandbox.run(["/bin/true"], files={f"f{i}": "" for i in range(500)}, limits=SMALL)
 
 
 def test_collect_is_bounded_and_does_not_follow_links(isolation):
