@@ -18,9 +18,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_sandbox_attacks import tagged_processes  # same directory (pytest's prepend import)
 
 from geode import sandbox
+from tests.eval.test_sandbox_attacks import tagged_processes
 
 try:
     sandbox.available_isolation()
