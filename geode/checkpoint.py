@@ -249,6 +249,10 @@ def load_model(
 
         return load_gguf_model(root, dtype, device, allow_float16=allow_float16)
     config = read_config(root)
+    if "quantization_config" in config.extra:  # written from a quantized model
+        from .infer.quant import load_quantized
+
+        return load_quantized(root, config, dtype, device, check_finite)
     stored = _index_tensors(_weight_files(root))
     mapped = _map_keys(stored, config.tie_word_embeddings, heads)
 
@@ -350,10 +354,16 @@ def save_model(
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root}: exists and is not a directory")
     config = model.config
-    state = {}
-    for name, tensor in model.state_dict().items():
-        key = name if name == "lm_head.weight" else f"model.{name}"
-        state[key] = tensor.detach().to("cpu").contiguous()
+    quantized = getattr(model, "quantization", None) is not None  # geode.infer.quant.quantize
+    if quantized:  # compressed-tensors layout (geode/infer/quant.py)
+        from .infer.quant import quantized_state
+
+        state = quantized_state(model)
+    else:
+        state = {}
+        for name, tensor in model.state_dict().items():
+            key = name if name == "lm_head.weight" else f"model.{name}"
+            state[key] = tensor.detach().to("cpu").contiguous()
     for key, tensor in (heads or {}).items():
         state[key] = tensor.detach().to("cpu").contiguous()
     shards = _plan_shards(state, max_shard_bytes)
@@ -366,6 +376,10 @@ def save_model(
         dtype_name = str(model.dtype).removeprefix("torch.")
         hf["dtype"] = dtype_name
         hf.update(hf_config or {})
+        if quantized:
+            from .infer.quant import quantization_config
+
+            hf["quantization_config"] = quantization_config(model)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
         gen = {
             "bos_token_id": config.bos_token_id,

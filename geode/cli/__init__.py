@@ -16,6 +16,7 @@ VERB_MODULES: list[str] = [
     "geode.cli.model",
     "geode.cli.convert",
     "geode.cli.generate",
+    "geode.cli.quantize",
     "geode.cli.tokenizer",
     "geode.cli.data",
     "geode.cli.serve",

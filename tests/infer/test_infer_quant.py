@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -165,3 +166,196 @@ def test_bad_quantization_arguments(model):
         quantize(copy.deepcopy(model), "int3")
     with pytest.raises(ValueError, match="multiple of group_size"):
         quantize(copy.deepcopy(model), "int4", 128)  # widths 64 and 96
+
+
+# ------------------------------------------------------------ quantized checkpoints
+def _plain(model):
+    return restore(copy.deepcopy(model))  # the plain classes, whatever other tests did
+
+
+@pytest.mark.parametrize("mode,group,head", [("int8", 64, True), ("int4", 32, True),
+                                             ("int4", 128, False)])  # fmt: skip
+def test_quantized_checkpoint_loads_back_as_saved(tmp_path, mode, group, head):
+    q = quantize(geode.build_model(geode.get_preset("nano-1m"), seed=0), mode, group, head=head)
+    geode.save_model(q, tmp_path / "q")
+    back = geode.load_model(tmp_path / "q")
+    assert back.quantization == q.quantization  # quantized on load, not re-quantized
+    a, b = q.state_dict(), back.state_dict()
+    assert list(a) == list(b) and all(
+        torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a
+    )
+    assert isinstance(back.layers[0].mlp.down_proj, QuantLinear)
+    assert isinstance(back.head_override, QuantLinear) == head
+    req = Request([5, 6, 7], temperature=0, max_new_tokens=8, ignore_eos=True)
+    assert Engine(back).generate(req)[0].token_ids == Engine(q).generate(req)[0].token_ids
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(back, "int8")
+    bf = geode.load_model(tmp_path / "q", dtype="bfloat16")  # float tensors follow `dtype`
+    assert bf.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(
+        bf.layers[0].self_attn.q_proj.qweight, b["layers.0.self_attn.q_proj.qweight"]
+    )
+
+
+@pytest.mark.parametrize("mode,group", [("int8", 64), ("int4", 32), ("int4", 128)])
+def test_stored_layout_is_compressed_tensors(mode, group):
+    """compressed-tensors' own decompressors read geode's tensors as geode's weights."""
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    from geode.infer.quant import quantization_config, quantized_state
+
+    q = quantize(geode.build_model(geode.get_preset("nano-1m"), seed=0), mode, group, head=False)
+    state = quantized_state(q)
+    spec = quantization_config(q)["config_groups"]["group_0"]
+    scheme = QuantizationScheme(
+        targets=spec["targets"], weights=spec["weights"], format=spec["format"]
+    )
+    comp = PackedQuantizationCompressor if mode == "int4" else IntQuantizationCompressor
+    linears = [(n, m) for n, m in q.named_modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 7 * len(q.layers)
+    for name, m in linears:
+        pre = f"model.{name}."
+        w = comp.decompress(
+            {k[len(pre) :]: v for k, v in state.items() if k.startswith(pre)}, scheme
+        )
+        step = m.scale.float().max()
+        # equal up to compressed-tensors computing (q - z) * s in float16 (geode: q * s + m)
+        assert (w["weight"].float() - m.dequantized()).abs().max() <= (
+            0.01 if mode == "int4" else 0
+        ) * step
+    assert "model.layers.0.self_attn.q_proj.weight" not in state or mode == "int8"
+
+
+def test_transformers_loads_the_quantized_checkpoint(pair, tmp_path):
+    """int8: transformers + compressed-tensors computes exactly geode's logits; int4 with
+    dequantize=True equal up to float16 rounding; the geode LM head is ignored there."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    ref, model = pair
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    for mode, head in [("int8", False), ("int4", False), ("int8", True)]:
+        q = quantize(_plain(model), mode, 32, head=head)
+        geode.save_model(q, tmp_path / f"{mode}{head}")
+        kw = (
+            {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+            if mode == "int4"
+            else {}
+        )
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / f"{mode}{head}", **kw)
+        q.head_override = None  # transformers uses the float (tied) head
+        with torch.no_grad():
+            ours, theirs, plain = q(ids), hf(ids).logits, model(ids)
+        scale = plain.abs().max()
+        assert (ours - theirs).abs().max() <= (1e-5 if mode == "int8" else 5e-3) * scale
+        assert (ours - plain).abs().max() > 10 * (ours - theirs).abs().max()  # it is quantized
+
+
+def _rewrite(path, edit_config=None, edit_tensors=None):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((path / "config.json").read_text())
+    if edit_config:
+        edit_config(cfg["quantization_config"])
+        (path / "config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        tensors = load_file(path / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, path / "model.safetensors")
+
+
+def test_bad_quantized_checkpoints_name_the_field_or_tensor(model, tmp_path):
+    import shutil
+
+    from geode.checkpoint import CheckpointError
+
+    geode.save_model(quantize(_plain(model), "int4", 32), tmp_path / "good")
+    key = "model.layers.1.mlp.up_proj.weight_packed"
+    cases = [
+        (lambda c: c.update(quant_method="gptq"), None, "quant_method='gptq'"),
+        (lambda c: c.update(format="float-quantized"), None, "format='float-quantized'"),
+        (lambda c: c["config_groups"]["group_0"]["weights"].update(group_size=48), None, "group_size=48"),
+        (lambda c: c["config_groups"]["group_0"]["weights"].update(num_bits=3), None, "weights="),
+        (lambda c: c.update(ignore=[]), None, "ignore=[]"),
+        (None, lambda t: t.pop(key), f"missing tensor {key!r}"),
+        (None, lambda t: t.update({key: t[key].to(torch.int64)}), f"{key!r} is torch.int64"),
+        (None, lambda t: t.update({key: t[key][:, :-1].contiguous()}), f"{key!r} is torch.int32 [96, 7]; expected torch.int32 [96, 8]"),
+        (None, lambda t: t.update({"model.extra": torch.zeros(1)}), "unexpected tensor 'model.extra'"),
+        (None, lambda t: t["model.norm.weight"].fill_(float("nan")), "NaN"),
+    ]  # fmt: skip
+    for i, (cfg, tensors, message) in enumerate(cases):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(tmp_path / "good", bad)
+        _rewrite(bad, cfg, tensors)
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            geode.load_model(bad)
+
+
+def test_symmetric_int4_from_compressed_tensors_loads(model, tmp_path):
+    """A symmetric pack-quantized checkpoint as llm-compressor's W4A16 writes it (no zero
+    points) loads with compressed-tensors' weights."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    q = quantize(_plain(model), "int4", 32, head=False)
+    geode.save_model(q, tmp_path / "q")
+    spec = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    scheme = QuantizationScheme(targets=["Linear"], weights=spec, format="pack-quantized")
+    plain = _plain(model)
+    expect = {}
+
+    def resymmetrize(t):
+        for name, m in plain.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.startswith("layers."):
+                w = m.weight.detach().view(m.out_features, -1, 32)
+                s = (w.abs().amax(-1) / 7.5).clamp(min=1e-8)  # (N, K/G)
+                full = {"weight": m.weight.detach(), "weight_scale": s}
+                out = PackedQuantizationCompressor.compress(full, scheme)
+                pre = f"model.{name}."
+                for k in [k for k in t if k.startswith(pre)]:
+                    del t[k]
+                t.update({pre + k: v for k, v in out.items()})
+                expect[name] = PackedQuantizationCompressor.decompress(out, scheme)["weight"]
+
+    _rewrite(tmp_path / "q", lambda c: c["config_groups"]["group_0"]["weights"].update(spec),
+             resymmetrize)  # fmt: skip
+    back = geode.load_model(tmp_path / "q")
+    for name, w in expect.items():
+        m = back.get_submodule(name)
+        # equal up to geode keeping the (float32 here) scales in float16: |q'| * 2^-11 steps
+        assert (m.dequantized() - w.float()).abs().max() <= 8 * 2**-11 * m.scale.float().max()
+
+
+def test_cli_quantize_writes_what_generate_quant_computes(model, tmp_path, capsys):
+    import json
+
+    from geode.cli import main
+
+    geode.save_model(_plain(model), tmp_path / "f")
+    assert main(["quantize", str(tmp_path / "f"), str(tmp_path / "q"), "--int4",
+                 "--group-size", "32"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'q'} (int4, group 32; LM head int4)" in out
+    assert f"next: geode generate {tmp_path / 'q'}" in out
+    gen = ["--ids", "2,5,9", "--temperature", "0", "--max-new-tokens", "6", "--ignore-eos",
+           "--logprobs", "1", "--json"]  # fmt: skip
+    assert main(["generate", str(tmp_path / "q"), *gen]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert (
+        main(["generate", str(tmp_path / "f"), "--quant", "int4", "--group-size", "32", *gen]) == 0
+    )
+    fresh = json.loads(capsys.readouterr().out)
+    assert saved["token_ids"] == fresh["token_ids"] and saved["logprobs"] == fresh["logprobs"]
+    # bad input: nothing written
+    assert main(["quantize", str(tmp_path / "q"), str(tmp_path / "x"), "--int8"]) == 2
+    assert "already quantized (int4)" in capsys.readouterr().err
+    assert (
+        main(["quantize", str(tmp_path / "f"), str(tmp_path / "x"), "--int8", "--group-size", "32"])
+        == 2
+    )
+    assert main(["quantize", str(tmp_path / "nope"), str(tmp_path / "x"), "--int4"]) == 1
+    assert "neither a checkpoint directory nor a preset" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
