@@ -224,17 +224,19 @@ def render_tool_call(call: ToolCall) -> str:
     return START_OF_TOOL_CALL + _dumps(obj) + END_OF_TOOL_CALL
 
 
-def _model_body(msg: Mapping[str, Any], i: int) -> str:
+def _model_body(msg: Mapping[str, Any], i: int) -> list[tuple[str, str]]:
+    """A model turn's body as ("assistant", thinking + content) and ("tool_call", call) parts."""
     thinking = msg.get("thinking", msg.get("reasoning_content"))
     if thinking is not None and not isinstance(thinking, str):
         raise ChatFormatError(f"message {i}: 'thinking' must be a str")
     thinking = (thinking or "").strip()
     out = START_OF_THINKING + thinking + END_OF_THINKING if thinking else ""
-    out += _content(msg, i)
+    parts = [("assistant", out + _content(msg, i))]
     calls = msg.get("tool_calls") or []
     if not isinstance(calls, (list, tuple)):
         raise ChatFormatError(f"message {i}: tool_calls must be a list")
-    return out + "".join(render_tool_call(_tool_call(c, i, j)) for j, c in enumerate(calls))
+    parts += [("tool_call", render_tool_call(_tool_call(c, i, j))) for j, c in enumerate(calls)]
+    return parts
 
 
 def _tool_results(group: list[tuple[int, Mapping[str, Any]]], names: dict[str, str]) -> str:
@@ -266,6 +268,24 @@ def render(
     `tool` messages form one user turn of tool results. `think=True` opens a thinking
     section after the generation prompt (parse the output with `in_thinking=True`).
     """
+    parts = render_parts(messages, add_generation_prompt, tools, bos, think=think)
+    return "".join(text for _, text in parts)
+
+
+def render_parts(
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = False,
+    tools: Sequence[Any] | None = None,
+    bos: bool = True,
+    *,
+    think: bool = False,
+) -> list[tuple[str, str]]:
+    """`render`'s text cut into labelled spans: [(kind, text)], joined they equal `render`.
+
+    kind is "assistant" for what the model writes in its turns (thinking, content and the
+    closing `<end_of_turn>`), "tool_call" for its tool calls, and "prompt" for everything
+    else (turn headers, user, system and tool-result text): SFT trains on the model's spans.
+    """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ChatFormatError(f"messages must be a list of dicts, got {type(messages).__name__}")
     if not messages:
@@ -286,7 +306,7 @@ def render(
             turns.append((roles[i], [(i, messages[i])]))
 
     names: dict[str, str] = {}  # tool call id -> function name, for tool results
-    out = [BOS if bos else ""]
+    out: list[tuple[str, str]] = [("prompt", BOS if bos else "")]
     for k, (role, group) in enumerate(turns):
         i, msg = group[0]
         if (role in ("user", "tool")) != (k % 2 == 0):
@@ -295,7 +315,7 @@ def render(
                 f"{ALTERNATION_ERROR} (message {i} has role {role!r}, expected {expected})"
             )
         if role == "tool":
-            turn_role, body = "user", _tool_results(group, names)
+            turn_role, body = "user", [("prompt", _tool_results(group, names))]
         elif role in ("assistant", "model"):
             turn_role, body = "model", _model_body(msg, i)
             for j, c in enumerate(msg.get("tool_calls") or []):
@@ -303,12 +323,16 @@ def render(
                 if call.id is not None:
                     names[call.id] = call.name
         else:
-            turn_role, body = role, _content(msg, i)
-        out.append(START_OF_TURN + turn_role + "\n" + (prefix if k == 0 else "") + body)
-        out.append(END_OF_TURN + "\n")
+            turn_role, body = role, [("prompt", _content(msg, i))]
+        out.append(("prompt", START_OF_TURN + turn_role + "\n" + (prefix if k == 0 else "")))
+        out.extend(body)
+        if turn_role == "model":
+            out += [("assistant", END_OF_TURN), ("prompt", "\n")]
+        else:
+            out.append(("prompt", END_OF_TURN + "\n"))
     if add_generation_prompt:
-        out.append(START_OF_TURN + "model\n" + (START_OF_THINKING if think else ""))
-    return "".join(out)
+        out.append(("prompt", START_OF_TURN + "model\n" + (START_OF_THINKING if think else "")))
+    return [(kind, text) for kind, text in out if text]
 
 
 # ---- parsing --------------------------------------------------------------------------------
@@ -451,6 +475,7 @@ __all__ = [
     "ToolCall",
     "parse",
     "render",
+    "render_parts",
     "render_tool_call",
     "render_tools",
 ]

@@ -21,6 +21,7 @@ VERB_MODULES: list[str] = [
     "geode.cli.data",
     "geode.cli.serve",
     "geode.cli.train",
+    "geode.cli.post",
     "geode.cli.eval",
     "geode.cli.bench",
 ]

@@ -12,6 +12,7 @@ from torch import nn
 
 from ...data.loader import Batch
 from ..loss import next_token_loss_sum
+from ..sft import SFTOptions
 from .base import Metrics, Objective, register
 
 
@@ -45,3 +46,5 @@ class NextToken(Objective):
 @register("sft")
 class SupervisedFineTuning(NextToken):
     """Next-token loss on the targets SFT batches mark (assistant tokens, optionally tool calls)."""
+
+    Options = SFTOptions
