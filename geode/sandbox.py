@@ -13,7 +13,7 @@ Each run gets:
     where no cgroup can be made (no controller, no permission) the run goes on without it, a
     `SandboxWarning` names why, and `SandboxResult.cgroup` is None;
   * an unprivileged identity: as root the code runs as `nobody` (uid 65534); as a normal user
-    a user namespace supplies the mounts;
+    a user namespace supplies the mounts and the user's home is hidden (but the interpreter);
   * rlimits per process: CPU seconds, address space, processes, file size, open files, no core;
   * stdout/stderr read concurrently and capped; a wall-clock timeout that kills the whole
     process group and, through the PID namespace, every descendant.
@@ -135,6 +135,13 @@ work = cfg["workdir"]
 if cfg["setup"]:
     class MountAttr(ctypes.Structure):
         _fields_ = [(n, ctypes.c_uint64) for n in ("set", "clr", "propagation", "userns_fd")]
+    keep = [(k, os.open(k, os.O_PATH | os.O_DIRECTORY)) for k in cfg["keep"]]
+    for h in cfg["hide"]:  # a normal user's home: an empty tmpfs over it
+        mount("tmpfs", h, "tmpfs", 2 | 4, "size=1m,nr_inodes=1024,mode=755")
+    for k, fd in keep:  # ... but the interpreter under it stays visible
+        os.makedirs(k, exist_ok=True)
+        mount("/proc/self/fd/%d" % fd, k, None, 4096 | 16384, None)  # MS_BIND | MS_REC
+        os.close(fd)
     attr = MountAttr(1, 0, 0, 0)  # MOUNT_ATTR_RDONLY
     # mount_setattr(AT_FDCWD, "/", AT_RECURSIVE, &attr): every mount read-only (Linux 5.12)
     if libc.syscall(442, -100, b"/", 0x8000, ctypes.byref(attr), ctypes.c_size_t(32)) != 0:
@@ -529,9 +536,29 @@ def _probe() -> str:
     raise SandboxError(_PROBE["error"])
 
 
+def _hidden_home(exe: str) -> tuple[list[str], list[str]]:
+    """(homes to hide, directories under them to keep): a normal user's home holds its secrets
+    (root's runs are `nobody`, which cannot read them); the interpreters stay reachable."""
+    homes = set()
+    for h in (os.environ.get("HOME"), os.path.expanduser("~")):
+        real = os.path.realpath(h) if h else "/"
+        if real != "/" and os.path.isdir(real) and not Path("/tmp").resolve().is_relative_to(real):
+            homes.add(real)
+    exe = shutil.which(exe) or exe
+    wanted = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    wanted |= {os.path.dirname(os.path.dirname(os.path.abspath(exe)))}  # a venv's root
+    wanted |= {os.path.dirname(os.path.dirname(os.path.realpath(p))) for p in (exe, sys.executable)}
+    keep = sorted({os.path.realpath(k) for k in wanted if os.path.isdir(k)})
+    keep = [k for k in keep if any(Path(k).is_relative_to(h) for h in homes)]
+    keep = [k for k in keep if not any(k != o and Path(k).is_relative_to(o) for o in keep)]
+    homes = {h for h in homes if not any(Path(h).is_relative_to(o) for o in keep)}
+    return sorted(homes), keep
+
+
 def _command(kind: str, cfg: dict, limits: Limits, cgroup: _Cgroup | None):
     """(command line, preexec function) for one isolation tool."""
     root = os.geteuid() == 0
+    hide, keep = ([], []) if root else _hidden_home(cfg["argv"][0])
     tmpfs = [d for d in _TMPFS_DIRS if os.path.isdir(d) and not os.path.islink(d)]
     if "/tmp" not in tmpfs:
         raise SandboxError("sandbox: /tmp is not a directory here; the work dir lives under it")
@@ -548,6 +575,8 @@ def _command(kind: str, cfg: dict, limits: Limits, cgroup: _Cgroup | None):
             "tmpfs_files": int(limits.work_dir_files),
             "uid": NOBODY if root else None,
             "gid": NOBODY if root else None,
+            "hide": hide,
+            "keep": keep,
         }
         cmd = [exe]
         if not root:
@@ -564,6 +593,12 @@ def _command(kind: str, cfg: dict, limits: Limits, cgroup: _Cgroup | None):
         cmd += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
         for d in tmpfs:  # bwrap cannot share one tmpfs: each mount gets the size
             cmd += ["--size", str(int(limits.work_dir_bytes)), "--tmpfs", d]
+        for h in hide:
+            cmd += ["--size", str(1 << 20), "--tmpfs", h]
+        for k in keep:
+            cmd += ["--ro-bind", k, k]
+        for h in hide:
+            cmd += ["--remount-ro", h]
         cmd += ["--clearenv", "--"]
         cmd += [default_python(), "-I", "-S", "-c", _INIT, json.dumps(cfg)]
         rl = _rlimits(limits)

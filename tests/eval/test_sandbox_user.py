@@ -1,4 +1,5 @@
-"""The sandbox run by a normal user: the same read-only view, IPC namespace and bounded tmpfs.
+"""The sandbox run by a normal user: the same read-only view, IPC namespace and bounded tmpfs,
+and the user's home hidden (its secrets), less the interpreter's directories.
 
 As root the test becomes uid 61234 with `setpriv` (no passwd entry needed) and runs
 `geode/sandbox.py` under the system python3, which that uid can execute. Twice: without any
@@ -72,6 +73,12 @@ shm = (
 r = sb.run_code(shm, limits=lim)
 out["shm_run"] = r.stdout.strip()
 out["shm_left"] = any(line.split()[0] == str(key) for line in open("/proc/sysvipc/shm"))
+read = "import sys\ntry:\n    print(open(sys.argv[1]).read())\nexcept OSError as e:\n    print(e.strerror)\n"
+r = sb.run([sys.executable, "-I", "-c", read, f"{home}/secret.txt"], limits=lim)
+out["secret"] = r.stdout.strip()
+venv_python = f"{home}/venv/bin/python"
+r = sb.run_code("import sys\nprint(sys.prefix)", python=venv_python, limits=lim)
+out["venv"] = [r.stdout.strip(), r.stderr[-300:]]
 fill = (
     "import errno\n"
     "n = 0\n"
@@ -129,31 +136,40 @@ def _run_as_user(tmp: Path, delegate: dict[str, str] | None, memory_attack: bool
     home, repo = tmp / "home", tmp / "repo"
     home.mkdir()
     repo.mkdir()
+    secret = home / "secret.txt"
+    secret.write_text("the user's secret")
+    secret.chmod(0o600)
     python = sys.executable
     prefix: list[str] = []
     if os.geteuid() == 0:
         python = sandbox.default_python()  # the system one: uid 61234 can run it
-        for d in (tmp, home, repo):
+        for d in (tmp, home, repo, secret):
             os.chown(d, UID, UID)
         prefix = ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups"]
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
+    venv = [*prefix, python, "-m", "venv", "--without-pip", str(home / "venv")]
+    subprocess.run(venv, check=True, env=env, cwd=tmp, timeout=60)  # an interpreter in $HOME
     tag = uuid.uuid4().hex
     cmd = [*prefix, python, "-I", "-c", SCRIPT, str(REPO / "geode" / "sandbox.py")]
     cmd += [str(home), str(repo), tag, "1" if memory_attack else "0"]
     if delegate:  # enter the delegated cgroups first, then become the user
         joins = " ".join(f"echo $$ > {d}/cgroup.procs &&" for d in delegate.values())
         cmd = ["sh", "-c", f'{joins} exec "$@"', "sh", *cmd]
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=tmp)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    assert not list(home.iterdir()) and not list(repo.iterdir())
+    assert sorted(x.name for x in home.iterdir()) == ["secret.txt", "venv"]
+    assert not list(repo.iterdir())
     assert not tagged_processes(tag)  # the fork bomb's processes died with its run
     return out
 
 
 def _check_common(out: dict) -> None:
     assert out["uid"] == (UID if os.geteuid() == 0 else os.getuid())
-    assert out["writes"] == ["EROFS", "EROFS", "EROFS"]  # own home and repo: read-only
+    # own home hidden (an empty read-only tmpfs), the repo read-only
+    assert out["writes"] == ["EROFS", "EROFS", "EROFS"]
+    assert out["secret"] == "No such file or directory"
+    assert out["venv"][0].endswith("/home/venv"), out["venv"]  # kept: the interpreter runs
     assert out["shm_run"] == "left a segment" and out["shm_left"] is False
     n, err = out["fill"]
     assert err == "ENOSPC" and int(n) <= 16  # work_dir_bytes = 16 MiB, all places together
