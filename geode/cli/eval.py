@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+RETRYABLE_EXIT = 75  # EX_TEMPFAIL (sysexits.h): a rerun of the same command may succeed
 
 _EPILOG = """examples:
   geode eval gsm8k --model runs/sft --data data/gsm8k/test.jsonl --limit 100 --out eval_out
@@ -11,9 +14,14 @@ _EPILOG = """examples:
   geode eval humaneval --endpoint http://localhost:8000/v1 --samples 10 --out eval_out
   geode eval gsm8k --endpoint http://localhost:8000 --chat --self-correct --data test.jsonl
 
+  geode eval gsm8k --model runs/sft --dtype bfloat16 --quant int8 --data test.jsonl
+
 tasks: gsm8k, math500, humaneval, mc, niah, mrcr, tasks (the synthetic held-out split).
 Outputs: OUT/<task>/samples.jsonl, OUT/results.json, OUT/results.md, OUT/*.png.
-A rerun with the same options resumes from the samples already written.
+A prompt longer than the model's context gets fewer shots, else its sample is skipped
+(recorded in the sample, counted in the results). A rerun with the same options resumes from
+the samples already written; an interruption a rerun can fix (endpoint down, timeout) exits
+with 75, an error it cannot fix with 2.
 """
 
 
@@ -30,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("tasks", metavar="TASK[,TASK...]", help="comma-separated task names")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="PATH", help="geode/HF checkpoint directory")
+    src.add_argument("--model", metavar="PATH", help="geode/HF checkpoint directory or .gguf")
     src.add_argument("--endpoint", metavar="URL", help="OpenAI-compatible server URL")
     p.add_argument("--api-key", help="bearer token for --endpoint")
     p.add_argument("--served-model", help="model name sent to --endpoint (default: its first)")
@@ -45,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retries", type=int, default=3, help="retries on 5xx/429/timeouts")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--batch-size", type=int, default=32, help="engine batch size (--model)")
+    p.add_argument("--dtype", help="--model weights as float32 / bfloat16 (default: as stored)")
+    p.add_argument(
+        "--quant", choices=["int8", "int4"], help="--model: weight-only quantization after loading"
+    )
     p.add_argument("--limit", type=int, help="first N documents of each task")
     p.add_argument("--shots", type=int, help="few-shot examples (task default otherwise)")
     p.add_argument("--samples", type=int, default=1, help="generations per problem (pass@k)")
@@ -92,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the backend and task config, run, print the markdown table."""
     from pathlib import Path
 
+    from geode.checkpoint import parse_dtype
     from geode.cli import CLIError
     from geode.eval import EndpointBackend, EngineBackend, TaskConfig, evaluate
     from geode.eval.backends import BackendError
@@ -110,6 +123,13 @@ def run(args: argparse.Namespace) -> int:
         chat=args.chat,
         options=_options(args.option),
     )
+    if args.endpoint and (args.dtype or args.quant):
+        raise CLIError("--dtype and --quant apply to --model (an endpoint's server sets its own)")
+    if args.dtype is not None:
+        try:
+            parse_dtype(args.dtype)
+        except ValueError as e:
+            raise CLIError(f"--dtype: {e}") from None
     try:
         if args.endpoint:
             backend = EndpointBackend(
@@ -126,7 +146,11 @@ def run(args: argparse.Namespace) -> int:
             if not (Path(args.model).is_dir() or Path(args.model).suffix.lower() == ".gguf"):
                 raise CLIError(f"--model {args.model}: not a checkpoint directory or .gguf file")
             backend = EngineBackend.from_path(
-                args.model, chat=args.chat, batch_size=args.batch_size
+                args.model,
+                dtype=args.dtype,
+                quant=args.quant,
+                chat=args.chat,
+                batch_size=args.batch_size,
             )
         evaluate(
             names,
@@ -136,7 +160,12 @@ def run(args: argparse.Namespace) -> int:
             self_correct=args.self_correct,
             progress=not args.no_progress,
         )
-    except (TaskError, EvalError, BackendError) as e:
+    except EvalError as e:
+        if not e.retryable:
+            raise CLIError(str(e)) from None
+        print(f"geode: error: {e}", file=sys.stderr)
+        return RETRYABLE_EXIT
+    except (TaskError, BackendError) as e:
         raise CLIError(str(e)) from None
     print(Path(args.out, "results.md").read_text(), end="")
     return 0

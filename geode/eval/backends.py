@@ -6,6 +6,13 @@ results with greedy decoding. A prompt is either text (a raw completion prompt: 
 adds <bos>; an endpoint gets `/v1/completions`) or a list of chat messages (rendered with
 `geode.chat.render` in process; sent to `/v1/chat/completions` by an endpoint). With
 `chat=True` a text prompt is sent as a single user message.
+
+Neither backend truncates: a request longer than the context fails (the runner fits prompts
+first, see `geode.eval.fit`). `prompt_tokens` and `max_context` tell the runner what fits: exact
+in process; for an endpoint from the served tokenizer (`tokenizer=`), else the server's
+`/tokenize` (geode serve, vLLM), else an estimate, and `max_model_len` from `/v1/models`.
+Errors are `BackendError`s marked `retryable` (connection, timeout, 429, 5xx: a rerun may
+succeed) or not (a request the server rejects).
 """
 
 from __future__ import annotations
@@ -26,7 +33,15 @@ Progress = Callable[[int], None] | None
 
 
 class BackendError(RuntimeError):
-    """A backend failed for good (after retries); the message names the URL or the request."""
+    """A backend failed (after retries); the message names the URL or the request.
+
+    `retryable`: the cause may go away (endpoint down, overloaded, timed out), so rerunning
+    resumes; otherwise the request itself was rejected and a rerun fails the same way.
+    """
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass
@@ -65,6 +80,11 @@ class Backend:
         """Tokens in `text` (an estimate of 4 characters per token without a tokenizer)."""
         return max(1, len(text) // 4)
 
+    def prompt_tokens(self, prompt: Prompt) -> int:
+        """Tokens the backend sends for `prompt` (<bos> and chat template included)."""
+        text = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)
+        return self.count_tokens(text) + 1
+
     @property
     def max_context(self) -> int | None:
         """The longest prompt + output this backend accepts, if known."""
@@ -73,6 +93,18 @@ class Backend:
 
 def _as_messages(prompt: Prompt) -> list[dict[str, Any]]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt, chat: bool) -> list[int]:
+    """Token ids of a prompt as geode sends it: <bos> + text, or the rendered chat template
+    (what the engine backend and `geode serve` both do)."""
+    if isinstance(prompt, str) and not chat:
+        ids = list(tokenizer.encode(prompt))
+        bos = tokenizer.bos_id
+        return ids if ids and ids[0] == bos else [bos, *ids]
+    from geode.chat import render
+
+    return list(tokenizer.encode(render(_as_messages(prompt), bos=True)))
 
 
 class FunctionBackend(Backend):
@@ -105,26 +137,44 @@ class EngineBackend(Backend):
     name = "engine"
     source: str | None = None  # the checkpoint directory, when loaded from one
 
-    def __init__(self, model: Any, tokenizer: Any, *, chat: bool = False, batch_size: int = 32):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        chat: bool = False,
+        batch_size: int = 32,
+        max_seq_len: int | None = None,
+    ):
         from geode.infer import Engine
 
-        self.engine = Engine(model, tokenizer, max_batch=batch_size, seed=0)
+        self.engine = Engine(
+            model, tokenizer, max_batch=batch_size, seed=0, max_seq_len=max_seq_len
+        )
         self.tokenizer = tokenizer
         self.chat = chat
         self.batch_size = batch_size
 
     @classmethod
-    def from_path(cls, path: str, **kwargs: Any) -> EngineBackend:
-        """Load a geode checkpoint directory (with its tokenizer.model)."""
+    def from_path(
+        cls, path: str, *, dtype: str | None = None, quant: str | None = None, **kwargs: Any
+    ) -> EngineBackend:
+        """Load a geode checkpoint directory (with its tokenizer.model) or .gguf file, in
+        `dtype` (default: as stored), weight-only quantized to `quant` ("int8"/"int4")."""
         import geode
 
-        backend = cls(geode.load_model(path), geode.load_tokenizer(path), **kwargs)
-        backend.source = str(path)
+        model = geode.load_model(path, dtype=dtype)
+        if quant is not None:
+            from geode.infer.quant import quantize
+
+            quantize(model, quant)
+        backend = cls(model, geode.load_tokenizer(path), **kwargs)
+        backend.source = str(path) + "".join(f":{x}" for x in (dtype, quant) if x)
         return backend
 
     @property
     def identity(self) -> str:
-        """`engine:<checkpoint>`."""
+        """`engine:<checkpoint>[:dtype][:quant]`."""
         return f"engine:{self.source or 'in-memory model'}"
 
     @property
@@ -138,22 +188,20 @@ class EngineBackend(Backend):
 
     def _ids(self, prompt: Prompt) -> list[int]:
         """Prompt token ids, <bos> first (a chat prompt is rendered with geode.chat)."""
-        if isinstance(prompt, str) and not self.chat:
-            ids = list(self.tokenizer.encode(prompt))
-            bos = self.tokenizer.bos_id
-            return ids if ids and ids[0] == bos else [bos, *ids]
-        from geode.chat import render
+        return prompt_ids(self.tokenizer, prompt, self.chat)
 
-        return list(self.tokenizer.encode(render(_as_messages(prompt), bos=True)))
+    def prompt_tokens(self, prompt: Prompt) -> int:
+        """Exact: the length of the ids the engine gets."""
+        return len(self._ids(prompt))
 
-    def _fit(self, ids: list[int], max_tokens: int) -> tuple[list[int], int]:
-        """Left-truncate (keeping <bos>) so that prompt + output fits the context."""
-        ctx = self.max_context
-        max_tokens = max(1, min(max_tokens, ctx - 1))
-        if len(ids) + max_tokens > ctx:
-            keep = ctx - max_tokens - 1
-            ids = [ids[0], *ids[len(ids) - keep :]]
-        return ids, max_tokens
+    def _check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        """Refuse (never truncate) a request longer than the context, as a server does."""
+        if n_prompt + max_tokens > self.max_context:
+            raise BackendError(
+                f"engine: the context is {self.max_context} tokens, but {n_prompt + max_tokens} "
+                f"were requested ({n_prompt} in the prompt, {max_tokens} to generate); "
+                "shorten the prompt or lower max_tokens"
+            )
 
     def generate(self, requests: Sequence[Gen], progress: Progress = None) -> list[str]:
         """Generate in batches of `batch_size`."""
@@ -163,11 +211,12 @@ class EngineBackend(Backend):
         for start in range(0, len(requests), self.batch_size):
             batch = []
             for g in requests[start : start + self.batch_size]:
-                ids, n = self._fit(self._ids(g.prompt), g.max_tokens)
+                ids = self._ids(g.prompt)
+                self._check_fits(len(ids), g.max_tokens)
                 batch.append(
                     Request(
                         ids,
-                        max_new_tokens=n,
+                        max_new_tokens=g.max_tokens,
                         temperature=g.temperature,
                         stop=tuple(g.stop),
                         seed=g.seed,
@@ -189,8 +238,7 @@ class EngineBackend(Backend):
             if not cont:
                 raise ValueError(f"empty continuation {continuation!r} after tokenization")
             ids = ctx + cont
-            if len(ids) + 1 > self.max_context:
-                ids = [ids[0], *ids[len(ids) + 2 - self.max_context :]]
+            self._check_fits(len(ids), 1)
             reqs.append(Request(ids, max_new_tokens=1, temperature=0.0, prompt_logprobs=1))
             spans.append((ids, len(cont)))
         out: list[tuple[float, bool]] = []
@@ -215,8 +263,10 @@ class EndpointBackend(Backend):
 
     `url` is the server root or its `/v1` base. Requests run `concurrency` at a time; a
     connection error, timeout, 429 or 5xx is retried `retries` times with exponential backoff
-    (jittered); any other HTTP error fails at once with the server's message. `tokenizer`
-    (optional, the served model's) gives exact token counts and token-exact log-likelihoods.
+    (jittered), then fails as retryable; any other HTTP error fails at once, not retryable,
+    with the server's message. `tokenizer` (optional, the served model's) gives exact token
+    counts and token-exact log-likelihoods; without it prompts are counted by the server's
+    `/tokenize` when it has one.
     """
 
     name = "endpoint"
@@ -244,6 +294,9 @@ class EndpointBackend(Backend):
         self.concurrency, self.retries = max(1, concurrency), max(0, retries)
         self.timeout, self.backoff = timeout, backoff
         self._model = model
+        self._max_len: int | None = None
+        self._probed = False  # /v1/models asked (model name, max_model_len)
+        self._tokenize_ok: bool | None = None  # does the server have /tokenize?
         self._lock = threading.Lock()
         self.tokenizer = tokenizer  # optional: exact token counts and token-id scoring
 
@@ -258,21 +311,62 @@ class EndpointBackend(Backend):
         """`endpoint:<base URL>:<model>`."""
         return f"endpoint:{self.base}:{self.model}"
 
+    def _probe(self) -> None:
+        """Ask /v1/models once: the model name (if not given) and its max_model_len."""
+        with self._lock:
+            if self._probed:
+                return
+            self._probed = True
+            card: dict = {}
+            try:
+                cards = self._request("GET", "/models", None)["data"]
+                named = [c for c in cards if c.get("id") == self._model]
+                card = (named or cards)[0]
+            except (BackendError, KeyError, IndexError, TypeError, AttributeError):
+                pass
+            if self._model is None:
+                self._model = card.get("id") or "default"
+            max_len = card.get("max_model_len")
+            self._max_len = max_len if isinstance(max_len, int) and max_len > 0 else None
+
     @property
     def model(self) -> str:
         """The model name sent with each request (the server's first model if not given)."""
-        with self._lock:
-            if self._model is None:
-                try:
-                    data = self._request("GET", "/models", None)
-                    self._model = data["data"][0]["id"]
-                except (BackendError, KeyError, IndexError, TypeError):
-                    self._model = "default"
-            return self._model
+        self._probe()
+        return self._model
 
-    def _request(self, method: str, path: str, body: dict | None) -> dict:
-        """One HTTP call with retries; the parsed JSON response."""
-        url = self.base + path
+    @property
+    def max_context(self) -> int | None:
+        """The served model's `max_model_len` from /v1/models (geode serve, vLLM), if given."""
+        self._probe()
+        return self._max_len
+
+    def prompt_tokens(self, prompt: Prompt) -> int:
+        """Exact with the served tokenizer (ids as geode sends them), else the server's
+        /tokenize count, else the 4-characters-per-token estimate."""
+        if self.tokenizer is not None:
+            return len(prompt_ids(self.tokenizer, prompt, self.chat))
+        if self._tokenize_ok is not False:
+            body: dict[str, Any] = {"model": self.model}
+            if self.chat or not isinstance(prompt, str):
+                body.update(messages=_as_messages(prompt), add_generation_prompt=True)
+            else:
+                body["prompt"] = prompt
+            try:
+                count = self._request("POST", "/tokenize", body, root=True)["count"]
+                if isinstance(count, int):
+                    self._tokenize_ok = True
+                    return count
+            except (BackendError, KeyError, TypeError):
+                if self._tokenize_ok:  # it worked before: a real failure
+                    raise
+            self._tokenize_ok = False
+        return super().prompt_tokens(prompt)
+
+    def _request(self, method: str, path: str, body: dict | None, root: bool = False) -> dict:
+        """One HTTP call with retries; the parsed JSON response (`root`: path under the
+        server root instead of /v1, as /tokenize is)."""
+        url = (self.base.removesuffix("/v1") if root else self.base) + path
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -289,12 +383,12 @@ class EndpointBackend(Backend):
                 detail = e.read().decode("utf-8", "replace")[:500]
                 last = f"HTTP {e.code} from {url}: {detail}"
                 if e.code != 429 and e.code < 500:
-                    raise BackendError(last) from None
+                    raise BackendError(last, retryable=False) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 last = f"cannot reach {url}: {getattr(e, 'reason', e)}"
             except json.JSONDecodeError as e:
                 last = f"{url} returned invalid JSON: {e}"
-        raise BackendError(f"{last} (after {self.retries + 1} attempts)")
+        raise BackendError(f"{last} (after {self.retries + 1} attempts)", retryable=True)
 
     def _one(self, g: Gen) -> str:
         body: dict[str, Any] = {

@@ -10,7 +10,12 @@ Layout of `out_dir`:
   results.png           primary metric per task with its confidence interval
 
 Samples are appended as each batch finishes, so an interrupted run (endpoint down, Ctrl-C)
-keeps its work: the same command resumes from what is in samples.jsonl.
+keeps its work: the same command resumes from what is in samples.jsonl. An error that a rerun
+cannot fix (a request the server rejects, bad data) says so instead (`EvalError.retryable`).
+Prompts longer than the model's context get fewer shots or are skipped (`geode.eval.fit`);
+the sample says which (`fit`, `skipped`), skipped samples are left out of the metrics and
+counted (`skipped`, `fewer_shots`). Files appear with the first sample: a run that fails
+before it leaves no empty directories.
 """
 
 from __future__ import annotations
@@ -24,12 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend, Gen
+from .fit import fit_shots
 from .selfcorrect import second_turn, self_correction_metrics
 from .tasks import Task, TaskConfig, TaskError, get_task
 
 
 class EvalError(RuntimeError):
-    """A run stopped early; the message says what failed and that a rerun resumes."""
+    """A run stopped early; the message says what failed and, when `retryable` (endpoint down,
+    timeout, interrupt), that a rerun of the same command resumes."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def _jsonable(x: Any) -> Any:
@@ -72,9 +83,10 @@ def run_task(
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate one task (resuming from out_dir/<task>/samples.jsonl); its metrics."""
+    """Evaluate one task (resuming from out_dir/<task>/samples.jsonl); its metrics.
+
+    Nothing is written before the first sample is: an error before that leaves no files."""
     task_dir = out_dir / task.name
-    task_dir.mkdir(parents=True, exist_ok=True)
     if self_correct and not task.verifiable:
         raise TaskError(f"{task.name}: self-correction needs a right/wrong verdict; it has none")
     task.bind(backend)
@@ -87,47 +99,64 @@ def run_task(
     ids = [d["id"] for d in docs]
     if len(set(ids)) != len(ids):
         raise TaskError(f"{task.name}: document ids are not unique")
-    meta = {**task.describe(), "self_correct": self_correct, "backend": backend.identity}
+    meta = _jsonable({**task.describe(), "self_correct": self_correct, "backend": backend.identity})
     run_file, samples_file = task_dir / "run.json", task_dir / "samples.jsonl"
-    if samples_file.exists() and run_file.exists():
-        old = json.loads(run_file.read_text())
-        if old != _jsonable(meta):
-            changed = sorted(
-                k for k in set(old) | set(meta) if old.get(k) != _jsonable(meta).get(k)
-            )
-            raise TaskError(
-                f"{task.name}: {task_dir} holds samples of a different configuration "
-                f"(differs in {changed}); use another --out or delete that directory"
-            )
-    run_file.write_text(json.dumps(_jsonable(meta), indent=2))
     done = _load_done(samples_file)
+    if done and run_file.exists():  # samples of another configuration must not be mixed in
+        old = json.loads(run_file.read_text())
+        if old != meta:
+            changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+            raise TaskError(
+                f"{task.name}: {task_dir} holds {len(done)} samples of a different "
+                f"configuration (differs in {changed}); use another --out or delete that directory"
+            )
     work = [(d, j) for d in docs for j in range(task.samples_per_doc)]
     pending = [(d, j) for d, j in work if f"{d['id']}#{j}" not in done]
     bar = _progress_bar(len(work), len(work) - len(pending), task.name, progress)
+    f = None
     try:
-        with samples_file.open("a", encoding="utf-8") as f:
-            for start in range(0, len(pending), batch_size):
-                chunk = pending[start : start + batch_size]
-                records = _evaluate_chunk(task, backend, chunk, self_correct, bar.update)
-                for r in records:
-                    f.write(json.dumps(_jsonable(r), ensure_ascii=False) + "\n")
-                    done[r["key"]] = r
-                f.flush()
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
+            records = _evaluate_chunk(task, backend, chunk, self_correct, bar.update)
+            if f is None:  # the first records: now the run's files exist
+                task_dir.mkdir(parents=True, exist_ok=True)
+                run_file.write_text(json.dumps(meta, indent=2))
+                f = samples_file.open("a", encoding="utf-8")
+            for r in records:
+                f.write(json.dumps(_jsonable(r), ensure_ascii=False) + "\n")
+                done[r["key"]] = r
+            f.flush()
     except (KeyboardInterrupt, Exception) as e:
         if isinstance(e, TaskError):
             raise
         kept = sum(1 for d, j in work if f"{d['id']}#{j}" in done)
+        retryable = isinstance(e, KeyboardInterrupt | ConnectionError | TimeoutError) or bool(
+            getattr(e, "retryable", False)
+        )
+        what = f"{task.name}: stopped after {kept} of {len(work)} samples ({type(e).__name__}: {e})"
+        if retryable:
+            raise EvalError(
+                f"{what}; they are kept in {samples_file}: rerun the same command to resume",
+                retryable=True,
+            ) from e
+        kept_at = f"; the {kept} done are kept in {samples_file}" if kept else ""
         raise EvalError(
-            f"{task.name}: stopped after {kept} of {len(work)} samples ({type(e).__name__}: {e}); "
-            f"they are kept in {samples_file}: rerun the same command to resume"
+            f"{what}{kept_at}. This error is not transient: rerunning will fail the same way "
+            "until its cause (the request, the data or the options) is fixed",
+            retryable=False,
         ) from e
     finally:
         bar.close()
+        if f is not None:
+            f.close()
     samples = [done[f"{d['id']}#{j}"] for d, j in work]
-    metrics = task.aggregate(samples)
+    scored = [s for s in samples if not s.get("skipped")]
+    metrics = task.aggregate(scored) if scored else {"n": 0}
+    metrics["skipped"] = len(samples) - len(scored)
+    metrics["fewer_shots"] = sum(1 for s in scored if "fit" in s)
     if self_correct:
         by_doc: dict[str, list[tuple[bool, bool]]] = {}
-        for s in samples:
+        for s in scored:
             by_doc.setdefault(s["id"], []).append(
                 (bool(s["turns"][0]["correct"]), bool(s["turns"][1]["correct"]))
             )
@@ -136,31 +165,59 @@ def run_task(
         )
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     metrics["samples_per_second"] = round(len(pending) / max(1e-9, metrics["seconds"]), 3)
-    metrics["plots"] = [str(p) for p in task.plots(samples, metrics, task_dir)]
+    plots = task.plots(scored, metrics, task_dir) if scored else []
+    metrics["plots"] = [str(p) for p in plots]
     return metrics
 
 
+def _skipped(base: dict, doc: dict, prompt: Any, fit: dict) -> dict:
+    """The record of a sample whose prompt does not fit the context (nothing was sent)."""
+    gold = {"gold": doc["gold"]} if "gold" in doc else {}
+    return {
+        **base,
+        "prompt": prompt,
+        "output": None,
+        "extracted": None,
+        **gold,
+        "correct": None,
+        **fit,
+    }
+
+
 def _evaluate_chunk(task: Task, backend: Backend, chunk, self_correct: bool, update) -> list[dict]:
-    """Generate (or score log-likelihoods) for one chunk of (doc, sample index)."""
+    """Generate (or score log-likelihoods) for one chunk of (doc, sample index); prompts are
+    fitted to the backend's context first (`geode.eval.fit`)."""
     docs = [d for d, _ in chunk]
     base = [
         {"task": task.name, "key": f"{d['id']}#{j}", "id": d["id"], "sample": j} for d, j in chunk
     ]
+    ctx, shots = backend.max_context, len(task.shot_blocks)
     if task.kind == "loglikelihood":
-        pairs = [task.loglikelihood_requests(d) for d in docs]
-        flat = [p for ps in pairs for p in ps]
-        lls = backend.loglikelihood(flat)
+
+        def longest(d: dict, k: int) -> int:
+            pairs = task.loglikelihood_requests(d, k)
+            return max(backend.prompt_tokens(c) + backend.count_tokens(x) for c, x in pairs)
+
+        fits = [fit_shots(shots, lambda k, d=d: longest(d, k), 1, ctx) for d in docs]
+        live = [i for i, (_, fit) in enumerate(fits) if "skipped" not in fit]
+        pairs = {i: task.loglikelihood_requests(docs[i], fits[i][0]) for i in live}
+        lls = backend.loglikelihood([p for i in live for p in pairs[i]])
         out, at = [], 0
-        for b, d, ps in zip(base, docs, pairs, strict=True):
-            res = lls[at : at + len(ps)]
-            at += len(ps)
-            out.append(
-                {**b, "prompt": task.prompt(d), "output": None, **task.score_loglikelihood(d, res)}
-            )
+        for i, (d, b, (k, fit)) in enumerate(zip(docs, base, fits, strict=True)):
+            if i not in pairs:
+                out.append(_skipped(b, d, task.prompt(d, k), fit))
+            else:
+                res = lls[at : at + len(pairs[i])]
+                at += len(pairs[i])
+                score = task.score_loglikelihood(d, res)
+                out.append({**b, "prompt": task.prompt(d, k), "output": None, **score, **fit})
             update(1)
         return out
 
-    def gens(prompts):
+    def as_sent(p: Any) -> Any:  # both attempts of self-correction are conversations
+        return [{"role": "user", "content": p}] if self_correct and isinstance(p, str) else p
+
+    def gens(items: list[tuple[Any, dict]]) -> list[Gen]:
         return [
             Gen(
                 p,
@@ -171,34 +228,53 @@ def _evaluate_chunk(task: Task, backend: Backend, chunk, self_correct: bool, upd
                 if task.temperature == 0
                 else zlib.crc32(f"{task.config.seed}:{b['key']}".encode()),
             )
-            for p, b in zip(prompts, base, strict=True)
+            for p, b in items
         ]
 
-    prompts = [task.prompt(d) for d in docs]
-    if self_correct:  # both attempts are chat conversations
-        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
-    outputs = backend.generate(gens(prompts), progress=None if self_correct else update)
-    scores = task.score_many(docs, outputs)
-    records = [
-        {**b, "prompt": p, "output": o, **s}
-        for b, p, o, s in zip(base, prompts, outputs, scores, strict=True)
-    ]
+    def count(prompt: Any) -> int:
+        return backend.prompt_tokens(prompt)
+
+    records: list[dict] = [{} for _ in docs]
+    prompts: list[Any] = [None] * len(docs)
+    live = []
+    for i, d in enumerate(docs):
+        k, fit = fit_shots(
+            shots, lambda k, d=d: count(as_sent(task.prompt(d, k))), task.max_tokens, ctx
+        )
+        prompts[i] = as_sent(task.prompt(d, k))
+        if "skipped" in fit:
+            records[i] = _skipped(base[i], d, prompts[i], fit)
+            update(1)
+        else:
+            records[i] = fit
+            live.append(i)
+    outputs = backend.generate(
+        gens([(prompts[i], base[i]) for i in live]), progress=None if self_correct else update
+    )
+    scores = task.score_many([docs[i] for i in live], outputs)
+    for i, o, sc in zip(live, outputs, scores, strict=True):
+        records[i] = {**base[i], "prompt": prompts[i], "output": o, **sc, **records[i]}
     if not self_correct:
         return records
-    prompts2 = [
-        second_turn(p, o, task.correction_instruction)
-        for p, o in zip(prompts, outputs, strict=True)
-    ]
-    outputs2 = backend.generate(gens(prompts2), progress=update)
-    scores2 = task.score_many(docs, outputs2)
-    final = []
-    for r, p2, o2, s2 in zip(records, prompts2, outputs2, scores2, strict=True):
+    second = []
+    for i in live:
+        p2 = second_turn(prompts[i], records[i]["output"], task.correction_instruction)
+        _, fit = fit_shots(0, lambda _k, p2=p2: count(p2), task.max_tokens, ctx, "second attempt")
+        if "skipped" in fit:  # the first attempt stays in the record; the sample is not scored
+            records[i] = {**records[i], "prompt": p2, "skipped": fit["skipped"]}
+            update(1)
+        else:
+            second.append((i, p2))
+    outputs2 = backend.generate(gens([(p2, base[i]) for i, p2 in second]), progress=update)
+    scores2 = task.score_many([docs[i] for i, _ in second], outputs2)
+    for (i, p2), o2, s2 in zip(second, outputs2, scores2, strict=True):
+        r = records[i]
         turns = [
             {"output": r["output"], "extracted": r.get("extracted"), "correct": r["correct"]},
             {"output": o2, "extracted": s2.get("extracted"), "correct": s2["correct"]},
         ]
-        final.append({**r, **s2, "prompt": p2, "output": o2, "turns": turns})
-    return final
+        records[i] = {**r, **s2, "prompt": p2, "output": o2, "turns": turns}
+    return records
 
 
 def _primary(task_name: str) -> str:
@@ -231,8 +307,17 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> None:
         if sc:
             for k in ("accuracy@t1", "accuracy@t2", "delta", "delta_i_to_c", "delta_c_to_i"):
                 lines.append(f"| {task_name} | {k} | {sc[k]:.3f} | - | {sc['n']} | |")
+    notes = [
+        f"- {task_name}: {m['fewer_shots']} samples with fewer shots than asked and "
+        f"{m['skipped']} skipped (prompt longer than the model's context); see samples.jsonl"
+        for task_name, m in results["tasks"].items()
+        if m.get("skipped") or m.get("fewer_shots")
+    ]
     (out_dir / "results.md").write_text(
-        f"Backend: {results['backend']}\n\n" + "\n".join(lines) + "\n"
+        f"Backend: {results['backend']}\n\n"
+        + "\n".join(lines)
+        + "\n"
+        + ("\n" + "\n".join(notes) + "\n" if notes else "")
     )
     _bar_plot(out_dir / "results.png", rows)
 
@@ -273,9 +358,28 @@ def evaluate(
     self_correct: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every task, write the report files, return {'backend', 'tasks': {name: metrics}}."""
+    """Run every task, write the report files, return {'backend', 'tasks': {name: metrics}}.
+
+    A failed run leaves no empty directories behind (OUT is removed if it was created for
+    this run and holds nothing)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    try:
+        return _evaluate(tasks, backend, out, config, self_correct, progress)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _evaluate(
+    tasks: Sequence[str | Task],
+    backend: Backend,
+    out: Path,
+    config: TaskConfig | None,
+    self_correct: bool,
+    progress: bool,
+) -> dict[str, Any]:
     config = config or TaskConfig()
     if self_correct:
         config.chat = True  # the second attempt is a conversation
@@ -291,5 +395,6 @@ def evaluate(
         results["tasks"][t.name] = run_task(
             t, backend, out, self_correct=self_correct, progress=progress
         )
+        out.mkdir(parents=True, exist_ok=True)
         write_report(out, results)
     return results

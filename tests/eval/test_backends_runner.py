@@ -286,3 +286,68 @@ def test_mc_bad_answer_field(tmp_path):
     p.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
     with pytest.raises(TaskError, match=r"bad.jsonl:1: 'answer' 5 is out of range"):
         get_task("mc", TaskConfig(data=str(p))).load()
+
+
+def test_retryable_and_permanent_errors(stub, tmp_path):
+    """A server that keeps failing with 503 (retryable) says a rerun resumes and keeps the
+    samples; one that rejects the request with 400 (permanent) says a rerun will not help."""
+    from geode.cli import main
+
+    cfg = TaskConfig(limit=3)
+    down = stub(fail_first=100, status=503)
+    b = EndpointBackend(down.url, retries=1, backoff=0.01, model="m")
+    with pytest.raises(EvalError, match="rerun the same command to resume") as e:
+        evaluate(["tasks"], b, tmp_path / "down", cfg, progress=False)
+    assert e.value.retryable
+    rejected = stub(fail_first=100, status=400)
+    b = EndpointBackend(rejected.url, retries=3, backoff=0.01, model="m")
+    with pytest.raises(EvalError, match="not transient: rerunning will fail the same way") as e:
+        evaluate(["tasks"], b, tmp_path / "rejected", cfg, progress=False)
+    assert not e.value.retryable and "resume" not in str(e.value)
+    assert "HTTP 400" in str(e.value)
+    for out in ("down", "rejected"):
+        assert not (tmp_path / out).exists()  # no empty output directories
+    args = ["eval", "tasks", "--limit", "2", "--retries", "0", "--no-progress"]
+    assert main([*args, "--endpoint", down.url, "--out", str(tmp_path / "c1")]) == 75
+    assert main([*args, "--endpoint", rejected.url, "--out", str(tmp_path / "c2")]) == 2
+
+
+def test_no_files_on_early_errors_and_shots_change_with_zero_samples(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(TaskError, match="gsm8k needs --data"):
+        evaluate(["gsm8k"], FunctionBackend(lambda g: "x"), out, progress=False)
+    assert not out.exists()
+    out.mkdir()  # a directory the user made stays, but gets nothing
+    with pytest.raises(EvalError):
+        evaluate(["tasks"], FunctionBackend(lambda g: 1 / 0), out, TaskConfig(limit=2))
+    assert list(out.iterdir()) == []
+    # leftovers of an older geode (run.json + an empty samples file) do not block other shots
+    (out / "tasks").mkdir()
+    (out / "tasks" / "run.json").write_text(json.dumps({"task": "tasks", "shots": 0}))
+    (out / "tasks" / "samples.jsonl").write_text("")
+    res = evaluate(
+        ["tasks"], FunctionBackend(lambda g: "#### 1"), out, TaskConfig(limit=2, shots=2)
+    )
+    assert res["tasks"]["tasks"]["n"] == 2
+    assert json.loads((out / "tasks" / "run.json").read_text())["shots"] == 2
+
+
+def test_each_task_checks_its_data_fields(tmp_path):
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text(json.dumps({"question": "Tom has 3 pens.", "answer": "3 pens.\n#### 3"}) + "\n")
+    with pytest.raises(TaskError, match=r"gsm8k.jsonl:1: field 'answer' ends in a '#### N'.*GSM8K"):
+        get_task("math500", TaskConfig(data=str(gsm))).load()
+    math = tmp_path / "math.jsonl"
+    math.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
+    with pytest.raises(TaskError, match=r"math.jsonl:1: missing field\(s\) \['question'\]"):
+        get_task("gsm8k", TaskConfig(data=str(math), shots=0)).load()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": 7, "answer": "#### 7"}) + "\n")
+    with pytest.raises(TaskError, match=r"bad.jsonl:1: field 'question' must be str, got int"):
+        get_task("gsm8k", TaskConfig(data=str(bad), shots=0)).load()
+    nohash = tmp_path / "nohash.jsonl"
+    nohash.write_text(json.dumps({"question": "q", "answer": "7"}) + "\n")
+    with pytest.raises(TaskError, match=r"nohash.jsonl:1: field 'answer' has no '#### N' line"):
+        get_task("gsm8k", TaskConfig(data=str(nohash), shots=0)).load()
+    with pytest.raises(TaskError, match=r"gsm8k.jsonl:1: missing field\(s\) \['choices'"):
+        get_task("mc", TaskConfig(data=str(gsm))).load()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,11 @@ class Task:
 
     def __init__(self, config: TaskConfig | None = None):
         self.config = config or TaskConfig()
+        self.shot_blocks: list[str] = []  # the few-shot examples `load` drew, in prompt order
+
+    def fewshot(self, shots: int | None = None) -> str:
+        """The first `shots` few-shot examples (all of them when None), joined."""
+        return "".join(self.shot_blocks if shots is None else self.shot_blocks[:shots])
 
     @property
     def shots(self) -> int:
@@ -88,8 +93,9 @@ class Task:
         """Documents, each with a unique string 'id' (limit applied by the runner)."""
         raise NotImplementedError
 
-    def prompt(self, doc: dict[str, Any]) -> Prompt:
-        """The prompt for one document."""
+    def prompt(self, doc: dict[str, Any], shots: int | None = None) -> Prompt:
+        """The prompt for one document with the first `shots` few-shot examples (None: all;
+        the runner lowers it when the prompt does not fit the model's context)."""
         raise NotImplementedError
 
     def score(self, doc: dict[str, Any], output: str) -> dict[str, Any]:
@@ -100,8 +106,11 @@ class Task:
         """Score a batch (override to parallelise, e.g. sandboxed execution)."""
         return [self.score(d, o) for d, o in zip(docs, outputs, strict=True)]
 
-    def loglikelihood_requests(self, doc: dict[str, Any]) -> list[tuple[str, str]]:
-        """(context, continuation) pairs to score (log-likelihood tasks)."""
+    def loglikelihood_requests(
+        self, doc: dict[str, Any], shots: int | None = None
+    ) -> list[tuple[str, str]]:
+        """(context, continuation) pairs to score, with `shots` as in `prompt` (log-likelihood
+        tasks)."""
         raise NotImplementedError
 
     def score_loglikelihood(self, doc: dict, results: list[tuple[float, bool]]) -> dict:
@@ -131,8 +140,14 @@ class Task:
         }
 
 
-def read_jsonl(path: str | Path, required: Sequence[str] = (), task: str = "") -> list[dict]:
-    """Rows of a JSONL (optionally .gz) file; TaskError naming the file/line/field on problems."""
+def read_jsonl(
+    path: str | Path,
+    required: Sequence[str] = (),
+    task: str = "",
+    types: Mapping[str, type | tuple[type, ...]] | None = None,
+) -> list[dict]:
+    """Rows of a JSONL (optionally .gz) file; TaskError naming the file/line/field on problems
+    (a missing `required` field, a field present with a type other than `types[field]`)."""
     p = Path(path)
     if not p.is_file():
         raise TaskError(f"{task}: data file not found: {p}")
@@ -155,6 +170,15 @@ def read_jsonl(path: str | Path, required: Sequence[str] = (), task: str = "") -
                 raise TaskError(
                     f"{task}: {p}:{i}: missing field(s) {missing}; the row has {sorted(row)}"
                 )
+            for k, want in (types or {}).items():
+                if k in row and not isinstance(row[k], want):
+                    names = " or ".join(
+                        t.__name__ for t in (want if isinstance(want, tuple) else (want,))
+                    )
+                    raise TaskError(
+                        f"{task}: {p}:{i}: field {k!r} must be {names}, got "
+                        f"{type(row[k]).__name__} {str(row[k])[:60]!r}"
+                    )
             rows.append(row)
     if not rows:
         raise TaskError(f"{task}: {p} has no rows")

@@ -54,12 +54,19 @@ def extract_answer(text: str) -> int | float | None:
     return _number(nums[-1]) if nums else None
 
 
-def gold_answer(solution: str) -> int | float:
+def gold_answer(solution: str, where: str = "gsm8k") -> int | float:
     """The reference answer of a GSM8K solution (its `#### N` line)."""
     value = parse_answer(solution)
     if value is None:
-        raise TaskError(f"gsm8k: reference solution has no '#### N' line: {solution[-80:]!r}")
+        raise TaskError(
+            f"{where}: field 'answer' has no '#### N' line, so it is not a GSM8K solution: "
+            f"{solution[-80:]!r}"
+        )
     return value
+
+
+_FIELDS = ("question", "answer")
+_TYPES = {"question": str, "answer": str}
 
 
 class GSM8K(Task):
@@ -80,30 +87,32 @@ class GSM8K(Task):
     def load(self) -> list[dict[str, Any]]:
         """Test questions with their gold numbers; the few-shot block from the train split."""
         test, train = self._paths()
-        rows = read_jsonl(test, ("question", "answer"), self.name)
+        rows = read_jsonl(test, _FIELDS, self.name, _TYPES)
         docs = [
             {
                 "id": str(i),
                 "question": r["question"],
                 "solution": r["answer"],
-                "gold": gold_answer(r["answer"]),
+                "gold": gold_answer(r["answer"], f"gsm8k: {test}:{i + 1}"),
             }
             for i, r in enumerate(rows)
         ]
-        self.fewshot = ""
+        self.shot_blocks = []
         if self.shots:
             if not train.is_file():
                 raise TaskError(f"gsm8k: {self.shots} shots need {train} (or pass --shots 0)")
-            pool = read_jsonl(train, ("question", "answer"), self.name)
+            pool = read_jsonl(train, _FIELDS, self.name, _TYPES)
+            if len(pool) < self.shots:
+                raise TaskError(f"gsm8k: {self.shots} shots, but {train} has {len(pool)} rows")
             shots = random.Random(1234).sample(pool, self.shots)
-            self.fewshot = "".join(
+            self.shot_blocks = [
                 f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots
-            )
+            ]
         return docs
 
-    def prompt(self, doc: dict[str, Any]) -> str:
+    def prompt(self, doc: dict[str, Any], shots: int | None = None) -> str:
         """The few-shot block, then the question."""
-        return f"{self.fewshot}Question: {doc['question']}\nAnswer:"
+        return f"{self.fewshot(shots)}Question: {doc['question']}\nAnswer:"
 
     def score(self, doc: dict[str, Any], output: str) -> dict[str, Any]:
         """Extracted number and exact match against the gold number."""

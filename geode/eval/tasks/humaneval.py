@@ -87,10 +87,11 @@ class HumanEval(Task):
     def load(self) -> list[dict[str, Any]]:
         """The problems (task_id, prompt, canonical_solution, test, entry_point)."""
         path = self.config.data or bundled_data()
-        rows = read_jsonl(path, ("task_id", "prompt", "test", "entry_point"), self.name)
+        fields = ("task_id", "prompt", "test", "entry_point")
+        rows = read_jsonl(path, fields, self.name, dict.fromkeys(fields, str))
         return [{"id": r["task_id"], **r} for r in rows]
 
-    def prompt(self, doc: dict[str, Any]) -> str:
+    def prompt(self, doc: dict[str, Any], shots: int | None = None) -> str:
         """The function header and docstring (chat: an instruction around it)."""
         if self.config.chat:
             return (

@@ -138,7 +138,7 @@ class NeedleInHaystack(Task):
                     )
         return docs
 
-    def prompt(self, doc: dict[str, Any]) -> str:
+    def prompt(self, doc: dict[str, Any], shots: int | None = None) -> str:
         """Haystack, question, and the start of the answer sentence."""
         if self.config.chat:
             return f"{doc['haystack']}\n\n{doc['question']} Answer with the number only."
@@ -303,7 +303,7 @@ class MRCR(Task):
             )
         return docs
 
-    def prompt(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
+    def prompt(self, doc: dict[str, Any], shots: int | None = None) -> list[dict[str, Any]]:
         """The conversation (always chat messages)."""
         return doc["messages"]
 

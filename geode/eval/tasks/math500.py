@@ -160,10 +160,18 @@ class Math500(Task):
         """Problems and their gold answers."""
         if not self.config.data:
             raise TaskError(DATA_HELP)
-        rows = read_jsonl(self.config.data, (), self.name)
+        types = {"problem": str, "question": str, "answer": (str, int, float), "solution": str}
+        rows = read_jsonl(self.config.data, (), self.name, types)
         docs = []
         for i, r in enumerate(rows):
             where = f"math500: {self.config.data}:{i + 1}"
+            answer = str(r.get("answer", ""))
+            if "problem" not in r and "\n#### " in answer:
+                raise TaskError(
+                    f"{where}: field 'answer' ends in a '#### N' line, a GSM8K solution, and the "
+                    "row has 'question' but no 'problem': this is GSM8K data (use the gsm8k task); "
+                    "math500 needs MATH rows with 'problem' and 'answer'"
+                )
             docs.append(
                 {
                     "id": str(r.get("unique_id", i)),
@@ -173,7 +181,7 @@ class Math500(Task):
             )
         return docs
 
-    def prompt(self, doc: dict[str, Any]) -> str:
+    def prompt(self, doc: dict[str, Any], shots: int | None = None) -> str:
         """Problem plus the boxed-answer instruction."""
         text = f"{doc['problem']}\n{INSTRUCTION}"
         return text if self.config.chat else f"Problem: {text}\nSolution:"

@@ -50,7 +50,12 @@ class MultipleChoice(Task):
         """Questions, choices and the answer index."""
         if not self.config.data:
             raise TaskError("mc needs --data PATH: a JSONL with question, choices, answer fields")
-        rows = read_jsonl(self.config.data, ("question", "choices", "answer"), self.name)
+        rows = read_jsonl(
+            self.config.data,
+            ("question", "choices", "answer"),
+            self.name,
+            {"question": str, "choices": list, "answer": (int, str)},
+        )
         docs = []
         for i, r in enumerate(rows):
             where = f"mc: {self.config.data}:{i + 1}"
@@ -66,9 +71,9 @@ class MultipleChoice(Task):
                 }
             )
         k = self.shots
-        self.fewshot = "".join(
-            f"{self.context(d)} {d['choices'][d['answer']]}\n\n" for d in docs[:k]
-        )
+        if k >= len(docs):
+            raise TaskError(f"mc: {k} shots leave no question in {self.config.data} ({len(docs)})")
+        self.shot_blocks = [f"{self.context(d)} {d['choices'][d['answer']]}\n\n" for d in docs[:k]]
         return docs[k:]
 
     @staticmethod
@@ -76,13 +81,15 @@ class MultipleChoice(Task):
         """`Question: ...\\nAnswer:`."""
         return f"Question: {doc['question']}\nAnswer:"
 
-    def prompt(self, doc: dict[str, Any]) -> str:
+    def prompt(self, doc: dict[str, Any], shots: int | None = None) -> str:
         """The scoring context (few-shot block included)."""
-        return self.fewshot + self.context(doc)
+        return self.fewshot(shots) + self.context(doc)
 
-    def loglikelihood_requests(self, doc: dict[str, Any]) -> list[tuple[str, str]]:
+    def loglikelihood_requests(
+        self, doc: dict[str, Any], shots: int | None = None
+    ) -> list[tuple[str, str]]:
         """One (context, " choice") pair per option."""
-        return [(self.prompt(doc), " " + c) for c in doc["choices"]]
+        return [(self.prompt(doc, shots), " " + c) for c in doc["choices"]]
 
     def score_loglikelihood(self, doc: dict, results: list[tuple[float, bool]]) -> dict:
         """acc and acc_norm verdicts."""

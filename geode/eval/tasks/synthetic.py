@@ -32,18 +32,18 @@ class SyntheticTasks(Task):
         """The first `limit` (default 200) held-out problems of the seed."""
         n = self.config.limit or 200
         problems = synth.generate(n, seed=self.config.seed, split="heldout", **self._kw())
-        self.fewshot = ""
+        self.shot_blocks = []
         if self.shots:
             shots = synth.generate(self.shots, seed=self.config.seed, split="train", **self._kw())
-            self.fewshot = "".join(p.document() + "\n\n" for p in shots)
+            self.shot_blocks = [p.document() + "\n\n" for p in shots]
         return [
             {"id": p.uid, "question": p.question, "answer": p.answer, "problem": p}
             for p in problems
         ]
 
-    def prompt(self, doc: dict[str, Any]) -> str:
+    def prompt(self, doc: dict[str, Any], shots: int | None = None) -> str:
         """Few-shot documents, then the question and a blank line."""
-        return f"{self.fewshot}{doc['question']}\n\n"
+        return f"{self.fewshot(shots)}{doc['question']}\n\n"
 
     def score(self, doc: dict[str, Any], output: str) -> dict[str, Any]:
         """`geode.data.tasks.verify` on the output."""
