@@ -91,13 +91,20 @@ class SandboxResult:
     stderr_truncated: bool = False
     files: dict[str, bytes] = field(default_factory=dict)  # collected from the work dir
     cgroup: str | None = None  # "v2" / "v1" when the whole-run limits held, None without
-    limits_hit: tuple[str, ...] = ()  # whole-run limits reached: "total_memory_bytes", ...
+    # whole-run limits that stopped something: "total_memory_bytes" (a process was OOM-killed),
+    # "total_processes" (a fork was refused)
+    limits_hit: tuple[str, ...] = ()
     memory_peak_bytes: int | None = None  # the run's peak memory (cgroup), tmpfs included
 
     @property
     def ok(self) -> bool:
-        """Exited normally with status 0 within the time limit."""
-        return self.exit_code == 0 and not self.timed_out
+        """Exited normally with status 0 within the time limit, none of its processes killed
+        for the run's total memory."""
+        return (
+            self.exit_code == 0
+            and not self.timed_out
+            and "total_memory_bytes" not in self.limits_hit
+        )
 
     @property
     def signal_name(self) -> str | None:
@@ -397,15 +404,12 @@ class _Cgroup:
         mem, pids = (self.dirs[0], self.dirs[0]) if self.version == "v2" else self.dirs
         hit = []
         if self.version == "v2":
-            events = _kv(mem + "/memory.events")
-            reached = events.get("max", 0) or events.get("oom_kill", 0)
+            killed = _kv(mem + "/memory.events").get("oom_kill", 0)
             peak = _try_int(mem + "/memory.peak")
         else:
-            reached = _try_int(mem + "/memory.failcnt") or _kv(mem + "/memory.oom_control").get(
-                "oom_kill", 0
-            )
+            killed = _kv(mem + "/memory.oom_control").get("oom_kill", 0)
             peak = _try_int(mem + "/memory.max_usage_in_bytes")
-        if reached:
+        if killed:  # the kernel killed a process of the run for the run's total memory
             hit.append("total_memory_bytes")
         if _kv(pids + "/pids.events").get("max", 0):
             hit.append("total_processes")

@@ -18,6 +18,19 @@ except sandbox.SandboxError as e:  # pragma: no cover - machines without namespa
     pytest.skip(f"no sandbox here: {e}", allow_module_level=True)
 
 
+def tagged_processes(tag: str) -> list[str]:
+    """Pids of the processes whose command line holds `tag`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if tag.encode() in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
 def test_runs_code_and_captures_output():
     r = run_code("import sys\nprint(sum(range(10)))\nprint('err', file=sys.stderr)")
     assert r.ok and r.stdout == "45\n" and r.stderr == "err\n"
@@ -59,14 +72,7 @@ def test_escaped_session_is_killed_with_the_namespace():
     )
     r = run_code(code, limits=Limits(timeout=1))
     assert r.timed_out
-    leftovers = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if tag.encode() in f.read():
-                    leftovers.append(pid)
-        except OSError:
-            pass
+    leftovers = tagged_processes(tag)
     assert not leftovers  # the code lives in main.py, so also check nothing runs main.py
     assert r.duration < 5
 

@@ -19,6 +19,7 @@ import pytest
 
 from geode import sandbox
 from geode.sandbox import Limits, run_code
+from tests.eval.test_sandbox import tagged_processes
 
 try:
     sandbox.available_isolation()
@@ -83,19 +84,6 @@ def _own_cgroups() -> set[str]:
     parents = WHERE.split() if CGROUP else []
     mine = f"geode-sandbox-{os.getpid()}-"
     return {os.path.join(p, n) for p in parents for n in os.listdir(p) if n.startswith(mine)}
-
-
-def tagged_processes(tag: str) -> list[str]:
-    """Pids of the processes whose command line holds `tag`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if tag.encode() in f.read():
-                    found.append(pid)
-        except OSError:
-            pass
-    return found
 
 
 class Host:

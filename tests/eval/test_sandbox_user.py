@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from geode import sandbox
-from tests.eval.test_sandbox_attacks import tagged_processes
+from tests.eval.test_sandbox import tagged_processes
 
 try:
     sandbox.available_isolation()
