@@ -310,9 +310,8 @@ def _v2_parent(point: str, own: str, why: list[str]) -> str | None:
                 if os.access(d, os.W_OK):
                     return d
                 why.append(f"v2: {d} is not writable")
-            else:
+            else:  # not given to this cgroup: an ancestor may still give it to new children
                 why.append(f"v2: {d} lacks the memory/pids controllers ({' '.join(sorted(ctrls))})")
-                return None  # an ancestor cannot have what its child was not given
         except OSError as e:
             why.append(f"v2: {d}: {e.strerror}")
         if os.path.normpath(d) == os.path.normpath(point):
@@ -400,7 +399,7 @@ class _Cgroup:
         return [d + "/cgroup.procs" for d in self.dirs]
 
     def stats(self) -> tuple[tuple[str, ...], int | None]:
-        """(whole-run limits that were reached, peak memory in bytes)."""
+        """(whole-run limits that stopped something, peak memory in bytes)."""
         mem, pids = (self.dirs[0], self.dirs[0]) if self.version == "v2" else self.dirs
         hit = []
         if self.version == "v2":

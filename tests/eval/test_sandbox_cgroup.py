@@ -67,6 +67,18 @@ def test_v2_without_the_controllers_says_so(tmp_path, monkeypatch):
     assert version is None and "lacks the memory/pids controllers (hugetlb)" in why
 
 
+def test_v2_controllers_not_given_below_are_enabled_higher_up(tmp_path, monkeypatch):
+    """A slice that does not pass memory/pids down: the run goes beside it, under the root."""
+    root = _node(tmp_path / "cg", "memory pids", "")
+    _node(root / "nomem.slice", "cpu", "")
+    _node(root / "nomem.slice" / "app.service", "", "")
+    monkeypatch.setattr(sandbox, "_cgroup_mounts", lambda: [("/", str(root), "cgroup2", set())])
+    monkeypatch.setattr(sandbox, "_own_cgroups", lambda: {"": "/nomem.slice/app.service"})
+    version, parents, _why = sandbox._find_cgroup_parents()
+    assert (version, parents) == ("v2", [str(root)])
+    assert (root / "cgroup.subtree_control").read_text() == "+memory +pids"
+
+
 def test_v2_limits_stats_and_removal(fake_v2):
     parent = fake_v2 / "system.slice"
     cg = sandbox._Cgroup("v2", [str(parent)], Limits(total_memory_bytes=123, total_processes=7))
