@@ -155,7 +155,7 @@ def test_resume_with_nothing_to_resume(tmp_path, reference, monkeypatch):
     """--resume on an empty OUT fails; a torchrun restart of a run that never checkpointed
     starts from step 0 and sets the dead attempt's metrics aside."""
     recipe, _ = reference
-    r = load_train_recipe(recipe, ["train.max_steps=2", "optim.warmup_steps=1"])
+    r = load_train_recipe(recipe, ["train.max_steps=2", "optim.warmup_steps=0"])
     with pytest.raises(ResumeError, match=r"no valid checkpoint .*\n  - .*checkpoints: no chec"):
         train(r, out=tmp_path / "empty", resume=True)
     assert not (tmp_path / "empty").exists()  # nothing created by a failed resume
