@@ -388,7 +388,10 @@ class _Cgroup:
             else:
                 _write(mem + "/memory.limit_in_bytes", total)
                 _try_write(mem + "/memory.memsw.limit_in_bytes", total)  # RAM + swap
-                _try_write(mem + "/memory.swappiness", "0")
+                try:  # best effort: memsw above already counts swap against the limit
+                    _write(mem + "/memory.swappiness", "0")
+                except OSError:
+                    pass
             _write(pids + "/pids.max", nproc)
         except OSError as e:
             self.destroy()
