@@ -279,14 +279,11 @@ def check_recipe(recipe: TrainRecipe, where: str = "recipe", world_size: int | N
         fail("optim.decay_fraction", "must be in (0, 1]")
     if not all(0 <= b < 1 for b in o.betas):
         fail("optim.betas", "each beta must be in [0, 1)")
-    # after the warmup, cosine needs 2 steps (the peak, then the minimum at the last step),
-    # wsd and constant 1 (wsd's last step is at the minimum)
-    after = 2 if o.schedule == "cosine" else 1
-    if o.warmup_steps and o.warmup_steps > recipe.train.max_steps - after:
+    if o.warmup_steps and o.warmup_steps >= recipe.train.max_steps:
         fail(
             "optim.warmup_steps",
-            f"must be <= train.max_steps - {after} ({recipe.train.max_steps - after}): the "
-            f"warmup would leave the {o.schedule} schedule no step "
+            f"must be <= train.max_steps - 1 ({recipe.train.max_steps - 1}): a warmup as long "
+            f"as the run leaves the {o.schedule} schedule no step "
             f"{'at the peak rate' if o.schedule == 'constant' else 'to decay'}; use fewer "
             "warmup steps or more steps",
         )
