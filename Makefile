@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.geode-installed
 
-.PHONY: test demo lint format clean setup chromium
+.PHONY: test demo lint format clean setup chromium bubblewrap
 
 setup: $(STAMP)
 
@@ -29,7 +29,12 @@ format: $(STAMP)
 chromium:
 	@sh scripts/ensure-chromium.sh
 
-test: lint chromium
+# Debian's bubblewrap: the sandbox's second isolation tool (tests/eval/test_sandbox_attacks.py
+# runs every attack through it and through unshare).
+bubblewrap:
+	@sh scripts/ensure-apt.sh bwrap bubblewrap "the sandbox's bwrap tests"
+
+test: lint chromium bubblewrap
 	$(VENV)/bin/pytest -q
 
 # Until the quickstart issue lands: a tokenizer trained on this machine's Python stdlib, a
