@@ -126,7 +126,7 @@ class Trainer:
         self.progress = recipe.train.progress if progress is None else progress
         self.restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         self.resume = resume or self.restart_count > 0
-        self.resume_requested, self.allow_fresh = resume, allow_fresh
+        self.allow_fresh = allow_fresh
         t = recipe.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -318,15 +318,14 @@ class Trainer:
         self._after_restore(source)
 
     def _start_fresh(self) -> None:
-        """No valid checkpoint or replica to resume from: fail naming every bad file, unless
-        `allow_fresh` (or a torchrun restart of a run that never wrote any state); then the
-        abandoned run's checkpoints and metrics are set aside, never mixed into this run."""
+        """No valid checkpoint or replica to resume from. If some were rejected, fail naming
+        every bad file unless `allow_fresh`; otherwise (nothing was ever saved: a first start, or
+        a restart before the first checkpoint) start from step 0. Either way the abandoned
+        run's checkpoints and metrics are set aside, never mixed into this run."""
         bad = self.ckpt.rejected + (self.replicas.rejected if self.replicas is not None else [])
         partial = [f"{p}: a checkpoint write that never finished" for p in self.ckpt.partial()]
-        if not self.allow_fresh and (bad or self.resume_requested):
-            listed = "\n".join(f"  - {x}" for x in bad + partial) or (
-                f"  - {self.ckpt.root}: no checkpoint"
-            )
+        if bad and not self.allow_fresh:
+            listed = "\n".join(f"  - {x}" for x in bad + partial)
             raise ResumeError(
                 f"cannot resume {self.out}: no valid checkpoint or in-memory replica:\n{listed}\n"
                 "repair or remove them, or pass --allow-fresh to start again from step 0 (the "
@@ -343,7 +342,7 @@ class Trainer:
         if self.replicas is not None:
             self.replicas.discard()
         barrier(self.info)
-        why = "--allow-fresh" if self.allow_fresh else "a restart before any checkpoint"
+        why = "--allow-fresh" if bad else "no checkpoint or replica was saved yet"
         event = {"kind": "event", "event": "fresh_start", "step": 0, "reason": why}
         self.metrics.write({**event, "rejected": bad, "set_aside": moved})
         if self.info.is_main:

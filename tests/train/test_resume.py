@@ -9,7 +9,7 @@ import pytest
 
 from geode.train import load_train_recipe, train
 from geode.train.metrics import curve, read_metrics
-from geode.train.state import CheckpointWarning, ResumeError
+from geode.train.state import CheckpointWarning
 from tests.train.helpers import child_env, geode_cli, synthetic_dataset, tiny_recipe, write_recipe
 
 
@@ -152,13 +152,11 @@ def test_killed_run_with_every_checkpoint_corrupt_refuses_to_resume(tmp_path, re
 
 
 def test_resume_with_nothing_to_resume(tmp_path, reference, monkeypatch):
-    """--resume on an empty OUT fails; a torchrun restart of a run that never checkpointed
-    starts from step 0 and sets the dead attempt's metrics aside."""
+    """A resume that finds nothing ever saved (a first start, a torchrun restart before the
+    first checkpoint, a distillation's control run not begun yet) starts from step 0, says so,
+    and sets the dead attempt's metrics aside."""
     recipe, _ = reference
     r = load_train_recipe(recipe, ["train.max_steps=2", "optim.warmup_steps=0"])
-    with pytest.raises(ResumeError, match=r"no valid checkpoint .*\n  - .*checkpoints: no chec"):
-        train(r, out=tmp_path / "empty", resume=True)
-    assert not (tmp_path / "empty").exists()  # nothing created by a failed resume
     out = tmp_path / "restarted"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 9.0}\n')
@@ -167,7 +165,9 @@ def test_resume_with_nothing_to_resume(tmp_path, reference, monkeypatch):
     records = read_metrics(out / "metrics.jsonl")
     assert 9.0 not in [x.get("loss") for x in records]
     assert [x["reason"] for x in records if x.get("event") == "fresh_start"] == [
-        "a restart before any checkpoint"
+        "no checkpoint or replica was saved yet"
     ]
     (aside,) = out.glob("metrics.abandoned-*.jsonl")
     assert "9.0" in aside.read_text()
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+    assert train(r, out=tmp_path / "new", resume=True)["steps"] == 2
