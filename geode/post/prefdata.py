@@ -79,10 +79,7 @@ def make_pairs(
         raise ValueError(
             f"make_pairs: kinds must be a non-empty subset of {PAIR_KINDS}, got {kinds}"
         )
-    if not 0.0 <= noise <= 1.0:
-        raise ValueError(f"make_pairs: noise must be in [0, 1], got {noise}")
     rng = random.Random(f"geode-prefs:{seed}:{split}")
-    flipped = set(rng.sample(range(n), round(noise * n)))
     pairs = []
     for i, p in enumerate(synth.generate(n, seed=seed, split=split, **difficulty)):
         kind = kinds[i % len(kinds)]
@@ -93,8 +90,6 @@ def make_pairs(
             bad = rambling(p.solution, rng)
         else:
             bad = rambling(wrong_solution(p, rng), rng)
-        if i in flipped:
-            good, bad = bad, good
         pairs.append(
             {
                 "prompt": [{"role": "user", "content": p.question}],
@@ -103,10 +98,29 @@ def make_pairs(
                 "answer": p.answer,
                 "uid": p.uid,
                 "kind": kind,
-                "flipped": i in flipped,
+                "flipped": False,
             }
         )
-    return pairs
+    return flip_labels(pairs, noise, seed)
+
+
+def flip_labels(
+    pairs: list[dict[str, Any]], fraction: float, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Copies of `pairs` with exactly round(fraction * n) of them (drawn by `seed`) swapped,
+    chosen <-> rejected, and their `flipped` mark toggled: label noise of a known rate."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"flip_labels: fraction must be in [0, 1], got {fraction}")
+    rng = random.Random(f"geode-flip:{seed}")
+    flip = set(rng.sample(range(len(pairs)), round(fraction * len(pairs))))
+    out = []
+    for i, p in enumerate(pairs):
+        q = dict(p)
+        if i in flip:
+            q["chosen"], q["rejected"] = p["rejected"], p["chosen"]
+            q["flipped"] = not p.get("flipped", False)
+        out.append(q)
+    return out
 
 
 def sft_examples(
@@ -137,8 +151,9 @@ def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -
     return path
 
 
-def _messages(value: Any, field: str, where: str, role: str | None) -> list[dict[str, Any]]:
-    """A pair field as a message list (a string becomes one message of `role`)."""
+def as_messages(value: Any, field: str, where: str, role: str | None) -> list[dict[str, Any]]:
+    """A pair field as a validated message list (a string becomes one message of `role`;
+    `role` given: the list must end with an assistant turn)."""
     if isinstance(value, str):
         if not value.strip():
             raise PairError(f"{where}: field {field!r} is empty")
@@ -161,11 +176,11 @@ def validate_pair(obj: Any, where: str = "pair") -> dict[str, Any]:
     if missing:
         raise PairError(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
     out = dict(obj)
-    out["prompt"] = _messages(obj["prompt"], "prompt", where, None)
+    out["prompt"] = as_messages(obj["prompt"], "prompt", where, None)
     if out["prompt"][-1]["role"] in ("assistant", "model"):
         raise PairError(f"{where}: field 'prompt' must end with a user turn")
     for key in ("chosen", "rejected"):
-        out[key] = _messages(obj[key], key, where, "assistant")
+        out[key] = as_messages(obj[key], key, where, "assistant")
     return out
 
 

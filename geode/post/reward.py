@@ -9,15 +9,17 @@ Bradley-Terry loss of `geode.post.losses.reward_loss`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from geode.checkpoint import CheckpointError, load_heads, load_model, save_model
+from geode.data.loader import Batch
 from geode.model.transformer import Transformer
 
 ARCHITECTURE = "Gemma3TextForSequenceClassification"
@@ -110,3 +112,38 @@ def load_reward_model(
     with torch.no_grad():
         rm.score.weight.copy_(weight)
     return rm.eval()
+
+
+@torch.no_grad()
+def pair_accuracy(models: Sequence[nn.Module], batches: Iterable[Batch]) -> float:
+    """Share of pairs whose chosen row scores above its rejected row; several models are a
+    prediction ensemble (mean score)."""
+    right = total = 0
+    for b in batches:
+        ids = b.tokens.to(next(models[0].parameters()).device)  # (2P, T+1)
+        scores = torch.stack([m.eval()(ids) for m in models]).mean(0)  # (2P,)
+        right += int((scores[0::2] > scores[1::2]).sum())
+        total += len(b) // 2
+    if not total:
+        raise ValueError("pair_accuracy: no pairs")
+    return right / total
+
+
+@torch.no_grad()
+def average_models(models: Sequence[RewardModel]) -> RewardModel:
+    """The uniform weight average phi = 1/M sum_i phi_i (WARM, Rame et al. 2024,
+    arXiv:2401.12187, eq. 2) of reward models fine-tuned from one initialisation."""
+    if not models:
+        raise ValueError("average_models: no models")
+    states = [m.state_dict() for m in models]
+    for i, s in enumerate(states[1:], 1):
+        if s.keys() != states[0].keys() or any(s[k].shape != v.shape for k, v in states[0].items()):
+            raise ValueError(f"average_models: member {i} has other parameters than member 0")
+    avg = copy.deepcopy(models[0])
+    avg.load_state_dict(
+        {
+            k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+            for k, v in states[0].items()
+        }
+    )
+    return avg.eval()

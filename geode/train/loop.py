@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_model, save_model
+from ..checkpoint import load_model
 from ..config import ConfigError, ModelConfig, get_preset
 from ..data import DataError
 from ..data.loader import DataLoader
@@ -196,6 +196,7 @@ class Trainer:
             for layer in model.layers:
                 layer.compile()
             self._loss_terms = torch.compile(loss_terms)
+        model = objective_class(objective_kind(recipe)).prepare_model(self, model)
         self.raw_model = model
         self.model = wrap_model(model, info, self.parallel)
         self.optimizer = build_optimizer(self.model, recipe.optim)
@@ -712,7 +713,7 @@ class Trainer:
 
                 save_adapter(model, self.out / "adapter", self.recipe.lora)
                 model = merged_copy(model)
-            save_model(model, path, files=files)
+            self.objective.save_model(model, path, files)
         barrier(self.info)
         return path
 

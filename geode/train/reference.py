@@ -71,12 +71,18 @@ def check_tokenizer(
 
 
 def row_keys(batch: Batch) -> list[str]:
-    """SHA-256 per row of (tokens, positions, segment ids, loss mask): the cache key."""
+    """SHA-256 per row of (tokens, positions, segment ids, loss mask) up to the row's last
+    trained target: the cache key. Causal attention makes what follows (e.g. right padding,
+    which depends on the other rows of a batch) irrelevant to the row's log-prob."""
     keys = []
+    mask = batch.loss_mask.to("cpu")
     for b in range(len(batch)):
+        trained = mask[b].nonzero()
+        end = int(trained[-1]) + 1 if len(trained) else 0  # targets 0..end-1 (tokens 0..end)
         h = hashlib.sha256()
-        for t in (batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask):
-            h.update(t[b].to("cpu", torch.int64).numpy().tobytes())
+        for t in (batch.tokens, batch.positions, batch.segment_ids):
+            h.update(t[b, : end + 1].to("cpu", torch.int64).numpy().tobytes())
+        h.update(mask[b, :end].to(torch.int64).numpy().tobytes())
         keys.append(h.hexdigest())
     return keys
 

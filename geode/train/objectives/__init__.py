@@ -26,6 +26,8 @@ from .base import (
 BUILTIN_MODULES: list[str] = [
     "geode.train.objectives.ntp",
     "geode.train.objectives.distill",
+    "geode.train.objectives.preference",
+    "geode.train.objectives.reward",
 ]
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import is_dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -68,6 +69,17 @@ class Objective:
     def preflight(cls, trainer: Trainer) -> int:
         """Checks before any model is built; returns the parameters of frozen models it will load."""
         return 0
+
+    @classmethod
+    def prepare_model(cls, trainer: Trainer, model: nn.Module) -> nn.Module:
+        """The model to train, from the built or loaded decoder (a reward model adds a head)."""
+        return model
+
+    def save_model(self, model: nn.Module, path: Path, files: dict[str, str]) -> None:
+        """Export the trained model to `path` (the HF layout of its kind)."""
+        from ...checkpoint import save_model
+
+        save_model(model, path, files=files)
 
     def loss_sum(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, float, Metrics]:
         """(loss sum carrying gradient, normalizer, named metric sums) of one micro-batch."""

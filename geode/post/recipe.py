@@ -1,0 +1,172 @@
+"""Recipes of the preference stages: a TrainRecipe plus `[pairs]`, `[warm]` and `[online]`.
+
+    geode reward RECIPE   [objective] kind = "reward"   (+ [warm] or --warm M: WARM)
+    geode dpo RECIPE      [objective] kind = "dpo"      (+ [online]: OAIF)
+
+`data.path` is the training pairs JSONL and `data.eval_path` the held-out one (one pair per
+line, geode.post.prefdata); with `[pairs] generate = N` the files are written from the
+generated task when missing. `data.tokenizer` (default: `model.init`'s tokenizer.model) encodes
+them; `batch.global_batch_size` counts sequences, two per pair.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from geode.fileio import sha256_file
+from geode.recipe import RecipeError, load_recipe
+from geode.train.recipe import TrainRecipe, apply_overrides, check_recipe
+
+from .pairs import EncodedPair, encode_pair
+from .prefdata import PairError, flip_labels, make_pairs, read_pairs, write_jsonl
+
+
+@dataclass
+class PairsSection:
+    """The pair data: generated task settings, label noise, length limit."""
+
+    generate: int = 0  # write this many generated training pairs to data.path when missing
+    generate_heldout: int = 200  # and this many held-out pairs to data.eval_path
+    seed: int = 0  # seed of the generated task and of the flipped labels
+    noise: float = 0.0  # fraction of training labels flipped (known label noise)
+    min_steps: int = 1  # difficulty of the generated task (geode.data.tasks)
+    max_steps: int = 2
+    max_value: int = 20
+    max_len: int = 256  # tokens per sequence at most (prompt tail + response head kept)
+
+
+@dataclass
+class WarmSection:
+    """WARM (Rame et al. 2024, arXiv:2401.12187): M reward models from one init, averaged."""
+
+    members: int = 0  # M (0: one reward model, no WARM); `geode reward --warm M` sets it
+    lrs: list[float] = field(default_factory=list)  # per member, cycled (default optim.lr)
+    dropouts: list[float] = field(default_factory=lambda: [0.0, 0.1])  # per member, cycled
+    inits: list[str] = field(default_factory=list)  # "Baklava": SFT checkpoints, cycled
+    noise_levels: list[float] = field(default_factory=lambda: [0.0])  # flipped-label rates
+
+
+@dataclass
+class OnlineSection:
+    """OAIF: sample two responses per prompt each step, judge them, train on the verdicts."""
+
+    prompts: str = ""  # JSONL with `prompt` (+ `answer`); empty: the prompts of data.path
+    prompts_per_step: int = 0  # 0: global_batch_size / 2
+    temperature: float = 1.0
+    max_new_tokens: int = 96
+    judge: str = "verifier"  # "verifier" | "llm" | "reward"
+    judge_model: list[str] = field(default_factory=list)  # llm: a geode checkpoint; reward: RM dirs
+    judge_url: str = ""  # llm: an OpenAI-compatible endpoint instead of judge_model
+    judge_api_key_env: str = ""  # environment variable holding the endpoint's API key
+    judge_timeout: float = 30.0  # seconds per judge request (then the pair is skipped)
+    instruction: str = ""  # extra judge instruction, e.g. "Prefer the shorter answer."
+    both_orders: bool = False  # judge both orders, skip on disagreement
+    eval_prompts: int = 64  # held-out prompts for win rate / verified accuracy
+    eval_max_new_tokens: int = 96
+
+
+@dataclass
+class PostRecipe(TrainRecipe):
+    """A reward-model or preference-optimisation run."""
+
+    pairs: PairsSection = field(default_factory=PairsSection)
+    warm: WarmSection = field(default_factory=WarmSection)
+    online: OnlineSection | None = None  # present: OAIF (geode dpo)
+
+
+def load_post_recipe(
+    source: str | Path | dict[str, Any], overrides: list[str] | None = None
+) -> PostRecipe:
+    """Read a post-training recipe (TOML or dict), apply `a.b=v` overrides, validate."""
+    if isinstance(source, dict):
+        data, where = source, "recipe"
+    else:
+        path = Path(source)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe {path}: {e.strerror or e}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError(f"{path}: invalid TOML: {e}") from e
+        where = str(path)
+    try:
+        recipe = load_recipe(PostRecipe, apply_overrides(data, overrides or []))
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+    check_recipe(recipe, where=where)
+    if recipe.batch.global_batch_size % 2 or (recipe.batch.micro_batch_size or 2) % 2:
+        raise RecipeError(f"{where}: batch sizes count sequences, two per pair: use even sizes")
+    if not 0.0 <= recipe.pairs.noise <= 1.0:
+        raise RecipeError(f"{where}: pairs.noise = {recipe.pairs.noise}: must be in [0, 1]")
+    return recipe
+
+
+def tokenizer_path(recipe: TrainRecipe) -> Path:
+    """data.tokenizer, else model.init's tokenizer.model; a clear error when neither exists."""
+    if recipe.data.tokenizer:
+        path = Path(recipe.data.tokenizer)
+    elif recipe.model.init:
+        path = Path(recipe.model.init) / "tokenizer.model"
+    else:
+        raise RecipeError("data.tokenizer is required when model.init is not set")
+    if not path.is_file():
+        raise RecipeError(f"tokenizer {path} not found (set data.tokenizer)")
+    return path
+
+
+@dataclass
+class PairData:
+    """A recipe's pairs, validated and encoded, with the tokenizer that encoded them."""
+
+    tokenizer: Any
+    tokenizer_path: Path
+    tokenizer_sha256: str
+    train: list[dict[str, Any]]  # validated pairs, label noise applied
+    heldout: list[dict[str, Any]]
+    train_ids: list[EncodedPair]
+    heldout_ids: list[EncodedPair]
+
+
+def ensure_generated(recipe: PostRecipe) -> None:
+    """Write the generated task's pairs to data.path / data.eval_path when asked and missing."""
+    p = recipe.pairs
+    if not p.generate:
+        return
+    kw = {"min_steps": p.min_steps, "max_steps": p.max_steps, "max_value": p.max_value}
+    train, held = Path(recipe.data.path), Path(recipe.data.eval_path or "")
+    if not train.is_file():
+        write_jsonl(make_pairs(p.generate, seed=p.seed, **kw), train)
+    if recipe.data.eval_path and not held.is_file():
+        write_jsonl(make_pairs(p.generate_heldout, seed=p.seed, split="heldout", **kw), held)
+
+
+def load_pair_data(recipe: PostRecipe, noise: float | None = None) -> PairData:
+    """Read, flip (`noise`, default pairs.noise) and encode the recipe's pairs."""
+    from geode.tokenizer import load_tokenizer
+
+    ensure_generated(recipe)
+    tok_path = tokenizer_path(recipe)
+    tok = load_tokenizer(tok_path)
+    train = read_pairs(recipe.data.path)
+    rate = recipe.pairs.noise if noise is None else noise
+    if rate:
+        train = flip_labels(train, rate, recipe.pairs.seed)
+    held = read_pairs(recipe.data.eval_path) if recipe.data.eval_path else []
+    enc = [encode_pair(tok, p) for p in train]
+    for i, e in enumerate(enc):
+        if not e.chosen or not e.rejected:
+            raise PairError(
+                f"{recipe.data.path}: pair {i + 1} has an empty response after tokenization"
+            )
+    return PairData(
+        tokenizer=tok,
+        tokenizer_path=tok_path,
+        tokenizer_sha256=sha256_file(tok_path),
+        train=train,
+        heldout=held,
+        train_ids=enc,
+        heldout_ids=[encode_pair(tok, p) for p in held],
+    )
