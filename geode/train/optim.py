@@ -73,8 +73,8 @@ def lr_at(step: int, cfg: OptimSection, max_steps: int) -> float:
     if cfg.schedule == "constant":
         return lr
     if cfg.schedule == "cosine":
-        span = max(1, max_steps - warmup - 1)
-        t = min(1.0, (step - warmup) / span)
+        span = max_steps - warmup - 1  # the last step lands on lr_min
+        t = 1.0 if span <= 0 else min(1.0, (step - warmup) / span)
         return lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * t))
     if cfg.schedule == "wsd":
         decay_steps = max(1, round(cfg.decay_fraction * (max_steps - warmup)))

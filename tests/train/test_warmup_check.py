@@ -27,3 +27,12 @@ def test_warmup_as_long_as_the_run_is_refused(schedule):
     assert max(lrs) == pytest.approx(ok.optim.lr)
     if schedule != "constant":  # two steps after the warmup: the last is at the minimum
         assert lrs[-1] == pytest.approx(ok.optim.lr * ok.optim.min_lr_ratio)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_one_step_after_the_warmup_is_at_the_minimum(schedule):
+    data = Path("unused-data-dir")  # tiny_recipe: train.max_steps = 8
+    ok = load_train_recipe(tiny_recipe(data, optim={"warmup_steps": 7, "schedule": schedule}))
+    lrs = [lr_at(s, ok.optim, 8) for s in range(8)]
+    assert lrs[6] == pytest.approx(ok.optim.lr)
+    assert lrs[-1] == pytest.approx(ok.optim.lr * ok.optim.min_lr_ratio)
