@@ -56,7 +56,7 @@ class OnlineSection:
     prompts: str = ""  # JSONL with `prompt` (+ `answer`); empty: the prompts of data.path
     prompts_per_step: int = 0  # 0: global_batch_size / 2
     temperature: float = 1.0
-    max_new_tokens: int = 96
+    max_new_tokens: int = 64
     judge: str = "verifier"  # "verifier" | "llm" | "reward"
     judge_model: list[str] = field(default_factory=list)  # llm: a geode checkpoint; reward: RM dirs
     judge_url: str = ""  # llm: an OpenAI-compatible endpoint instead of judge_model
@@ -65,7 +65,7 @@ class OnlineSection:
     instruction: str = ""  # extra judge instruction, e.g. "Prefer the shorter answer."
     both_orders: bool = False  # judge both orders, skip on disagreement
     eval_prompts: int = 64  # held-out prompts for win rate / verified accuracy
-    eval_max_new_tokens: int = 96
+    eval_max_new_tokens: int = 64
 
 
 @dataclass
@@ -148,13 +148,13 @@ def load_pair_data(recipe: PostRecipe, noise: float | None = None) -> PairData:
     from geode.tokenizer import load_tokenizer
 
     ensure_generated(recipe)
-    tok_path = tokenizer_path(recipe)
-    tok = load_tokenizer(tok_path)
     train = read_pairs(recipe.data.path)
     rate = recipe.pairs.noise if noise is None else noise
     if rate:
         train = flip_labels(train, rate, recipe.pairs.seed)
     held = read_pairs(recipe.data.eval_path) if recipe.data.eval_path else []
+    tok_path = tokenizer_path(recipe)
+    tok = load_tokenizer(tok_path)
     enc = [encode_pair(tok, p) for p in train]
     for i, e in enumerate(enc):
         if not e.chosen or not e.rejected:

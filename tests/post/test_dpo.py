@@ -69,3 +69,22 @@ def test_bad_pairs_file_is_a_clear_error(tmp_path, task_dir, sft_policy):
     r = _recipe(tmp_path / "c", task_dir, sft_policy, data={"path": str(bad)})
     with pytest.raises(PairError, match=r"bad.jsonl:1: missing field\(s\) 'rejected'"):
         dpo(r, r.out, False, False)
+
+
+def test_recipes_load_and_cli_reports_bad_pairs(tmp_path, capsys):
+    from pathlib import Path
+
+    from geode.cli import main
+
+    root = Path(__file__).resolve().parents[2] / "recipes" / "post"
+    kinds = {f: load_post_recipe(root / f"{f}-nano.toml") for f in ("reward", "dpo", "oaif")}
+    assert kinds["reward"].objective.kind == "reward" and kinds["oaif"].online is not None
+    assert main(["dpo", "--make-data", str(tmp_path / "p"), "--n", "10", "--noise", "0.2"]) == 0
+    lines = (tmp_path / "p" / "train.jsonl").read_text().splitlines()
+    assert sum(json.loads(x)["flipped"] for x in lines) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"chosen": "A", "rejected": "B"}\n')
+    code = main(["dpo", str(root / "dpo-nano.toml"), "--set", f"data.path={bad}",
+                 "--set", "data.eval_path=", "--set", "pairs.generate=0"])  # fmt: skip
+    assert code == 2
+    assert "bad.jsonl:1: missing field(s) 'prompt'" in capsys.readouterr().err
