@@ -203,7 +203,11 @@ def explain_empty(result, tok) -> str:
     ids, stop = result.token_ids, result.stop_reason
     head = f"empty result (finish_reason={result.finish_reason})"
     if result.text:
-        head = f"only whitespace {result.text!r} (finish_reason={result.finish_reason})"
+        shown = repr(result.text[:16]) + ("..." if len(result.text) > 16 else "")
+        head = (
+            f"only whitespace ({len(result.text)} characters: {shown}; "
+            f"finish_reason={result.finish_reason})"
+        )
     if isinstance(stop, int) and len(ids) == 1:
         return (
             f"{head}: the model produced {_piece(tok, stop)} (id {stop}) first; "
@@ -213,7 +217,7 @@ def explain_empty(result, tok) -> str:
     body = ids[:-1] if isinstance(stop, int) else ids
     shown = " ".join(_piece(tok, t) for t in body[:8]) + (" ..." if len(body) > 8 else "")
     if isinstance(stop, str):
-        where = f"after {result.text!r}" if result.text else "at the start of the output"
+        where = "after whitespace" if result.text else "at the start of the output"
         return f"{head}: the stop string {stop!r} matched {where} (generated: {shown})"
     end = f", then {_piece(tok, stop)} (id {stop})" if isinstance(stop, int) else ""
     return f"{head}: {len(body)} generated token(s) without visible text: {shown}{end}"

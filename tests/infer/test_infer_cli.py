@@ -127,3 +127,23 @@ def test_logprobs_print_a_table_without_json(capsys, tok_model):
         assert len(top) == 2 and all(f"{v:.3f}" in row for v in top.values())
     assert main([*argv, "--stream"]) == 0  # streamed text, then the same table
     assert capsys.readouterr().out.splitlines()[1:] == lines[1:]
+
+
+def test_whitespace_only_result_is_explained(tok_model):
+    import geode
+    from geode.cli.generate import explain_empty
+    from geode.infer.engine import Result
+
+    tok = geode.load_tokenizer(tok_model)
+    space = tok.encode(" " * 40)
+    r = Result("r", [2], space, tok.decode(space), "length")
+    note = explain_empty(r, tok)
+    assert note.startswith(
+        "only whitespace (40 characters: '                '...; finish_reason=length)"
+    )
+    assert (
+        f"{len(space)} generated token(s) without visible text: {tok.id_to_piece(space[0])!r}"
+        in note
+    )
+    eos = Result("r", [2], [*space, tok.eos_id], tok.decode(space), "stop", stop_reason=tok.eos_id)
+    assert explain_empty(eos, tok).endswith(f", then '<eos>' (id {tok.eos_id})")
