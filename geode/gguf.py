@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -157,14 +157,23 @@ class _HeaderParser:
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
-    """Metadata fields and tensor infos of a GGUF file, with the file's length checked."""
+    """Metadata fields and tensor infos of a GGUF file, with the file's length checked; the
+    last few files read are remembered (by path, size and mtime): loading a model and then
+    its tokenizer parses the header once."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
+    st = path.stat()
+    return _read_header_cached(path, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _read_header_cached(
+    path: Path, size: int, mtime_ns: int
+) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
     import mmap
     import struct
 
     gguf = _gguf()
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such GGUF file")
-    size = path.stat().st_size
     with open(path, "rb") as f:
         magic = f.read(4)
         if magic != b"GGUF":

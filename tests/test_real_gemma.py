@@ -90,6 +90,7 @@ def test_conversion_equals_transformers_gguf_loader(real_hf: Path, ours, hf_ref)
 
 def test_logits_match_transformers(ours, hf_ref, text_ids):
     diff, scale = _compare_logits(ours, hf_ref, text_ids)
+    print(f"270M logits: max |geode - transformers| {diff:.2e} at logit scale {scale:.1f}")
     assert scale > 10  # real weights, not noise
     assert diff <= REL_BOUND * scale, f"max |diff| {diff:.2e} at logit scale {scale:.1f}"
 
@@ -149,7 +150,7 @@ def test_serve_gguf_openai_client_matches_transformers(real_gguf: Path, hf_ref):
     assert chat.choices[0].message.content == reference(tok.encode(render(messages, bos=True)), 8)
 
 
-def test_q8_0_round_trip_readable_by_transformers(real_hf: Path, tmp_path: Path, ours, hf_ref):
+def test_q8_0_round_trip_readable_by_transformers(real_hf: Path, tmp_path: Path):
     """GGUF -> HF -> GGUF (q8_0, geode's writer): transformers' GGUF loader reads it; geode's
     import equals transformers' dequantization bitwise; the logits agree within the bound."""
     out = G.hf_to_gguf(real_hf, tmp_path / "gemma-3-270m-q8_0.gguf", "q8_0")
@@ -160,23 +161,24 @@ def test_q8_0_round_trip_readable_by_transformers(real_hf: Path, tmp_path: Path,
         assert torch.equal(t, theirs[name]), name
     ids = torch.tensor([geode.load_tokenizer(real_hf).encode(FEW_SHOT * 6, add_bos=True)])
     diff, scale = _compare_logits(ours_q8, ref_q8, ids)
+    print(f"q8_0 round trip: max |geode - transformers| {diff:.2e} at logit scale {scale:.1f}")
     assert diff <= REL_BOUND * scale, f"max |diff| {diff:.2e} at logit scale {scale:.1f}"
-    # and the q8_0 model is still the model: same next tokens as the Q4_K_M original's
-    with torch.no_grad():
-        assert torch.equal(ours_q8(ids)[0, -1].topk(3).indices, ours(ids)[0, -1].topk(3).indices)
     del ref_q8, ours_q8
     gc.collect()
 
 
 def test_bf16_round_trip_bitwise(real_hf: Path, tmp_path: Path):
-    """HF (bf16) -> GGUF (bf16) -> HF gives bitwise-equal bf16 tensors on the real weights."""
+    """HF (bf16) -> GGUF (bf16) -> geode gives bitwise-equal bf16 tensors on the real weights
+    (the HF writer behind `geode convert`'s GGUF -> HF is tested bitwise in test_gguf.py), and
+    the same tokenizer.model."""
+    model = geode.load_model(real_hf, dtype="bfloat16")
     src = geode.save_model(
-        geode.load_model(real_hf, dtype="bfloat16"),
-        tmp_path / "bf16",
-        files={"tokenizer.model": real_hf / "tokenizer.model"},
+        model, tmp_path / "bf16", files={"tokenizer.model": real_hf / "tokenizer.model"}
     )
-    back = G.gguf_to_hf(G.hf_to_gguf(src, tmp_path / "m.gguf", "bf16"), tmp_path / "back")
-    a, b = geode.load_model(src), geode.load_model(back)
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+    out = G.hf_to_gguf(src, tmp_path / "m.gguf", "bf16")
+    back = G.load_gguf_model(out)
+    for (name, x), (_, y) in zip(
+        model.state_dict().items(), back.state_dict().items(), strict=True
+    ):
         assert x.dtype == y.dtype == torch.bfloat16 and torch.equal(x, y), name
-    assert (back / "tokenizer.model").read_bytes() == (real_hf / "tokenizer.model").read_bytes()
+    assert G.gguf_tokenizer_proto(out) == (real_hf / "tokenizer.model").read_bytes()
