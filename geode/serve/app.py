@@ -550,23 +550,57 @@ def _top_dict(tok: Any, top: dict[int, float] | None) -> dict[str, float] | None
     return out
 
 
+class _Offsets:
+    """Decodes ids one at a time and says where each one's text begins (`text_offset`).
+
+    A token that decodes to whole characters begins where its own text ends up; one holding
+    part of a character split over byte pieces begins at that character.
+    """
+
+    def __init__(self, tok: Any, skip_special: bool):
+        self.tok, self.skip = tok, skip_special
+        self.decoder = tok.stream_decoder(skip_special=skip_special)
+
+    @property
+    def text(self) -> str:
+        """The text decoded so far."""
+        return self.decoder.text
+
+    def push(self, token_id: int) -> int:
+        """Decode one more id; returns where its text begins."""
+        before = len(self.decoder.text)
+        self.decoder.push(token_id)
+        own = self.tok.decode([token_id], skip_special=self.skip)
+        at = len(self.decoder.text) - len(own)  # after held bytes that turned out invalid
+        return at if "\ufffd" not in own and at >= before else before
+
+
+def _decode_offsets(
+    tok: Any, ids: list[int], skip_special: bool, hidden: int = 0
+) -> tuple[str, list[int]]:
+    """(text of ids[hidden:], where each token's text begins in it); the first `hidden` ids (a
+    <bos> the server prepended) add no text and sit at 0."""
+    dec = _Offsets(tok, skip_special)
+    offsets = [0] * hidden + [dec.push(t) for t in ids[hidden:]]
+    dec.decoder.flush()
+    return dec.text, offsets
+
+
 def _legacy_logprobs(
     tok: Any,
     ids: list[int],
     lps: list[float | None],
     tops: list[dict[int, float] | None] | None,
-    offset: int,
+    offsets: list[int],
 ) -> P.LegacyLogprobs:
+    """The completions API's logprobs of `ids`; `offsets[k]`: token k's place in the text."""
     out = P.LegacyLogprobs(top_logprobs=[] if tops is not None else None)
-    pos = offset
     for k, t in enumerate(ids):
-        s = _tok_str(tok, t)
-        out.tokens.append(s)
+        out.tokens.append(_tok_str(tok, t))
         out.token_logprobs.append(lps[k] if k < len(lps) else None)
         if tops is not None:
             out.top_logprobs.append(_top_dict(tok, tops[k]) if k < len(tops) else None)
-        out.text_offset.append(pos)
-        pos += len(s)
+    out.text_offset = list(offsets)
     return out
 
 
@@ -593,8 +627,8 @@ def _chat_logprobs(
 
 
 # ---------------------------------------------------------------------- completions
-def _prompts(state: ServerState, prompt: Any) -> list[tuple[list[int], str | None]]:
-    """(token ids, original text or None) per prompt; text gets <bos> prepended."""
+def _prompts(state: ServerState, prompt: Any) -> list[tuple[list[int], int]]:
+    """(token ids, how many leading ids the server added: the <bos> of a text prompt)."""
     tok = state.tokenizer
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -606,9 +640,8 @@ def _prompts(state: ServerState, prompt: Any) -> list[tuple[list[int], str | Non
         if isinstance(p, str):
             ids = list(tok.encode(p))
             bos = getattr(tok, "bos_id", -1)
-            if bos >= 0 and (not ids or ids[0] != bos):
-                ids.insert(0, bos)
-            out.append((ids, p))
+            added = int(bos >= 0 and (not ids or ids[0] != bos))
+            out.append(([bos] * added + ids, added))
         else:
             bad = next((t for t in p if not 0 <= t < vocab), None)
             if bad is not None:
@@ -617,7 +650,7 @@ def _prompts(state: ServerState, prompt: Any) -> list[tuple[list[int], str | Non
                     f"prompt: token id {bad} (prompt {i}) is outside the vocabulary [0, {vocab})",
                     param="prompt",
                 )
-            out.append((list(p), None))
+            out.append((list(p), 0))
     return out
 
 
@@ -779,7 +812,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         choices = []
         usage = P.Usage()
         for k, ((pi, j), r) in enumerate(zip(meta, results, strict=True)):
-            ids, text = prompts[pi]
+            ids, added = prompts[pi]
             gen_ids, gen_lps = r.token_ids, r.logprobs
             gen_tops = r.top_logprobs
             out_text = r.text or ""
@@ -787,8 +820,13 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             if max_tokens == 0:  # echo only: the sampled token is discarded
                 gen_ids, gen_lps, gen_tops, out_text, finish = [], [], [], "", "length"
             lp = None
+            # text_offset indexes the returned text: the echoed prompt (as decoded, without the
+            # <bos> the server added) + the completion (a stop string may cut it short)
+            prompt_text, prompt_offs = _decode_offsets(tok, ids, False, added)
+            _, gen_offs = _decode_offsets(tok, gen_ids, True)
+            start = len(prompt_text) if req.echo else 0
+            gen_offs = [start + min(o, len(out_text)) for o in gen_offs]
             if req.echo:
-                prompt_text = text if text is not None else tok.decode(ids)
                 if req.logprobs is not None:
                     lp = _legacy_logprobs(
                         tok,
@@ -797,7 +835,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
                         (list(r.prompt_top_logprobs or [None] * len(ids)) + list(gen_tops or []))
                         if req.logprobs
                         else None,
-                        0,
+                        prompt_offs + gen_offs,
                     )
                 out_text = prompt_text + out_text
             elif req.logprobs is not None:
@@ -806,7 +844,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
                     gen_ids,
                     list(gen_lps or []),
                     list(gen_tops or []) if req.logprobs else None,
-                    0,
+                    gen_offs,
                 )
             choices.append(
                 P.CompletionChoice(
@@ -987,13 +1025,14 @@ async def _stream_completion(
 ) -> AsyncIterator[str]:
     rid, created = P.new_id("cmpl"), P.now()
     tok = state.tokenizer
-    offsets = [0] * len(handles)
+    starts = [0] * len(handles)  # where each choice's completion begins in its text
+    decoders = [_Offsets(tok, True) for _ in handles]  # for text_offset
     usage = P.Usage(prompt_tokens=sum(len(ids) for ids, _ in prompts))
     for k, (pi, _) in enumerate(meta):
         if req.echo:
-            ids, text = prompts[pi]
-            prompt_text = text if text is not None else tok.decode(ids)
-            offsets[k] = len(prompt_text)
+            ids, added = prompts[pi]
+            prompt_text, _ = _decode_offsets(tok, ids, False, added)
+            starts[k] = len(prompt_text)
             yield _sse(
                 P.CompletionResponse(
                     id=rid,
@@ -1005,15 +1044,15 @@ async def _stream_completion(
     async for k, d in _merged(handles):
         usage.completion_tokens += len(d.token_ids)
         lp = None
+        offs = [starts[k] + decoders[k].push(t) for t in d.token_ids]
         if req.logprobs is not None:
             lp = _legacy_logprobs(
                 tok,
                 d.token_ids,
                 list(d.logprobs or []),
                 list(d.top_logprobs or []) if req.logprobs else None,
-                offsets[k],
+                offs,
             )
-        offsets[k] += len(d.text)
         if not d.text and not d.finished and lp is None:
             continue
         choice = P.CompletionChoice(
