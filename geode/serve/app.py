@@ -6,8 +6,10 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics, POST /tokenize, POST /detokenize, GET /tokenizer_info, and the chat page at /.
-Every error is OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`; bad input is
-a 400 naming the field, never a 500. See docs/serving.md.
+Every error is OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}` (`code` always
+a string); bad input is a 400 naming the field, never a 500. With API keys, every route but
+/health and the chat page needs one; request bodies over `max_body_bytes` are 413s. The OpenAPI
+schema (/openapi.json, geode/serve/openapi.py) states all of this. See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from geode.infer import Delta, RequestError, Result, SamplingParams
 from geode.infer import Request as EngineRequest
 
+from . import openapi
 from . import protocol as P
 from .scheduler import Handle, QueueFull, Scheduler
 
@@ -50,6 +53,21 @@ _PARAM_NAMES = {  # engine field -> API field
 
 
 DEFAULT_CHAT_MAX_TOKENS = 4096  # chat completions without max_tokens / max_completion_tokens
+# Request bodies larger than this are refused (413) before any parsing: 2 MiB holds a 128K-token
+# prompt as text (~0.5 MB) or as a JSON id list (~0.9 MB).
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+# `code` of an error that has no more specific one
+_STATUS_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+    499: "client_disconnected",
+    500: "internal_error",
+    503: "model_unavailable",
+}
 
 
 class APIError(Exception):
@@ -72,8 +90,9 @@ class APIError(Exception):
 
 def error_response(e: APIError) -> JSONResponse:
     """The JSON response of an APIError."""
+    code = e.code or _STATUS_CODES.get(e.status, "error")
     body = P.ErrorResponse(
-        error=P.ErrorBody(message=e.message, type=e.type, param=e.param, code=e.code or e.status)
+        error=P.ErrorBody(message=e.message, type=e.type, param=e.param, code=code)
     )
     return JSONResponse(body.model_dump(), status_code=e.status, headers=e.headers)
 
@@ -89,6 +108,9 @@ class ServerConfig:
     max_queue: int = 256
     max_tokens_in_flight: int | None = None
     max_seq_len: int | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    dtype: str | None = None
+    quant: str | None = None
     engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -127,18 +149,31 @@ class ServerState:
 
 
 def _load(source: Any, config: ServerConfig) -> tuple[Any, Any]:
-    """Model and tokenizer from a checkpoint path or a (model, tokenizer) pair."""
+    """Model and tokenizer from a checkpoint path or a (model, tokenizer) pair; the model cast
+    to `config.dtype` and quantized to `config.quant` when given."""
     if isinstance(source, (str, os.PathLike)):
         import geode
+        from geode.tokenizer import find_tokenizer
 
         path = Path(source)
-        model = geode.load_model(path)
-        if not (path / "tokenizer.model").is_file():
-            raise FileNotFoundError(f"{path}: no tokenizer.model; the server needs a tokenizer")
-        return model, geode.load_tokenizer(path)
-    model, tokenizer = source
-    if tokenizer is None:
-        raise ValueError("the server needs a tokenizer")
+        if find_tokenizer(path) is None:
+            raise FileNotFoundError(
+                f"{path}: no tokenizer.model or tokenizer.json; the server needs a tokenizer"
+            )
+        model = geode.load_model(path, dtype=config.dtype)
+        tokenizer = geode.load_tokenizer(path)
+    else:
+        model, tokenizer = source
+        if tokenizer is None:
+            raise ValueError("the server needs a tokenizer")
+        if config.dtype is not None:
+            from geode.checkpoint import parse_dtype
+
+            model = model.to(parse_dtype(config.dtype))
+    if config.quant is not None:
+        from geode.infer.quant import quantize
+
+        quantize(model, config.quant)
     return model, tokenizer
 
 
@@ -152,12 +187,19 @@ def create_app(
     max_seq_len: int | None = None,
     model_name: str | None = None,
     engine_kwargs: dict[str, Any] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    dtype: str | None = None,
+    quant: str | None = None,
+    on_load_error: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """A FastAPI app serving one model (a checkpoint directory or a (model, tokenizer) pair).
 
-    A path is loaded in a background thread at startup (GET /health answers 503 until then).
-    max_batch: sequences decoded together; max_queue: requests waiting beyond that before 429;
-    max_tokens_in_flight: budget of prompt + max_tokens over admitted requests.
+    A path is loaded in a background thread at startup (GET /health answers 503 until then;
+    if loading fails, /health reports the error and `on_load_error(message)` is called, e.g.
+    to stop the process). max_batch: sequences decoded together; max_queue: requests waiting
+    beyond that before 429; max_tokens_in_flight: budget of prompt + max_tokens over admitted
+    requests; max_body_bytes: larger request bodies are 413s; dtype ("float32", "bfloat16")
+    and quant ("int8", "int4"): how the weights are held.
     """
     if model_name is None:
         model_name = Path(source).name if isinstance(source, (str, os.PathLike)) else "geode"
@@ -168,8 +210,13 @@ def create_app(
         max_queue=max_queue,
         max_tokens_in_flight=max_tokens_in_flight,
         max_seq_len=max_seq_len,
+        max_body_bytes=max_body_bytes,
+        dtype=dtype,
+        quant=quant,
         engine_kwargs=dict(engine_kwargs or {}),
     )
+    if quant is not None and quant not in ("int8", "int4"):
+        raise ValueError(f"quant must be 'int8' or 'int4', got {quant!r}")
     state = ServerState(config)
 
     async def load() -> None:
@@ -190,8 +237,10 @@ def create_app(
             )
             sched.start()
             state.scheduler = sched
-        except Exception as e:  # reported by /health; the server stays up
+        except Exception as e:  # reported by /health; the server stays up unless told
             state.load_error = f"{type(e).__name__}: {e}"
+            if on_load_error is not None:
+                on_load_error(state.load_error)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -213,6 +262,22 @@ def create_app(
         description="OpenAI-compatible API over a geode model.",
     )
     app.state.geode = state
+
+    def schema() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = openapi.build(
+            app,
+            model_name=state.config.model_name,
+            secured=bool(state.config.api_keys),
+            vocab=state.engine.token_vocab_size if state.ready else None,
+            context=state.max_len if state.ready else None,
+        )
+        if state.ready:  # final once the model's bounds are known
+            app.openapi_schema = doc
+        return doc
+
+    app.openapi = schema  # type: ignore[method-assign]
     _install_errors(app)
     _install_middleware(app, state)
     _install_routes(app, state)
@@ -258,7 +323,10 @@ def _validation_error(exc: RequestValidationError) -> APIError:
             msg = msg[len("Value error, ") :]
     if e.get("type") == "missing":
         msg = "field required"
-    return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+    code = "invalid_value"
+    if e.get("type") == "geode_rule":  # a rule between fields (protocol.RULE_CODES)
+        code = e.get("ctx", {}).get("code", code)
+    return APIError(400, f"{param}: {msg}" if param else msg, param=param, code=code)
 
 
 def _install_errors(app: FastAPI) -> None:
@@ -273,7 +341,10 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+        # exc.headers: e.g. the `Allow` of a 405
+        return error_response(
+            APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers)
+        )
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
@@ -281,7 +352,7 @@ def _install_errors(app: FastAPI) -> None:
 
 
 class _AuthAndCount:
-    """Pure ASGI middleware: API keys on /v1/*, request counts per path and status.
+    """Pure ASGI middleware: API keys, the body-size limit, request counts per path and status.
 
     (Not BaseHTTPMiddleware: that wraps `receive` and hides client disconnects from handlers.)
     """
@@ -289,6 +360,7 @@ class _AuthAndCount:
     def __init__(self, app: Any, state: ServerState):
         self.app, self.state = app, state
         self.keys = set(state.config.api_keys)
+        self.max_body = state.config.max_body_bytes
 
     # Label values: the routes, not raw URLs (one counter per URL would grow without bound).
     ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize")
@@ -299,38 +371,81 @@ class _AuthAndCount:
         k = (path, status)
         self.state.http_requests[k] = self.state.http_requests.get(k, 0) + 1
 
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        auth = headers.get("authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        if token is None:
+            token = headers.get("x-api-key")
+        return token in self.keys
+
+    async def _read_body(self, headers: dict[str, str], receive: Any) -> bytes | APIError | None:
+        """The whole body (None if the client left), or the 4xx error refusing it."""
+        too_large = APIError(
+            413,
+            f"request body exceeds the server's limit of {self.max_body} bytes",
+            code="request_too_large",
+        )
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                return APIError(400, f"invalid Content-Length header {length!r}")
+            if int(length) > self.max_body:
+                return too_large
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                return too_large
+            if not message.get("more_body", False):
+                return bytes(body)
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         counted = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
-        if self.keys and path.startswith("/v1/"):
-            headers = {
-                k.decode("latin-1").lower(): v.decode("latin-1")
-                for k, v in scope.get("headers", [])
-            }
-            auth = headers.get("authorization", "")
-            token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-            if token is None:
-                token = headers.get("x-api-key")
-            if token not in self.keys:
-                self._count(path, 401)
-                response = error_response(
-                    APIError(
-                        401,
-                        "missing or invalid API key (send 'Authorization: Bearer KEY')",
-                        type="authentication_error",
-                        code="invalid_api_key",
-                    )
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+        }
+
+        async def refuse(error: APIError) -> None:
+            if counted:
+                self._count(path, error.status)
+            await error_response(error)(scope, receive, send)
+
+        if self.keys and not openapi.is_public(path) and not self._authorized(headers):
+            return await refuse(
+                APIError(
+                    401,
+                    "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                    type="authentication_error",
+                    code="invalid_api_key",
                 )
-                return await response(scope, receive, send)
+            )
+        body = await self._read_body(headers, receive)
+        if body is None:
+            return
+        if isinstance(body, APIError):
+            return await refuse(body)
+        sent = False
+
+        async def replay() -> dict:
+            """The buffered body once, then the client's own messages (disconnects)."""
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
         async def send_counted(message: dict) -> None:
             if counted and message["type"] == "http.response.start":
                 self._count(path, int(message["status"]))
             await send(message)
 
-        await self.app(scope, receive, send_counted)
+        await self.app(scope, replay, send_counted)
 
 
 def _install_middleware(app: FastAPI, state: ServerState) -> None:
@@ -509,13 +624,11 @@ def _stream_response(
                 yield chunk
         except (RequestError, ValueError) as e:
             err = _request_error(e)
-            yield _sse(
-                P.ErrorResponse(error=P.ErrorBody(message=err.message, param=err.param, code=400))
-            )
+            body = P.ErrorBody(message=err.message, param=err.param, code=_STATUS_CODES[400])
+            yield _sse(P.ErrorResponse(error=body))
         except RuntimeError as e:
-            yield _sse(
-                P.ErrorResponse(error=P.ErrorBody(message=str(e), type="server_error", code=500))
-            )
+            body = P.ErrorBody(message=str(e), type="server_error", code=_STATUS_CODES[500])
+            yield _sse(P.ErrorResponse(error=body))
         finally:
             for h in handles:
                 state.scheduler.abort(h)
@@ -657,7 +770,11 @@ def _prompts(state: ServerState, prompt: Any) -> list[tuple[list[int], int]]:
 def _install_routes(app: FastAPI, state: ServerState) -> None:
     static = resources.files("geode.serve") / "static"
 
-    @app.get("/health", include_in_schema=True)
+    @app.get(
+        "/health",
+        response_model=P.HealthResponse,
+        responses={503: {"model": P.HealthResponse, "description": "loading, or load failed"}},
+    )
     async def health() -> JSONResponse:
         """200 once the model is loaded, 503 while loading (or if loading failed)."""
         if state.ready:
@@ -678,7 +795,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             ]
         )
 
-    @app.get("/v1/models/{name}", response_model=P.ModelCard)
+    @app.get("/v1/models/{name}", response_model=P.ModelCard, responses=openapi.errors(404))
     async def model_card(name: str) -> P.ModelCard:
         """One model by name."""
         if name != state.config.model_name:
@@ -715,7 +832,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         """Prometheus text exposition."""
         return PlainTextResponse(_metrics_text(state), media_type="text/plain; version=0.0.4")
 
-    @app.post("/tokenize", response_model=P.TokenizeResponse)
+    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=openapi.errors(400, 503))
     async def tokenize(req: P.TokenizeRequest) -> P.TokenizeResponse:
         """Token ids of a prompt (or of chat messages rendered with the template)."""
         _require_ready(state)
@@ -734,12 +851,14 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             count=len(ids), max_model_len=state.max_len, tokens=ids, token_strs=strs
         )
 
-    @app.post("/detokenize", response_model=P.DetokenizeResponse)
+    @app.post(
+        "/detokenize", response_model=P.DetokenizeResponse, responses=openapi.errors(400, 503)
+    )
     async def detokenize(req: P.DetokenizeRequest) -> P.DetokenizeResponse:
         """Text of token ids."""
         _require_ready(state)
         _check_model(state, req.model)
-        vocab = state.tokenizer.vocab_size
+        vocab = state.engine.token_vocab_size
         bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(
@@ -747,7 +866,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             )
         return P.DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", response_model=P.TokenizerInfo, responses=openapi.errors(503))
     async def tokenizer_info() -> JSONResponse:
         """What a client needs to tokenize locally: vocabulary size, special tokens, context."""
         _require_ready(state)
@@ -771,21 +890,21 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             }
         )
 
-    @app.post("/v1/completions", response_model=P.CompletionResponse)
+    @app.post(
+        "/v1/completions",
+        response_model=P.CompletionResponse,
+        responses=openapi.streamed(400, 429, 503),
+    )
     async def completions(req: P.CompletionRequest, request: Request) -> Any:
         """Text completion (OpenAI legacy API)."""
         _require_ready(state)
         _check_model(state, req.model)
         prompts = _prompts(state, req.prompt)
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        if max_tokens == 0 and not req.echo:
-            raise APIError(400, "max_tokens: 0 is only allowed with echo=true", param="max_tokens")
-        if req.stream and max_tokens == 0:
-            raise APIError(400, "max_tokens: must be >= 1 when streaming", param="max_tokens")
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens  # 0: echo only (validated)
         run_tokens = max(1, max_tokens)
         plp = req.logprobs if (req.echo and req.logprobs is not None) else None
         engine_reqs, meta = [], []
-        for pi, (ids, _text) in enumerate(prompts):
+        for pi, (ids, _) in enumerate(prompts):
             params = _sampling(
                 state, req, len(ids), run_tokens, logprobs=req.logprobs, prompt_logprobs=plp
             )
@@ -861,7 +980,11 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         return P.CompletionResponse(model=model, choices=choices, usage=usage)
 
-    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
+    @app.post(
+        "/v1/chat/completions",
+        response_model=P.ChatCompletionResponse,
+        responses=openapi.streamed(400, 429, 503),
+    )
     async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Any:
         """Chat completion with tools, JSON modes, logprobs and streaming."""
         _require_ready(state)
@@ -870,6 +993,14 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
         text = _render_chat(state, req.messages, tools if use_tools else None, True)
         ids = list(state.tokenizer.encode(text))
+        unused = req.max_tokens if req.max_completion_tokens is not None else None
+        if unused is not None and unused > state.max_len:  # bounded as the schema says
+            raise APIError(
+                400,
+                f"max_tokens: {unused} exceeds this model's context of {state.max_len} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         if req.max_completion_tokens is not None:
             max_tokens = req.max_completion_tokens
         elif req.max_tokens is not None:
@@ -957,7 +1088,7 @@ def _render_chat(
     try:
         return render(out, add_generation_prompt=add_generation_prompt, tools=tools or None)
     except ChatFormatError as e:
-        raise APIError(400, f"messages: {e}", param="messages") from None
+        raise APIError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
 
 
 def _chat_grammar(
@@ -982,7 +1113,7 @@ def _chat_grammar(
             return None
         state.get_grammars().check(grammar)
     except GrammarError as e:
-        raise APIError(400, f"{param}: {e}", param=param) from None
+        raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema") from None
     return grammar
 
 

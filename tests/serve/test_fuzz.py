@@ -7,6 +7,8 @@ import json
 import httpx
 import pytest
 
+from tests.serve.helpers import LiveServer
+
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -110,3 +112,93 @@ def test_fuzz_chat(server, body):
 def test_fuzz_any_json(server, body):
     for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
         _post(server, path, body)
+
+
+# ---------------------------------------------------------------------- schemathesis
+# The OpenAPI schema is the truth: schemathesis generates requests from it (valid and invalid,
+# boundary values, unsupported methods, missing keys) and checks every response against it
+# with all of its checks. The server under test holds a short context so that generation stays
+# quick: a valid request runs at most 32 tokens.
+schemathesis = pytest.importorskip("schemathesis")
+FUZZ_KEY = "fuzz-key"
+
+
+@schemathesis.check
+def refused_only_by_rules_no_schema_can_state(ctx, response, case) -> bool | None:
+    """A request valid by the schema is refused (400) only with a code of protocol.RULE_CODES."""
+    from geode.serve.protocol import RULE_CODES
+
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive or response.status_code != 400:
+        return None
+    code = response.json()["error"]["code"]
+    if code not in RULE_CODES:
+        raise AssertionError(f"valid data refused with code {code!r}: {response.text[:300]}")
+    return None
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(checkpoint):
+    from geode.serve.app import create_app
+
+    app = create_app(
+        checkpoint, api_keys=[FUZZ_KEY], max_batch=16, max_queue=10_000, max_seq_len=32,
+        model_name="tiny",
+    )  # fmt: skip
+    live = LiveServer(app).start()
+    yield live
+    live.stop()
+
+
+CHECKS_EXPECTED = {  # checks that must have run on some response (all enabled ones run)
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+    "response_headers_conformance",
+    "positive_data_acceptance",
+    "negative_data_rejection",
+    "ignored_auth",
+    "unsupported_method",
+    "refused_only_by_rules_no_schema_can_state",
+}
+
+
+def test_schemathesis_finds_nothing(fuzz_server):
+    """Every check of schemathesis, all phases but the stateful one (no links), bounded examples."""
+    from schemathesis.engine import Status, events, from_schema
+
+    auth = {"Authorization": f"Bearer {FUZZ_KEY}"}
+    config = schemathesis.Config.from_dict(
+        {
+            "headers": auth,
+            "request-timeout": 120,  # a loaded CI machine; a valid request runs <= 32 tokens
+            "generation": {"max-examples": 10, "mode": "all"},
+            "checks": {  # a 400 for valid data is allowed only with a rule code: the check above
+                "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "404"]},
+            },
+            "phases": {"stateful": {"enabled": False}},
+        }
+    )
+    schema = schemathesis.openapi.from_url(
+        fuzz_server.url + "/openapi.json", headers=auth, config=config
+    )
+    failures, errors, ran, cases = [], [], set(), 0
+    for event in from_schema(schema).execute():
+        if isinstance(event, (events.ScenarioFinished, events.FuzzScenarioFinished)):
+            cases += len(event.recorder.cases)
+            for nodes in event.recorder.checks.values():
+                for node in nodes:
+                    ran.add(node.name)
+                    if node.status == Status.FAILURE:
+                        f = node.failure_info
+                        failures.append(
+                            f"{event.recorder.label} {node.name}: {f.failure.title}: "
+                            f"{f.failure.message[:300]}\n  {f.code_sample[:600]}"
+                        )
+        elif isinstance(event, (events.NonFatalError, events.FatalError)):
+            errors.append(f"{getattr(event, 'label', '')}: {event.info.format()[:3000]}")
+    assert not errors, "\n".join(errors)
+    assert not failures, "\n".join(sorted(set(failures))[:20])
+    assert CHECKS_EXPECTED <= ran, CHECKS_EXPECTED - ran
+    assert cases > 100
