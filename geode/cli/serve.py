@@ -8,6 +8,14 @@ import sys
 _FMT = argparse.RawDescriptionHelpFormatter
 
 
+def _add_weight_args(p: argparse.ArgumentParser) -> None:
+    """--dtype and --quant: how the weights are held in memory."""
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: as stored)")
+    p.add_argument(
+        "--quant", choices=["int8", "int4"], help="weight-only quantization after loading"
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `serve` and `chat` verbs."""
     p = sub.add_parser(
@@ -29,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY",
-        help="accepted API key for /v1/* (repeatable; default: no authentication)",
+        help="accepted API key (repeatable; default: no authentication); with keys, every "
+        "route but /health and the chat page needs one",
     )
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
     p.add_argument(
@@ -37,6 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
     p.add_argument("--served-model-name", help="name in /v1/models (default: directory name)")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        help="largest request body accepted (default 2 MiB); larger ones are answered 413",
+    )
+    _add_weight_args(p)
     p.add_argument(
         "--no-pack-weights",
         action="store_true",
@@ -59,22 +75,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per reply (default 512)")
     p.add_argument("--seed", type=int, help="sampling seed")
+    _add_weight_args(p)
     p.set_defaults(func=run_chat)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Run the server until interrupted."""
+    """Run the server until interrupted; exit non-zero if the model fails to load."""
     from pathlib import Path
 
     import uvicorn
 
+    from geode.checkpoint import parse_dtype
     from geode.cli import CLIError
-    from geode.serve.app import create_app
+    from geode.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
 
     if not (Path(args.model).is_dir() or Path(args.model).suffix.lower() == ".gguf"):
         raise CLIError(f"{args.model}: not a checkpoint directory or .gguf file")
     if args.max_batch < 1 or args.max_queue < 0:
         raise CLIError("--max-batch must be >= 1 and --max-queue >= 0")
+    max_body = DEFAULT_MAX_BODY_BYTES if args.max_body_bytes is None else args.max_body_bytes
+    if max_body < 1:
+        raise CLIError(f"--max-body-bytes must be >= 1, got {max_body}")
+    if args.dtype is not None:
+        try:
+            parse_dtype(args.dtype)
+        except ValueError as e:
+            raise CLIError(f"--dtype: {e}") from None
+    failures: list[str] = []
+    server: list[uvicorn.Server] = []
+
+    def load_failed(message: str) -> None:  # on the server's loop: stop serving
+        failures.append(message)
+        for s in server:
+            s.should_exit = True
+
     app = create_app(
         args.model,
         api_keys=args.api_key,
@@ -83,9 +117,18 @@ def run_serve(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         model_name=args.served_model_name,
         engine_kwargs={"pack_weights": False} if args.no_pack_weights else None,
+        max_body_bytes=max_body,
+        dtype=args.dtype,
+        quant=args.quant,
+        on_load_error=load_failed,
     )
     print(f"geode serve: http://{args.host}:{args.port}/ (chat page), /v1 (API)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    server.append(
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    )
+    server[0].run()
+    if failures:
+        raise CLIError(f"{args.model}: the model failed to load: {failures[0]}")
     return 0
 
 
@@ -99,12 +142,19 @@ def run_chat(args: argparse.Namespace) -> int:
     from geode.chat import ChatFormatError, render
     from geode.cli import CLIError
     from geode.infer import Engine, Request, RequestError
+    from geode.infer.quant import quantize
+    from geode.tokenizer import find_tokenizer
 
     path = Path(args.model)
-    if path.suffix.lower() != ".gguf" and not (path / "tokenizer.model").is_file():
-        raise CLIError(f"{args.model}: not a checkpoint directory with a tokenizer.model")
-    model = geode.load_model(path)
+    if not (path.is_dir() or path.suffix.lower() == ".gguf") or find_tokenizer(path) is None:
+        raise CLIError(
+            f"{args.model}: not a checkpoint directory with a tokenizer.model or tokenizer.json"
+            " (or a .gguf file)"
+        )
+    model = geode.load_model(path, dtype=args.dtype)
     tok = geode.load_tokenizer(path)
+    if args.quant:
+        quantize(model, args.quant)
     engine = Engine(model, tok, max_batch=1)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict] = []

@@ -316,7 +316,7 @@ def test_cli_no_pack_weights_reaches_the_engine(tmp_path, monkeypatch):
 
     seen = []
     monkeypatch.setattr(app_mod, "create_app", lambda *a, **kw: seen.append(kw) or "app")
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **kw: None)
     parser = build_parser()
     for flags, expect in (([], None), (["--no-pack-weights"], {"pack_weights": False})):
         assert run_serve(parser.parse_args(["serve", str(tmp_path), *flags])) == 0
