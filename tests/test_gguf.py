@@ -6,6 +6,7 @@ Gemma3ForCausalLM) and SentencePiece (the tokenizer a GGUF round trip rebuilds).
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -269,3 +270,16 @@ def test_unexpressible_config_and_missing_tokenizer_write_nothing(nano: Path, tm
     _no_output(tmp_path, out)
     with pytest.raises(ValueError, match="q8_0 is a GGUF type"):
         G.convert(G.hf_to_gguf(nano, tmp_path / "ok.gguf", "f32"), tmp_path / "hf", "q8_0")
+
+
+def test_chat_and_info_accept_gguf(nano: Path, tmp_path: Path, monkeypatch, capsys):
+    """`geode chat X.gguf` (the docs' two-command path) and `geode info X.gguf`."""
+    import io
+
+    out = G.hf_to_gguf(nano, tmp_path / "m.gguf", "q8_0")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/quit\n"))
+    assert main(["chat", str(out), "--max-tokens", "3", "--temperature", "0"]) == 0
+    assert "model> " in capsys.readouterr().out
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tokenizer"] == str(out) and info["layers"] == 6
