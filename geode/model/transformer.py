@@ -130,14 +130,18 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
         embeds: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) [or embeds (B, T, hidden)] -> logits (B, T, V) in the model dtype.
 
         positions (B, T): absolute position of each token (default 0..T-1; packed documents
         restart at 0); negative marks padding. cache: a `KVCache` (see attention.py).
         segment_ids (B, T): document ids; attention never crosses documents.
+        rows (B, T) bool: return only those positions' logits, (N, V) in row-major order (a
+        loss on a few positions, e.g. SFT's assistant tokens, skips the others' LM head).
         """
-        return self.logits(self.hidden(input_ids, positions, cache, segment_ids, embeds))
+        h = self.hidden(input_ids, positions, cache, segment_ids, embeds)  # (B, T, hidden)
+        return self.logits(h if rows is None else h[rows])
 
     def hidden(
         self,

@@ -17,6 +17,7 @@ from geode.recipe import RecipeError
 from geode.train import load_train_recipe
 from geode.train import sft as S
 from geode.train.loop import Trainer
+from geode.train.loss import next_token_loss_sum
 from geode.train.metrics import curve, read_metrics
 from tests.train.helpers import tiny_recipe, write_recipe
 
@@ -103,20 +104,24 @@ def _trainer(env, tmp_path, **sections) -> Trainer:
 
 
 def test_gradient_flows_only_from_assistant_tokens(env, tmp_path):
-    """Through the trainer's SFT objective: d loss / d logits is non-zero exactly at positions
-    whose target is an assistant token of the same conversation, and those targets decode to
-    the assistant turns of the packed conversations."""
+    """Through the trainer's SFT objective: d loss / d (final hidden state) is non-zero exactly
+    at positions whose target is an assistant token of the same conversation, those targets
+    decode to the assistant turns, and the loss equals the masked CE on full logits."""
     trainer = _trainer(env, tmp_path)
     batch = trainer.loader.next_batch()
     kept = {}
-    hook = trainer.raw_model.register_forward_hook(
-        lambda m, a, kw, out: kept.setdefault("logits", out.retain_grad() or out), with_kwargs=True
+    hook = trainer.raw_model.norm.register_forward_hook(
+        lambda m, a, out: kept.setdefault("h", out.retain_grad() or out)
     )
     total, n, _ = trainer.objective.loss_sum(trainer.model, batch)
     hook.remove()
     total.backward()
-    grad = kept["logits"].grad.abs().sum(-1)  # (B, T)
+    grad = kept["h"].grad.abs().sum(-1)  # (B, T)
     assert torch.equal(grad > 0, batch.loss_mask) and n == batch.loss_mask.sum() > 0
+    with torch.no_grad():
+        full = trainer.raw_model(**batch.model_inputs())  # (B, T, V)
+    ref, _, _ = next_token_loss_sum(full, batch.targets, batch.loss_mask)
+    torch.testing.assert_close(total.detach(), ref, rtol=1e-5, atol=1e-4)
     tok = geode.load_tokenizer(env["tok"])
     for b in range(len(batch)):
         seg, toks, m = batch.segment_ids[b], batch.tokens[b], batch.loss_mask[b]
@@ -125,9 +130,8 @@ def test_gradient_flows_only_from_assistant_tokens(env, tmp_path):
             if not where.any():
                 continue
             text = tok.decode(toks[1:][where].tolist())
-            assert (
-                text.endswith("<end_of_turn>") and "####" in text and "<start_of_turn>" not in text
-            )
+            assert text.endswith("<end_of_turn>") and "####" in text
+            assert "<start_of_turn>" not in text
         assert not m[seg[1:] != seg[:-1]].any()  # no target across a conversation boundary
 
 

@@ -45,6 +45,24 @@ class NextToken(Objective):
 
 @register("sft")
 class SupervisedFineTuning(NextToken):
-    """Next-token loss on the targets SFT batches mark (assistant tokens, optionally tool calls)."""
+    """Next-token loss on the targets SFT batches mark (assistant tokens, optionally tool calls).
+
+    Only the trained positions go through the LM head and the cross-entropy (`rows=`): with
+    prompts and padding masked out that skips a large part of the (B, T, V) logits.
+    """
 
     Options = SFTOptions
+
+    def loss_sum(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, float, Metrics]:
+        """Forward `batch`; (ce + z over the trained targets, their count, {ce, z, tokens})."""
+        mask = batch.loss_mask
+        with self.autocast():
+            logits = model(**batch.model_inputs(), rows=mask)  # (N, V), N = trained targets
+        targets = batch.targets[mask]  # (N,)
+        ones = torch.ones_like(targets, dtype=torch.bool)
+        total, ce, z = next_token_loss_sum(
+            logits[None], targets[None], ones[None], self.trainer.recipe.train.z_loss,
+            self.trainer._loss_terms,
+        )  # fmt: skip
+        n = float(targets.numel())
+        return total, n, {"ce": ce, "z": z, "tokens": n}
