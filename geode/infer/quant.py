@@ -147,6 +147,33 @@ class QuantLinear(_CachesNotCopied, nn.Module):
             q.register_buffer("bias", bias.detach().clone())
         return q
 
+    @classmethod
+    def empty_like(
+        cls,
+        weight: torch.Tensor,
+        mode: str,
+        group_size: int = 64,
+        bias: torch.Tensor | None = None,
+    ) -> QuantLinear:
+        """Uninitialised buffers of the shapes `from_weight` gives (on weight's device)."""
+        N, K = weight.shape
+        q = cls(K, N, mode, group_size)
+        empty = {"device": weight.device}
+        if mode == "int8":
+            q.register_buffer("qweight", torch.empty(N, K, dtype=torch.int8, **empty))
+            q.register_buffer("scale", torch.empty(N, dtype=torch.float32, **empty))
+        else:
+            if group_size not in GROUP_SIZES or K % group_size:
+                raise ValueError(f"input width {K} is not a multiple of group_size {group_size}")
+            q.register_buffer("qweight", torch.empty(N, K // 2, dtype=torch.uint8, **empty))
+            for name in ("scale", "mins"):
+                q.register_buffer(
+                    name, torch.empty(N, K // group_size, dtype=torch.float16, **empty)
+                )
+        if bias is not None:
+            q.register_buffer("bias", torch.empty_like(bias))
+        return q
+
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight the quantized values stand for."""
         if self.mode == "int8":
@@ -204,10 +231,16 @@ class QuantLinear(_CachesNotCopied, nn.Module):
 
 
 def quantize(
-    model: nn.Module, mode: str = "int4", group_size: int = 64, head: bool = True
+    model: nn.Module,
+    mode: str = "int4",
+    group_size: int = 64,
+    head: bool = True,
+    *,
+    layout_only: bool = False,
 ) -> nn.Module:
     """Replace the linear layers of the decoder blocks (and the LM head when `head`) with
-    QuantLinear, in place; returns the model. The embedding lookup stays in float."""
+    QuantLinear, in place; returns the model. The embedding lookup stays in float.
+    `layout_only`: empty buffers of the right shapes instead (a model to load weights into)."""
     if mode not in MODES:
         raise ValueError(f"quantization mode must be one of {MODES}, got {mode!r}")
     if mode == "int4" and group_size not in GROUP_SIZES:
@@ -218,15 +251,16 @@ def quantize(
             f"the model is already quantized ({done['mode']}, e.g. a checkpoint written by "
             "`geode quantize`); load it as it is, without quantizing again"
         )
+    make = QuantLinear.empty_like if layout_only else QuantLinear.from_weight
     for block in model.layers:
         for name, module in list(block.named_modules()):
             if isinstance(module, nn.Linear):
                 parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
-                q = QuantLinear.from_weight(module.weight, mode, group_size, module.bias)
+                q = make(module.weight, mode, group_size, module.bias)
                 setattr(parent, name.rsplit(".", 1)[-1], q)
     if head:
         weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        model.head_override = QuantLinear.from_weight(weight, mode, group_size)
+        model.head_override = make(weight, mode, group_size)
     model.quantization = {
         "mode": mode,
         "group_size": group_size if mode == "int4" else None,
@@ -461,7 +495,7 @@ def load_quantized(
     stored = _index_tensors(_weight_files(root))
     head = f"{HEAD_PREFIX}qweight" in stored
     with torch.device("meta"):
-        model = quantize(Transformer(plain), mode, group, head)  # the layout, no data
+        model = quantize(Transformer(plain), mode, group, head, layout_only=True)
     plain_keys, linears = _keys(model)
     sd = model.state_dict()
     floats = (torch.float32, torch.float16, torch.bfloat16)
