@@ -146,6 +146,9 @@ def dpo(
     engine = Engine(trainer.raw_model, data.tokenizer, max_batch=64, optimize=False, seed=0)
     answers = greedy_answers(engine, data.tokenizer, eval_prompts, online.eval_max_new_tokens)
     summary["policy_vs_start"] = evaluate_policy(answers, baseline, eval_prompts, judge)
+    if not isinstance(judge, VerifierJudge) and all(p.answer is not None for p in eval_prompts):
+        verified = evaluate_policy(answers, baseline, eval_prompts, VerifierJudge())
+        summary["policy_vs_start_verifier"] = verified  # the same answers under the verifier
     if recipe.online:
         summary["judge"] = judge.stats()
     summary["compare_s"] = eval_s + time.perf_counter() - t0

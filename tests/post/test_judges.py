@@ -139,3 +139,15 @@ def test_reward_model_judge_and_ensemble():
         flipped.w.fill_(-3.0)  # prefers long answers three times as strongly
     ens = RewardModelJudge(models=[_LengthRM(), flipped], tokenizer=_ByteTok())
     assert ens.judge([JudgeItem(Q, LONG, RIGHT)]) == [0]  # the mean of the two scores decides
+
+
+def test_llm_judge_runs_a_geode_model_in_process(sft_policy):
+    """The in-process judge: the engine on a geode checkpoint; a tiny model's replies are
+    mostly not a clean A/B, and every item is either judged or counted as skipped."""
+    from geode.eval.backends import EngineBackend
+
+    j = LLMJudge(backend=EngineBackend.from_path(str(sft_policy), chat=True), max_tokens=4)
+    verdicts = j.judge([JudgeItem(Q, RIGHT, WRONG), JudgeItem(Q, WRONG, LONG)])
+    assert len(verdicts) == 2 and all(v in (0, 1, None) for v in verdicts)
+    assert j.judged + sum(j.skipped.values()) == 2
+    assert set(j.skipped) <= {"garbage"}
