@@ -247,3 +247,30 @@ def test_shipped_recipes_run(env, tmp_path, name):
     assert main(args) == 0
     assert (tmp_path / name / "model" / "config.json").is_file()
     assert (tmp_path / name / "adapter").is_dir() == name.endswith("lora")
+
+
+def test_packed_rows_shard_by_rank_and_resume_exactly():
+    """Two ranks together serve exactly the rows one rank serves, every row once per epoch,
+    and a loader restored from its state continues with the same rows."""
+    R, T1 = 10, 6
+    arrays = {
+        "tokens": np.arange(R * T1).reshape(R, T1),
+        "positions": np.tile(np.arange(T1), (R, 1)),
+        "segment_ids": np.zeros((R, T1), np.int64),
+        "trained": np.ones((R, T1), bool),
+    }
+    one = S.PackedRows(arrays, 4, seed=3)
+    two = [S.PackedRows(arrays, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    served = []
+    for _ in range(5):
+        a = one.next_batch().windows.tolist()
+        b = [w for ld in two for w in ld.next_batch().windows.tolist()]
+        assert a == b
+        served += a
+    assert sorted(served[:10]) == list(range(10)) and sorted(served[10:20]) == list(range(10))
+    state = one.state_dict()
+    again = S.PackedRows(arrays, 4, seed=3)
+    again.load_state_dict(state)
+    assert again.next_batch().windows.tolist() == one.next_batch().windows.tolist()
+    with pytest.raises(DataError, match="saved for 10 rows"):
+        S.PackedRows({k: v[:5] for k, v in arrays.items()}, 4, seed=3).load_state_dict(state)

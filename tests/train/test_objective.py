@@ -121,3 +121,18 @@ def test_reference_load_refuses_another_vocabulary(tmp_path):
         IncompatibleReference, match="reference vocab_size 96 != policy vocab_size 64"
     ):
         Reference.load(tmp_path / "r", policy_config=cfg)
+
+
+def test_reference_load_refuses_another_tokenizer(tmp_path):
+    """A reference shipping a tokenizer.model other than the data's is refused, naming both."""
+    cfg = geode.get_preset("nano-1m").replace(vocab_size=64, num_hidden_layers=1)
+    (tmp_path / "tok.model").write_bytes(b"one tokenizer")
+    geode.save_model(geode.build_model(cfg, seed=0), tmp_path / "r",
+                     files={"tokenizer.model": tmp_path / "tok.model"})  # fmt: skip
+    with pytest.raises(IncompatibleReference, match="policy and reference need one tokenizer"):
+        Reference.load(tmp_path / "r", policy_config=cfg, tokenizer_sha256="0" * 64)
+    from geode.fileio import sha256_file
+
+    ref = Reference.load(tmp_path / "r", policy_config=cfg,
+                         tokenizer_sha256=sha256_file(tmp_path / "tok.model"))  # fmt: skip
+    assert not ref.model.training
