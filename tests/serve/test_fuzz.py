@@ -1,4 +1,4 @@
-"""Fuzzing: random JSON bodies (right keys, wrong/odd values) never produce a 5xx."""
+"""Fuzzing: random JSON bodies never produce a 5xx; schemathesis finds nothing against the schema."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_fuzz_any_json(server, body):
 # The OpenAPI schema is the truth: schemathesis generates requests from it (valid and invalid,
 # boundary values, unsupported methods, missing keys) and checks every response against it
 # with all of its checks. The server under test holds a short context so that generation stays
-# quick: a valid request runs at most 32 tokens.
+# quick: a valid request runs at most 20 tokens (prompt included).
 schemathesis = pytest.importorskip("schemathesis")
 FUZZ_KEY = "fuzz-key"
 
@@ -142,7 +142,7 @@ def fuzz_server(checkpoint):
     from geode.serve.app import create_app
 
     app = create_app(
-        checkpoint, api_keys=[FUZZ_KEY], max_batch=16, max_queue=10_000, max_seq_len=32,
+        checkpoint, api_keys=[FUZZ_KEY], max_batch=16, max_queue=10_000, max_seq_len=20,
         model_name="tiny",
     )  # fmt: skip
     live = LiveServer(app).start()
@@ -172,8 +172,8 @@ def test_schemathesis_finds_nothing(fuzz_server):
     config = schemathesis.Config.from_dict(
         {
             "headers": auth,
-            "request-timeout": 120,  # a loaded CI machine; a valid request runs <= 32 tokens
-            "generation": {"max-examples": 10, "mode": "all"},
+            "request-timeout": 120,  # generous: a loaded CI machine
+            "generation": {"max-examples": 8, "mode": "all"},
             "checks": {  # a 400 for valid data is allowed only with a rule code: the check above
                 "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "404"]},
             },
