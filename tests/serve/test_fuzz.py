@@ -6,6 +6,7 @@ import json
 
 import httpx
 import pytest
+import schemathesis
 
 from tests.serve.helpers import LiveServer
 
@@ -119,7 +120,6 @@ def test_fuzz_any_json(server, body):
 # boundary values, unsupported methods, missing keys) and checks every response against it
 # with all of its checks. The server under test holds a short context so that generation stays
 # quick: a valid request runs at most 20 tokens (prompt included).
-schemathesis = pytest.importorskip("schemathesis")
 FUZZ_KEY = "fuzz-key"
 
 
