@@ -4,7 +4,7 @@ Request models ignore unknown fields (clients such as lm-evaluation-harness send
 coerce nothing (strict: `"3"` is not an integer, `false` is not a token id); fields geode does
 not implement are listed in docs/serving.md. Their JSON schemas say what the handlers accept:
 rules between fields are written into the schema (`anyOf`), and the bounds that depend on the
-loaded model are marked `x-geode` and filled in by `app.py` (vocabulary, context, model name).
+loaded model are marked `x-geode` and filled in by `openapi.py` (vocabulary, context, name).
 Rules no JSON schema can state are 400s with a code of `RULE_CODES`.
 """
 
@@ -59,7 +59,7 @@ def _int(**bounds: int) -> Any:
 
 
 Int = _int()
-# Marks filled in from the loaded model by app.py (see `x-geode` there).
+# Marks filled in from the loaded model by openapi.py (`x-geode`).
 # (Token ids are range-checked by the handlers, whose errors name the list: "prompt", "tokens".)
 TokenId = Annotated[Int, WithJsonSchema({"type": "integer", "minimum": 0, "x-geode": "token-id"})]
 ModelName = Annotated[str | None, Field(json_schema_extra={"x-geode": "model"})]
@@ -152,7 +152,7 @@ class SamplingFields(_Req):
 _NOT_EMPTY = Field(min_length=1)
 
 
-def _EMPTY_OR_NULL(kind: str, size: str) -> dict[str, Any]:  # noqa: N802 (a schema constant)
+def _empty_or_null(kind: str, size: str) -> dict[str, Any]:
     """Schema of a field geode does not implement: absent, null or empty."""
     return {"anyOf": [{"type": kind, size: 0}, {"type": "null"}]}
 
@@ -182,10 +182,10 @@ class CompletionRequest(SamplingFields):
     )
     logprobs: _int(ge=0, le=20) | None = None
     echo: bool = False
-    suffix: Annotated[str | None, WithJsonSchema(_EMPTY_OR_NULL("string", "maxLength"))] = None
+    suffix: Annotated[str | None, WithJsonSchema(_empty_or_null("string", "maxLength"))] = None
     best_of: _int(ge=1, le=16) | None = None
     logit_bias: Annotated[
-        dict[str, float] | None, WithJsonSchema(_EMPTY_OR_NULL("object", "maxProperties"))
+        dict[str, float] | None, WithJsonSchema(_empty_or_null("object", "maxProperties"))
     ] = None
 
     @model_validator(mode="after")
@@ -397,7 +397,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     logit_bias: Annotated[
-        dict[str, float] | None, WithJsonSchema(_EMPTY_OR_NULL("object", "maxProperties"))
+        dict[str, float] | None, WithJsonSchema(_empty_or_null("object", "maxProperties"))
     ] = None
 
     @model_validator(mode="after")
