@@ -206,7 +206,7 @@ def bench_sft(args, lora: bool) -> list[dict]:
 BENCHES: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
     "sft-full": lambda a: bench_sft(a, lora=False),
     "sft-lora": lambda a: bench_sft(a, lora=True),
-    # H7: "dpo": bench_dpo  (geode dpo vs TRL DPOTrainer, same model / pairs / run)
+    "dpo": lambda a: __import__("post_dpo").bench_dpo(a),  # bench/post_dpo.py (vs DPOTrainer)
 }
 
 
