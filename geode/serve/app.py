@@ -499,7 +499,7 @@ def _sampling(
         **extra,
     )
     try:
-        params.validate(state.engine.vocab_size)
+        params.validate(state.engine.token_vocab_size)  # ids with a tokenizer piece
     except RequestError as e:
         raise _request_error(e) from None
     total = prompt_len + max_tokens

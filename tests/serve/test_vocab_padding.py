@@ -85,7 +85,14 @@ def test_server_on_padded_model_never_500s(padded):
                 chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
                 r = await c.post("/v1/chat/completions", json={**chat, "logprobs": True})
                 assert r.status_code == 200, r.text
-                r = await c.post("/v1/completions", json={"prompt": [2, 900], "max_tokens": 1})
+                V = padded[1].vocab_size  # ids V.. are padding rows
+                r = await c.post("/v1/completions", json={"prompt": [2, V + 3], "max_tokens": 1})
                 assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+                r = await c.post("/v1/completions", json={"prompt": "x", "stop_token_ids": [V + 3]})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids"
+                # the schema says so too: token ids below the tokenizer's piece count
+                props = (await c.get("/openapi.json")).json()["components"]["schemas"]
+                ids = props["DetokenizeRequest"]["properties"]["tokens"]["items"]
+                assert ids["maximum"] == V - 1
 
     asyncio.run(run())
