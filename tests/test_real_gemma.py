@@ -150,11 +150,21 @@ def test_serve_gguf_openai_client_matches_transformers(real_gguf: Path, hf_ref):
     assert chat.choices[0].message.content == reference(tok.encode(render(messages, bos=True)), 8)
 
 
-def test_q8_0_round_trip_readable_by_transformers(real_hf: Path, tmp_path: Path):
+def test_q8_0_round_trip_readable_by_transformers(real_hf: Path, tmp_path: Path, hf_ref):
     """GGUF -> HF -> GGUF (q8_0, geode's writer): transformers' GGUF loader reads it; geode's
     import equals transformers' dequantization bitwise; the logits agree within the bound."""
+    from transformers import Gemma3ForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
     out = G.hf_to_gguf(real_hf, tmp_path / "gemma-3-270m-q8_0.gguf", "q8_0")
-    ref_q8 = _hf_from_gguf(out)
+    # what from_pretrained(gguf_file=) does, with the header parsed once instead of twice
+    ref_q8 = Gemma3ForCausalLM(hf_ref.config)
+    parsed = load_gguf_checkpoint(str(out), return_tensors=True, model_to_load=ref_q8)
+    for key in ("num_hidden_layers", "hidden_size", "head_dim", "sliding_window", "vocab_size"):
+        assert parsed["config"][key] == getattr(hf_ref.config, key), key
+    missing, unexpected = ref_q8.load_state_dict(parsed["tensors"], strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+    ref_q8.eval()
     ours_q8 = G.load_gguf_model(out)
     theirs = {k.removeprefix("model."): v for k, v in ref_q8.state_dict().items()}
     for name, t in ours_q8.state_dict().items():
