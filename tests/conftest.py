@@ -96,7 +96,12 @@ def real_hf(real_gguf: Path) -> Path:
 
     key = hashlib.sha256(Path(gguf.__file__).read_bytes()).hexdigest()[:12]
 
+    target = real_gguf.parent / f"hf-f32-{key}"
+
     def build(tmp: Path) -> None:
         assert main(["convert", str(real_gguf), str(tmp), "--type", "f32"]) == 0
+        for stale in real_gguf.parent.glob("hf-f32-*"):  # earlier converters' output (1 GB each)
+            if stale != target:
+                shutil.rmtree(stale, ignore_errors=True)
 
-    return _cached(real_gguf.parent / f"hf-f32-{key}", build)
+    return _cached(target, build)
