@@ -247,7 +247,9 @@ def load_model(
     if root.suffix.lower() == ".gguf" and not root.is_dir():  # llama.cpp's format: geode/gguf.py
         from .gguf import load_gguf_model
 
-        return load_gguf_model(root, dtype, device, allow_float16=allow_float16)
+        return load_gguf_model(
+            root, dtype, device, allow_float16=allow_float16, check_finite=check_finite
+        )
     config = read_config(root)
     if "quantization_config" in config.extra:  # written from a quantized model
         from .infer.quant import load_quantized
