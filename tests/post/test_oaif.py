@@ -9,9 +9,10 @@ from geode.post.dpo import dpo
 from geode.post.recipe import load_post_recipe
 from tests.post.conftest import post_recipe
 
-STEPS, PROMPTS = 12, 8  # 12 steps x 8 prompts x 2 samples; offline: 12 steps x 8 pairs
-# From a real run of this test (tiny SFT policy, verifier judge, 48 held-out prompts):
-# OAIF win rate 0.73 over the start (shorter, equally wrong answers win), offline DPO 0.58.
+STEPS, PROMPTS = 8, 8  # 8 steps x 8 prompts x 2 samples; offline: 8 steps x 8 pairs
+# From real runs of this test (tiny SFT policy, verifier judge, 48 held-out prompts): after 8
+# steps OAIF wins 0.77 against the start (shorter, equally wrong answers win), offline DPO with
+# the same budget 0.68; after 12 steps 0.69 / 0.47; docs/post-training.md has a 20-step run.
 WIN_RATE_BOUND = 0.6
 
 
