@@ -119,15 +119,20 @@ def bench_dpo(args) -> list[dict]:
     geode.save_model(geode.build_model(cfg, seed=0), tmp / "init")
     pairs = make_pairs(args, cfg.vocab_size)
     tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    # bf16 rows only where bf16 matmuls are fast (bench/post.py's probe sets args.bf16_fast)
+    bf16_ok = getattr(args, "bf16_fast", True)
+    precisions = ("bfloat16", "float32") if bf16_ok else ("float32",)
     impls = {f"geode:{p}": geode_step(args, tmp / "init", pairs, tmp / f"g-{p}", p)
-             for p in ("bfloat16", "float32")}  # fmt: skip
+             for p in precisions}  # fmt: skip
     for fn in impls.values():
         for _ in range(args.warmup):
             fn()
     gtimes: dict[str, list[float]] = {k: [] for k in impls}
     ttimes: dict[str, list[float]] = {}
     paired: dict[tuple[str, str], list[float]] = {}
-    for tname in [c for c in TRL_CONFIGS if not args.trl or c in args.trl]:
+    configs = [c for c in TRL_CONFIGS
+               if (not args.trl or c in args.trl) and (bf16_ok or not TRL_CONFIGS[c][0])]  # fmt: skip
+    for tname in configs:
         t: list[float] = []
 
         def between(t=t, tname=tname) -> None:
