@@ -60,6 +60,11 @@ class Distill(Objective):
     def preflight(cls, trainer: Any) -> int:
         """Check the teacher fits the student before any model is built; its parameter count."""
         d = trainer.recipe.distill
+        if trainer.data is None:
+            from ...recipe import RecipeError
+
+            raise RecipeError("distillation reads teacher targets per packed window: it needs "
+                              "the recipe's prepared dataset (data.path), not batches from code")  # fmt: skip
         if d is None or not d.teacher:
             return 0
         from ...checkpoint import read_config
