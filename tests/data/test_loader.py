@@ -22,7 +22,11 @@ def take(loader: DataLoader, n: int) -> list:
 
 
 def same(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values()))
+    """Every field equal; optional fields (pair, weights, advantages) unset in both."""
+    return vars(a).keys() == vars(b).keys() and all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+        for x, y in zip(vars(a).values(), vars(b).values())
+    )
 
 
 def test_batch_format(make_dataset) -> None:
