@@ -186,6 +186,20 @@ class WeightSpec:
         self.aux2 = aux2.data_ptr() if aux2 is not None else 0
 
 
+def float_spec(w: torch.Tensor) -> WeightSpec | None:
+    """Kernel view of a float32 / bfloat16 (N, K) CPU weight (None: other dtype or layout)."""
+    if w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous():
+        return None
+    if w.dtype == torch.float32:
+        return WeightSpec("f32", w.detach())
+    if w.dtype == torch.bfloat16:
+        # a view made under inference mode would be an inference tensor without a version
+        # counter (NativeDecoder.pack tracks the weights' versions): keep it a normal view
+        with torch.inference_mode(False):
+            return WeightSpec("bf16", w.detach().view(torch.int16))
+    return None
+
+
 PACKABLE = {KINDS["f32"]: torch.float32, KINDS["bf16"]: torch.int16}  # kind -> packed dtype
 
 

@@ -145,17 +145,6 @@ def _after_optimizer_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) ->
             dec.packed_stale = True
 
 
-def _float_spec(w: torch.Tensor) -> kernels.WeightSpec | None:
-    """Kernel view of a float32 / bfloat16 (N, K) weight (None: other dtype or layout)."""
-    if w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous():
-        return None
-    if w.dtype == torch.float32:
-        return kernels.WeightSpec("f32", w.detach())
-    if w.dtype == torch.bfloat16:
-        return kernels.WeightSpec("bf16", w.detach().view(torch.int16))
-    return None
-
-
 def _spec(module: nn.Module | None) -> kernels.WeightSpec:
     """Kernel view of a projection's weight (KernelLinear, QuantLinear, plain Linear)."""
     if module is None:
@@ -166,7 +155,7 @@ def _spec(module: nn.Module | None) -> kernels.WeightSpec:
     if get is not None:
         spec = get()
     elif type(module) in (nn.Linear, ScaledEmbedding):
-        spec = _float_spec(module.weight)
+        spec = kernels.float_spec(module.weight)
     else:
         raise Unsupported(f"projection of type {type(module).__name__}")
     if spec is None:

@@ -93,12 +93,7 @@ class _SpecCache:
             and cached[2] == weight.data_ptr()
         ):
             return cached[3]
-        spec = None
-        if weight.is_contiguous() and weight.dim() == 2 and weight.device.type == "cpu":
-            if weight.dtype == torch.float32:
-                spec = kernels.WeightSpec("f32", weight.detach())
-            elif weight.dtype == torch.bfloat16:
-                spec = kernels.WeightSpec("bf16", weight.detach().view(torch.int16))
+        spec = kernels.float_spec(weight)
         owner.__dict__["_kspec"] = (weight, weight._version, weight.data_ptr(), spec)
         return spec
 

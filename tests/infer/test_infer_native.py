@@ -207,6 +207,25 @@ def test_packed_weights_follow_in_place_updates(update):
     assert got == [r.token_ids for r in Engine(model, pack_weights=False).generate(reqs)]
 
 
+def test_bfloat16_weights_pack_and_follow_updates():
+    """bfloat16 weights pack at 6+ sequences (their int16 kernel views are made under the
+    engine's inference mode, yet must keep the weights' version counters) and are packed
+    again after an in-place write: tokens equal an engine that reads them in place."""
+    model = _model().to(torch.bfloat16)
+    reqs = [Request([5, 6 + n, 7], temperature=0, max_new_tokens=5, ignore_eos=True)
+            for n in range(7)]  # fmt: skip
+    eng = Engine(model)
+    got = [r.token_ids for r in eng.generate(reqs)]
+    assert eng._native.packed
+    assert got == [r.token_ids for r in Engine(model, pack_weights=False).generate(reqs)]
+    first = eng._native.packed[0]
+    with torch.no_grad():
+        model.layers[1].mlp.up_proj.weight.mul_(-3.0)
+    got = [r.token_ids for r in eng.generate(reqs)]
+    assert eng._native.packed[0] is not first  # packed again
+    assert got == [r.token_ids for r in Engine(model, pack_weights=False).generate(reqs)]
+
+
 def test_packing_skipped_when_memory_is_short(monkeypatch):
     """Packing needing more than half of the available memory is skipped with a warning that
     says how much; the engine then reads the weights in place (same tokens)."""
