@@ -37,14 +37,11 @@ bubblewrap:
 test: lint chromium bubblewrap
 	$(VENV)/bin/pytest -q
 
-# Until the quickstart issue lands: a tokenizer trained on this machine's Python stdlib, a
-# random nano model saved in the HF layout, reloaded by `geode info` and `geode generate`.
+# Until the quickstart issue lands: scripts/demo.sh (stdlib tokenizer -> random nano-5m -> info ->
+# generate), then what it built, why the text is gibberish (random weights) and what to run next.
 DEMO := demo_out
 demo: $(STAMP)
-	$(VENV)/bin/geode tokenizer train --stdlib --stdlib-mb 8 --vocab-size 4096 --out $(DEMO)/tokenizer.model
-	$(VENV)/bin/geode init nano-5m $(DEMO)/nano-5m --seed 0 --tokenizer $(DEMO)/tokenizer.model
-	$(VENV)/bin/geode info $(DEMO)/nano-5m
-	$(VENV)/bin/geode generate $(DEMO)/nano-5m --prompt "def main(" --max-new-tokens 16 --temperature 0
+	GEODE=$(VENV)/bin/geode sh scripts/demo.sh $(DEMO)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out
