@@ -241,6 +241,31 @@ def test_generate_and_info_on_a_tokenizer_json_checkpoint(
     assert f"tokenizer        {path / JSON_FILENAME}\n" in capsys.readouterr().out
 
 
+def test_training_paths_find_a_tokenizer_json_checkpoint(pair, tmp_path: Path) -> None:
+    """A checkpoint that ships only tokenizer.json feeds data preparation (hashed as the file
+    it read), SFT / post-training recipes (model.init) and reference checks; a directory with
+    neither file is a clear error."""
+    from types import SimpleNamespace
+
+    from geode.data.prepare import _load_tokenizer
+    from geode.fileio import sha256_file
+    from geode.recipe import RecipeError
+    from geode.train.sft import tokenizer_path
+
+    _, tj, _ = pair
+    ckpt = Path(tj.path).parent
+    tok, info = _load_tokenizer(str(ckpt))
+    assert info == {"path": str(ckpt / JSON_FILENAME), "sha256": sha256_file(ckpt / JSON_FILENAME)}
+    assert tok.encode("the quick") == tj.encode("the quick")
+    recipe = SimpleNamespace(
+        data=SimpleNamespace(tokenizer=""), model=SimpleNamespace(init=str(ckpt))
+    )
+    assert tokenizer_path(recipe) == ckpt / JSON_FILENAME
+    recipe.model.init = str(tmp_path)
+    with pytest.raises(RecipeError, match="holds no tokenizer.model or tokenizer.json"):
+        tokenizer_path(recipe)
+
+
 # ---- the real Gemma 3 270M: its tokenizer as transformers saves it (tokenizer.json only) ------
 
 

@@ -113,11 +113,10 @@ def _load_tokenizer(spec: str | TokenizerLike) -> tuple[TokenizerLike, dict[str,
         return spec, {"path": None, "sha256": None}
     if not str(spec):
         raise DataError("no tokenizer: set `tokenizer` in the recipe or pass --tokenizer")
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import find_tokenizer, load_tokenizer
 
     tok = load_tokenizer(spec)
-    path = Path(spec)
-    model = path / "tokenizer.model" if path.is_dir() else path
+    model = find_tokenizer(spec)  # the file load_tokenizer read (tokenizer.model / .json)
     return tok, {"path": str(model), "sha256": sha256_file(model)}
 
 

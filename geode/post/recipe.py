@@ -19,6 +19,7 @@ from typing import Any
 from geode.fileio import sha256_file
 from geode.recipe import RecipeError, load_recipe
 from geode.train.recipe import TrainRecipe, apply_overrides, check_recipe
+from geode.train.sft import tokenizer_path
 
 from .pairs import EncodedPair, encode_pair
 from .prefdata import PairError, flip_labels, make_pairs, read_pairs, write_jsonl
@@ -102,19 +103,6 @@ def load_post_recipe(
     if not 0.0 <= recipe.pairs.noise <= 1.0:
         raise RecipeError(f"{where}: pairs.noise = {recipe.pairs.noise}: must be in [0, 1]")
     return recipe
-
-
-def tokenizer_path(recipe: TrainRecipe) -> Path:
-    """data.tokenizer, else model.init's tokenizer.model; a clear error when neither exists."""
-    if recipe.data.tokenizer:
-        path = Path(recipe.data.tokenizer)
-    elif recipe.model.init:
-        path = Path(recipe.model.init) / "tokenizer.model"
-    else:
-        raise RecipeError("data.tokenizer is required when model.init is not set")
-    if not path.is_file():
-        raise RecipeError(f"tokenizer {path} not found (set data.tokenizer)")
-    return path
 
 
 @dataclass

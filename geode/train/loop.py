@@ -706,8 +706,8 @@ class Trainer:
                 tok = self.train_data.tokenizer
             else:
                 tok = (self.data.manifest.get("tokenizer") or {}).get("path")
-            if tok and Path(tok).is_file():
-                files["tokenizer.model"] = tok
+            if tok and Path(tok).is_file():  # exported under its kind's name
+                files["tokenizer.json" if str(tok).endswith(".json") else "tokenizer.model"] = tok
             if self.recipe.lora is not None:  # OUT/adapter (peft layout) + merged OUT/model
                 from .sft_lora import merged_copy, save_adapter
 

@@ -61,9 +61,11 @@ def check_tokenizer(
     *,
     error: type[ValueError] = IncompatibleReference,
 ) -> None:
-    """If the reference ships a tokenizer.model, it must be the one the data was tokenized with."""
-    tok = Path(ref_path) / "tokenizer.model"
-    if tok.is_file() and tokenizer_sha256 and sha256_file(tok) != tokenizer_sha256:
+    """If the reference ships a tokenizer file, it must be the one the data was tokenized with."""
+    from ..tokenizer import find_tokenizer
+
+    tok = find_tokenizer(ref_path) if Path(ref_path).is_dir() else None
+    if tok is not None and tokenizer_sha256 and sha256_file(tok) != tokenizer_sha256:
         raise error(
             f"{where}: {tok} differs from the tokenizer the training data was tokenized with "
             f"(SHA-256 {tokenizer_sha256[:12]}...); policy and reference need one tokenizer"

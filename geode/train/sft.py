@@ -239,15 +239,27 @@ def eval_batches(arrays: dict[str, np.ndarray], rows: int, batches: int, rank: i
 
 
 def tokenizer_path(recipe: Any) -> Path:
-    """data.tokenizer, else the tokenizer.model of model.init; a RecipeError when neither."""
+    """data.tokenizer, else model.init's tokenizer file (tokenizer.model, else tokenizer.json);
+    a RecipeError naming what is missing."""
+    from ..tokenizer import find_tokenizer
+
     if recipe.data.tokenizer:
-        return Path(recipe.data.tokenizer)
-    if recipe.model.init and (Path(recipe.model.init) / "tokenizer.model").is_file():
-        return Path(recipe.model.init) / "tokenizer.model"
-    raise RecipeError(
-        "SFT renders chat text and needs a tokenizer: set data.tokenizer (a tokenizer.model) "
-        "or model.init to a checkpoint directory holding tokenizer.model"
-    )
+        path = Path(recipe.data.tokenizer)
+    elif recipe.model.init:
+        path = find_tokenizer(recipe.model.init)
+        if path is None:
+            raise RecipeError(
+                f"model.init {recipe.model.init} holds no tokenizer.model or tokenizer.json "
+                "(set data.tokenizer)"
+            )
+    else:
+        raise RecipeError(
+            "a tokenizer is needed: set data.tokenizer (a tokenizer.model / tokenizer.json) "
+            "or model.init to a checkpoint directory holding one"
+        )
+    if not path.is_file():
+        raise RecipeError(f"tokenizer {path} not found (set data.tokenizer)")
+    return path
 
 
 def prepare(recipe: Any, rank: int = 0, world_size: int = 1, micro: int = 0, accum: int = 1):
