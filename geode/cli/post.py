@@ -82,25 +82,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=_SFT_EXAMPLE,
         formatter_class=_FMT,
     )
-    p.add_argument("recipe", nargs="?", help="SFT recipe, a TOML file (recipes/post/sft-*.toml)")
-    p.add_argument("--out", help="output directory (default: the recipe's `out`)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the newest good checkpoint in --out"
+    _post_common(
+        p,
+        "chat-formatted synthetic task problems",
+        "training conversations",
+        "--set optim.lr=1e-4",
     )
-    p.add_argument("--max-steps", type=int, help="override train.max_steps")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a recipe field, e.g. --set optim.lr=1e-4 (repeatable; TOML values)",
-    )  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--make-data",
-        metavar="DIR",
-        help="write DIR/train.jsonl and DIR/heldout.jsonl (chat-formatted synthetic task "
-        "problems) and exit",
-    )
-    p.add_argument("--n", type=int, default=2000, help="--make-data: training conversations")
-    p.add_argument("--seed", type=int, default=0, help="--make-data: generator seed")
     p.set_defaults(func=run_sft)
     _register_preference(sub)
 
@@ -142,7 +129,12 @@ example:
 """
 
 
-def _post_common(p: argparse.ArgumentParser) -> None:
+_PAIRS_DATA = "generated preference pairs: correct-and-concise over wrong or rambling"
+
+
+def _post_common(p: argparse.ArgumentParser, data: str, n_help: str, set_example: str) -> None:
+    """Arguments every post-training verb takes: RECIPE, --out/--resume/--max-steps/--set,
+    --no-progress, and --make-data DIR (`data`: what it writes) with --n/--seed."""
     p.add_argument("recipe", nargs="?", help="recipe, a TOML file (recipes/post/)")
     p.add_argument("--out", help="output directory (default: the recipe's `out`)")
     p.add_argument(
@@ -151,17 +143,15 @@ def _post_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a recipe field, e.g. --set objective.options.beta=0.2 (repeatable)",
+        help=f"override a recipe field, e.g. {set_example} (repeatable; TOML values)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--make-data",
         metavar="DIR",
-        help="write DIR/train.jsonl and DIR/heldout.jsonl (generated preference pairs: "
-        "correct-and-concise over wrong or rambling) and exit",
+        help=f"write DIR/train.jsonl and DIR/heldout.jsonl ({data}) and exit",
     )
-    p.add_argument("--n", type=int, default=2000, help="--make-data: training pairs")
-    p.add_argument("--noise", type=float, default=0.0, help="--make-data: flipped-label share")
+    p.add_argument("--n", type=int, default=2000, help=f"--make-data: {n_help}")
     p.add_argument("--seed", type=int, default=0, help="--make-data: generator seed")
 
 
@@ -180,7 +170,8 @@ def _register_preference(sub: argparse._SubParsersAction) -> None:
         epilog=_REWARD_EXAMPLE,
         formatter_class=_FMT,
     )
-    _post_common(p)
+    _post_common(p, _PAIRS_DATA, "training pairs", "--set objective.options.beta=0.2")
+    p.add_argument("--noise", type=float, default=0.0, help="--make-data: flipped-label share")
     p.add_argument("--warm", type=int, metavar="M", help="WARM with M members")
     p.set_defaults(func=run_reward)
     p = sub.add_parser(
@@ -196,7 +187,8 @@ def _register_preference(sub: argparse._SubParsersAction) -> None:
         epilog=_DPO_EXAMPLE,
         formatter_class=_FMT,
     )
-    _post_common(p)
+    _post_common(p, _PAIRS_DATA, "training pairs", "--set objective.options.beta=0.2")
+    p.add_argument("--noise", type=float, default=0.0, help="--make-data: flipped-label share")
     p.set_defaults(func=run_dpo)
 
 
