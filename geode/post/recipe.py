@@ -11,14 +11,13 @@ them; `batch.global_batch_size` counts sequences, two per pair.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from geode.fileio import sha256_file
 from geode.recipe import RecipeError, load_recipe
-from geode.train.recipe import TrainRecipe, apply_overrides, check_recipe
+from geode.train.recipe import TrainRecipe, apply_overrides, check_recipe, read_recipe_source
 from geode.train.sft import tokenizer_path
 
 from .pairs import EncodedPair, encode_pair
@@ -82,17 +81,7 @@ def load_post_recipe(
     source: str | Path | dict[str, Any], overrides: list[str] | None = None
 ) -> PostRecipe:
     """Read a post-training recipe (TOML or dict), apply `a.b=v` overrides, validate."""
-    if isinstance(source, dict):
-        data, where = source, "recipe"
-    else:
-        path = Path(source)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise RecipeError(f"cannot read recipe {path}: {e.strerror or e}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise RecipeError(f"{path}: invalid TOML: {e}") from e
-        where = str(path)
+    data, where = read_recipe_source(source)
     try:
         recipe = load_recipe(PostRecipe, apply_overrides(data, overrides or []))
     except RecipeError as e:

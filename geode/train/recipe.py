@@ -178,22 +178,24 @@ class TrainRecipe:
     lora: LoraSection | None = None  # present: train LoRA adapters, base weights frozen
 
 
+def read_recipe_source(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(recipe dict, where it came from) of a TOML file or a dict; a RecipeError naming the file."""
+    if isinstance(source, dict):
+        return source, "recipe"
+    path = Path(source)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8")), str(path)
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: invalid TOML: {e}") from e
+
+
 def load_train_recipe(
     source: str | Path | dict[str, Any], overrides: list[str] | None = None
 ) -> TrainRecipe:
     """Read a recipe from TOML (or a dict), apply `section.key=value` overrides, validate."""
-    if isinstance(source, dict):
-        data = source
-        where = "recipe"
-    else:
-        path = Path(source)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise RecipeError(f"cannot read recipe {path}: {e.strerror or e}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise RecipeError(f"{path}: invalid TOML: {e}") from e
-        where = str(path)
+    data, where = read_recipe_source(source)
     data = apply_overrides(data, overrides or [])
     try:
         recipe = load_recipe(TrainRecipe, data)
