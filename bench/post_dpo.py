@@ -1,5 +1,5 @@
 """DPO throughput: geode's trainer (the `dpo` objective) vs TRL's DPOTrainer, same model, same
-pairs, same run (bench/post.py's "dpo" row; `python bench/post_dpo.py` alone).
+pairs, same run (bench/post.py's "dpo" row; `python bench/post_dpo.py` runs it alone).
 
 Both sides train the same random nano checkpoint on the same token-id pairs (prompt + chosen /
 rejected of random tokens), AdamW, clip 1.0, no weight decay, the reference = the initial
@@ -13,7 +13,6 @@ each configuration). Tokens/s counts prompt + response tokens of both rows of ev
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -163,24 +162,8 @@ def bench_dpo(args) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    """Run the DPO benchmark alone; JSON lines, then a table."""
-    import json
+if __name__ == "__main__":  # the DPO row alone, with bench/post.py's arguments and table
+    sys.argv[1:1] = ["--only", "dpo"]
+    import post
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="nano-20m")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument(
-        "--trl", nargs="*", help=f"TRL configurations (default all: {list(TRL_CONFIGS)})"
-    )
-    args = p.parse_args()
-    for r in bench_dpo(args):
-        print(json.dumps(r), flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    post.main()
