@@ -15,7 +15,6 @@ verified accuracy of greedy answers.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from geode.data import tasks as synth
 
 from .judges import Judge, JudgeItem, VerifierJudge
 from .pairs import EncodedPair, pairs_batch, prompt_text
-from .prefdata import PairError, as_messages
+from .prefdata import PairError, as_messages, read_jsonl
 
 
 @dataclass
@@ -53,18 +52,8 @@ def task_prompts(
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts of a JSONL file: objects with `prompt` (messages or text) and optional `answer`
     (a pair file works: chosen/rejected are ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PairError(f"{path}: no such prompts file")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PairError(f"{where}: not JSON ({e.msg})") from None
+    for where, obj in read_jsonl(path, "prompts"):
         if not isinstance(obj, dict) or "prompt" not in obj:
             raise PairError(f"{where}: missing field 'prompt'")
         out.append(Prompt(as_messages(obj["prompt"], "prompt", where, None), obj.get("answer")))

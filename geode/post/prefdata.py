@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -184,12 +184,12 @@ def validate_pair(obj: Any, where: str = "pair") -> dict[str, Any]:
     return out
 
 
-def read_pairs(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Validated pairs of a JSONL file; a bad line raises PairError naming file and line."""
+def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, object) of each non-blank line of a JSONL file of `what`; PairError on a
+    missing file or a line that is not JSON."""
     path = Path(path)
     if not path.is_file():
-        raise PairError(f"{path}: no such preference file")
-    pairs = []
+        raise PairError(f"{path}: no such {what} file")
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -199,7 +199,12 @@ def read_pairs(path: str | os.PathLike) -> list[dict[str, Any]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise PairError(f"{where}: not JSON ({e.msg})") from None
-            pairs.append(validate_pair(obj, where))
+            yield where, obj
+
+
+def read_pairs(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Validated pairs of a JSONL file; a bad line raises PairError naming file and line."""
+    pairs = [validate_pair(obj, where) for where, obj in read_jsonl(path, "preference")]
     if not pairs:
         raise PairError(f"{path}: no preference pairs")
     return pairs
