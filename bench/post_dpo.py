@@ -42,7 +42,7 @@ def make_pairs(args, vocab: int) -> list[EncodedPair]:
     return [EncodedPair((2, *ids(half - 1)), ids(half), ids(half - 8)) for _ in range(args.batch)]
 
 
-def geode_step(args, init: Path, pairs, out: Path, precision: str):
+def geode_step(args, init: Path, pairs, out: Path, precision: str, compile: bool = False):
     """One geode DPO step per call on the same pairs (reference cached once, before timing)."""
     from geode.post.recipe import load_post_recipe
 
@@ -53,7 +53,7 @@ def geode_step(args, init: Path, pairs, out: Path, precision: str):
         "batch": {"global_batch_size": 2 * args.batch},
         "optim": {"lr": 1e-6, "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.0},
         "train": {"max_steps": 10**6, "progress": False, "threads": args.threads,
-                  "precision": precision},
+                  "precision": precision, "compile": compile},
         "checkpoint": {"export": False},
     })  # fmt: skip
     batch = pairs_batch(pairs, 0)
@@ -123,6 +123,9 @@ def bench_dpo(args) -> list[dict]:
     precisions = ("bfloat16", "float32") if bf16_ok else ("float32",)
     impls = {f"geode:{p}": geode_step(args, tmp / "init", pairs, tmp / f"g-{p}", p)
              for p in precisions}  # fmt: skip
+    if not getattr(args, "no_compile", False):  # as the SFT rows: train.compile = true
+        p = precisions[0]  # the fast precision here
+        impls[f"geode:{p}+compile"] = geode_step(args, tmp / "init", pairs, tmp / "g-c", p, True)
     for fn in impls.values():
         for _ in range(args.warmup):
             fn()
