@@ -31,6 +31,26 @@ def tagged_processes(tag: str) -> list[str]:
     return found
 
 
+def under_sandbox_tmpfs(path: str | os.PathLike) -> bool:
+    """True when `path` lies under a directory the sandbox replaces with its own tmpfs (/tmp,
+    ...): inside a run the host's file there is invisible, so a write finds no directory."""
+    real = os.path.realpath(path)
+    return any(
+        real == d or real.startswith(d + "/") for d in map(os.path.realpath, sandbox._TMPFS_DIRS)
+    )
+
+
+def host_disk_dir(request: pytest.FixtureRequest) -> str:
+    """A directory on the host disk that the sandbox shows read-only (not under its tmpfs
+    places), traversable by other users: pytest's cache dir, else /var/lib/geode-tests when
+    the checkout itself lies under /tmp (a CI clone may)."""
+    d = str(request.config.cache.mkdir("geode-sandbox"))
+    if under_sandbox_tmpfs(d):
+        d = "/var/lib/geode-tests/sandbox"
+        os.makedirs(d, mode=0o755, exist_ok=True)
+    return d
+
+
 def test_runs_code_and_captures_output():
     r = run_code("import sys\nprint(sum(range(10)))\nprint('err', file=sys.stderr)")
     assert r.ok and r.stdout == "45\n" and r.stderr == "err\n"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from geode import sandbox
-from tests.eval.test_sandbox import tagged_processes
+from tests.eval.test_sandbox import host_disk_dir, tagged_processes
 
 try:
     sandbox.available_isolation()
@@ -181,7 +181,7 @@ def _check_common(out: dict) -> None:
 @pytest.fixture
 def user_tmp(request):
     """A directory on the host disk (not under /tmp, which the sandbox replaces)."""
-    base = Path(request.config.cache.mkdir("geode-sandbox"))
+    base = Path(host_disk_dir(request))
     d = base / f"user-{uuid.uuid4().hex[:8]}"
     d.mkdir()
     os.chmod(d, 0o755)
