@@ -44,28 +44,17 @@ def _load(args: argparse.Namespace):
 @contextlib.contextmanager
 def _guard() -> Iterator[None]:
     """Map user errors (recipe, data, reference, resume, memory) to CLIError; end torchrun."""
-    import torch.distributed as dist
-
     from ..chat import ChatFormatError
     from ..data import DataError
     from ..recipe import RecipeError
     from ..train.memory import BatchMemoryError
     from ..train.reference import IncompatibleReference
     from ..train.state import ResumeError
-    from . import CLIError
+    from .train import run_guard
 
-    ok = False
-    try:
+    with run_guard((RecipeError, DataError, ChatFormatError, IncompatibleReference, ResumeError,
+                    BatchMemoryError)):  # fmt: skip
         yield
-        ok = True
-    except (RecipeError, DataError, ChatFormatError, IncompatibleReference, ResumeError,
-            BatchMemoryError) as e:  # fmt: skip
-        raise CLIError(str(e)) from None
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            if ok:
-                dist.barrier()
-            dist.destroy_process_group()
 
 
 def register(sub: argparse._SubParsersAction) -> None:

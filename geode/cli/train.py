@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -103,8 +105,6 @@ def run_distill(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, distill: bool) -> int:
-    import torch.distributed as dist
-
     from ..recipe import RecipeError
     from ..train.fault import ReplicaDirError, SDCError
     from ..train.memory import BatchMemoryError
@@ -119,8 +119,7 @@ def _run(args: argparse.Namespace, distill: bool) -> int:
     except RecipeError as e:
         raise CLIError(str(e)) from None
     progress = False if args.no_progress else None
-    ok = False
-    try:
+    with run_guard((RecipeError, BatchMemoryError, ResumeError, SDCError, ReplicaDirError)):
         if distill:
             control = False if args.no_control else None
             run_distill_(
@@ -129,12 +128,25 @@ def _run(args: argparse.Namespace, distill: bool) -> int:
             )  # fmt: skip
         else:
             run_train_(recipe, args.out, args.resume, progress, allow_fresh=args.allow_fresh)
+    return 0
+
+
+@contextlib.contextmanager
+def run_guard(errors: tuple[type[Exception], ...]) -> Iterator[None]:
+    """A training run's user errors (`errors`) become CLIError (exit 2, no traceback); a torchrun
+    process group is destroyed at the end, after a barrier when the run finished."""
+    import torch.distributed as dist
+
+    from . import CLIError
+
+    ok = False
+    try:
+        yield
         ok = True
-    except (RecipeError, BatchMemoryError, ResumeError, SDCError, ReplicaDirError) as e:
+    except errors as e:
         raise CLIError(str(e)) from None
     finally:
         if dist.is_available() and dist.is_initialized():
             if ok:
                 dist.barrier()
             dist.destroy_process_group()
-    return 0
