@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import warnings
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -453,3 +454,87 @@ class NativeDecoder:
                     f"{cache.batch}, capacity {cache.capacity}"
                 )
         return logits
+
+    def run(
+        self,
+        rows: Sequence[int],
+        ids: Sequence[int],
+        pos: Sequence[int],
+        cache,
+        want: Sequence[int],
+    ) -> torch.Tensor:
+        """Flattened tokens: token i -> cache row rows[i] at position pos[i]; logits (len(want), V)
+        float32 of the tokens at indices `want`.
+
+        A row's tokens are contiguous in the list with increasing consecutive positions that
+        continue what the row holds; decode rows (one token) and prefill rows mix freely.
+        """
+        n = len(ids)
+        if len(rows) != n or len(pos) != n:
+            raise ValueError(
+                f"rows, ids and positions differ in length: {len(rows)}, {n}, {len(pos)}"
+            )
+        if any(not 0 <= w < n for w in want):
+            raise ValueError(f"want indices {list(want)} outside the {n} tokens")
+        if list(rows) != list(range(n)):
+            raise Unsupported("multi-token runs need the C multi-token step (not built yet)")
+        logits = self.step(list(ids), list(pos), cache)  # (n, V)
+        return logits[torch.as_tensor(list(want), dtype=torch.long)]
+
+
+class NativeRunner:
+    """The engine's `Runner` over `NativeDecoder`: run(rows, ids[B,T], positions[B,T], cache)."""
+
+    def __init__(self, decoder: NativeDecoder):
+        self.decoder = decoder
+
+    @classmethod
+    def build(cls, model: Transformer) -> NativeRunner | None:
+        """The runner for this model, or None when the native path cannot run it (`why_not`)."""
+        dec = NativeDecoder.build(model)
+        return None if dec is None else cls(dec)
+
+    @staticmethod
+    def why_not(model: Transformer) -> str | None:
+        """Why the native path cannot run this model (None: it can)."""
+        return NativeDecoder.why_not(model)
+
+    def run(
+        self,
+        rows: Sequence[int],
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache,
+        select: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ids, positions (B, T) for cache rows `rows` (positions -1: padding) -> logits float32
+        (B, T, V), or (B, K, V) for the columns select (B, K) (padding columns: zeros)."""
+        B, T = ids.shape
+        if positions.shape != (B, T) or len(rows) != B:
+            raise ValueError(
+                f"ids {tuple(ids.shape)}, positions {tuple(positions.shape)} and {len(rows)} rows "
+                "disagree"
+            )
+        if len(set(rows)) != B:
+            raise ValueError(f"rows {list(rows)} repeat a cache row")
+        valid = positions.cpu() >= 0  # (B, T)
+        counts = valid.sum(1)  # (B,)
+        flat_rows = torch.repeat_interleave(torch.as_tensor(list(rows)), counts).tolist()
+        flat_ids = ids.cpu()[valid].tolist()
+        flat_pos = positions.cpu()[valid].tolist()
+        index = torch.cumsum(valid.flatten(), 0).view(B, T) - 1  # flat index of (b, t)
+        V = self.decoder.vocab
+        if select is None:
+            cols = torch.arange(T).expand(B, T)
+        else:
+            cols = select.cpu().long()
+            if cols.dim() != 2 or cols.shape[0] != B or (cols < 0).any() or (cols >= T).any():
+                raise ValueError(f"select {tuple(select.shape)} must be (B, K) columns below {T}")
+        K = cols.shape[1]
+        picked = valid.gather(1, cols)  # (B, K): selected columns that hold a token
+        want = index.gather(1, cols)[picked].tolist()
+        out = torch.zeros(B, K, V, dtype=torch.float32)
+        if flat_ids:
+            logits = self.decoder.run(flat_rows, flat_ids, flat_pos, cache, want)
+            out[picked] = logits
+        return out
