@@ -1,7 +1,10 @@
-"""Benchmark: serving throughput and latency, geode's server vs a transformers `generate` server.
+"""Benchmark: serving throughput and latency, geode's server vs a transformers `generate` server
+and llama.cpp's llama-server.
 
-Each server runs in its own process on 127.0.0.1 (the clients in this one) and serves the same random nano checkpoint (HF
-layout) with the same tokenizer; clients are asyncio tasks with httpx, streaming
+Each server runs in its own process on 127.0.0.1 (the clients in this one) and serves the same
+checkpoint with the same tokenizer: a random preset (HF layout, tokenizer trained here) or, with
+`--real`, the real Gemma 3 270M in float32 (bench/real.py's `prepare`). Clients are asyncio tasks
+with httpx, streaming
 `/v1/completions` (the same prompts, greedy, `ignore_eos` so every request produces exactly
 `--max-tokens` tokens). At each concurrency C, C clients send `max(C, --min-requests)` requests
 in all. Reported per server and concurrency: output tokens/s, time to first token (TTFT) and
@@ -9,9 +12,15 @@ inter-token latency (ITL) p50/p99, then the throughput ratio geode / reference.
 
 The reference is the minimal FastAPI wrapper around `transformers` `generate` that a user would
 write (streaming through `TextIteratorStreamer`, one `generate` at a time behind a lock, since
-`generate` has no continuous batching). Prints one JSON line per measurement, then a table.
+`generate` has no continuous batching). With `--llama-server PATH` (skipped with a message when
+absent), llama.cpp's server serves the same weights as a float32 GGUF (geode's GGUF writer)
+with `-np C --cont-batching -t THREADS` (C: the largest concurrency). Prints one JSON line per
+measurement, then a table with geode / transformers and geode / llama.cpp side by side.
 
-usage: python bench/serve.py [--preset nano-1m] [--concurrency 1 8 32] [--max-tokens 64]
+usage: python bench/serve.py [--preset nano-1m | --real] [--concurrency 1 8 32] [--max-tokens 64]
+                             [--llama-server PATH] [--skip-reference]
+e.g.   python bench/serve.py --preset nano-60m --concurrency 1 32 --min-requests 64 \\
+           --skip-reference --llama-server ~/.cache/llama-build/.../build/bin/llama-server
 """
 
 from __future__ import annotations
@@ -176,6 +185,14 @@ async def load(url: str, concurrency: int, n_requests: int, max_tokens: int) -> 
     }
 
 
+def llama_server_command(exe: Path, gguf: Path, slots: int, threads: int) -> Any:
+    """llama-server on the GGUF: `slots` parallel sequences, continuous batching, 256 tokens each."""
+    return lambda port: [
+        str(exe), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+        "-np", str(slots), "--cont-batching", "-t", str(threads), "-c", str(256 * slots),
+    ]  # fmt: skip
+
+
 def start_server(cmd: list[str], port: int, timeout: float = 300.0) -> subprocess.Popen:
     """Start a server process and wait for GET /health = 200."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -198,6 +215,10 @@ def main() -> None:
     """Run the benchmark."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", default="nano-1m")
+    ap.add_argument("--real", action="store_true", help="the real Gemma 3 270M (f32)")
+    ap.add_argument("--workdir", type=Path,
+                    default=Path.home() / ".cache" / "geode-bench" / "gemma3-270m")  # fmt: skip
+    ap.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--min-requests", type=int, default=4)
@@ -220,8 +241,17 @@ def main() -> None:
 
     rows = []
     env_threads = ["env", f"OMP_NUM_THREADS={args.threads}"]
+    preset = "gemma3-270m" if args.real else args.preset
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_checkpoint(Path(tmp), args.preset)
+        if args.real:
+            sys.path.insert(0, str(REPO / "bench"))
+            from real import prepare
+
+            files = prepare(args.workdir.expanduser(), None)
+            path, gguf = files["hf"], files["f32"]
+        else:
+            path = make_checkpoint(Path(tmp), args.preset)
+            gguf = Path(tmp) / "model-f32.gguf"
         servers = {
             "geode": lambda port: [
                 *env_threads,
@@ -248,6 +278,17 @@ def main() -> None:
                 "--threads",
                 str(args.threads),
             ]
+        if args.llama_server is None or not args.llama_server.is_file():
+            where = f" ({args.llama_server} does not exist)" if args.llama_server else ""
+            print(f"# llama.cpp: skipped, no --llama-server binary{where}", flush=True)
+        else:
+            if not gguf.exists():
+                from geode.gguf import hf_to_gguf
+
+                hf_to_gguf(path, gguf, "f32")
+            servers["llama.cpp"] = llama_server_command(
+                args.llama_server, gguf, max(args.concurrency), args.threads
+            )
         for name, command in servers.items():
             port = free_port()
             proc = start_server(command(port), port)
@@ -259,7 +300,7 @@ def main() -> None:
                     row = {
                         "bench": "serve",
                         "server": name,
-                        "preset": args.preset,
+                        "preset": preset,
                         "concurrency": c,
                         "max_tokens": args.max_tokens,
                         **m,
@@ -269,35 +310,37 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
+    table(rows, args.concurrency)
+
+
+def table(rows: list[dict], concurrency: list[int]) -> None:
+    """Per server and concurrency, then geode against each reference side by side."""
     by = {(r["server"], r["concurrency"]): r for r in rows}
     print(
         f"\n{'server':<13}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}"
-        f"{'ITL p50':>9}{'ITL p99':>9}{'ratio':>7}"
+        f"{'ITL p50':>9}{'ITL p99':>9}"
     )
     for r in rows:
-        ref = by.get(("transformers", r["concurrency"]))
-        ratio = (
-            f"{r['tokens_per_s'] / ref['tokens_per_s']:.1f}x"
-            if ref and r["server"] == "geode"
-            else ""
-        )
         print(
             f"{r['server']:<13}{r['concurrency']:>5}{r['tokens_per_s']:>9.1f}"
             f"{r['ttft_p50_ms']:>10.0f}{r['ttft_p99_ms']:>10.0f}{r['itl_p50_ms'] or 0:>9.1f}"
-            f"{r['itl_p99_ms'] or 0:>9.1f}{ratio:>7}"
+            f"{r['itl_p99_ms'] or 0:>9.1f}"
         )
-    for c in args.concurrency:
-        g, t = by.get(("geode", c)), by.get(("transformers", c))
-        if g and t:
-            print(
-                json.dumps(
-                    {
-                        "bench": "serve",
-                        "concurrency": c,
-                        "throughput_ratio": round(g["tokens_per_s"] / t["tokens_per_s"], 2),
-                    }
-                )
-            )
+    print("\n| reference | concurrency | tok/s geode / reference | ratio | TTFT p50 ms geode / "
+          "reference | ratio |\n| --- | --- | --- | --- | --- | --- |")  # fmt: skip
+    for ref in ("transformers", "llama.cpp"):
+        for c in concurrency:
+            g, t = by.get(("geode", c)), by.get((ref, c))
+            if not (g and t):
+                continue
+            tput = g["tokens_per_s"] / t["tokens_per_s"]
+            ttft = g["ttft_p50_ms"] / t["ttft_p50_ms"]
+            print(f"| {ref} | {c} | {g['tokens_per_s']:.0f} / {t['tokens_per_s']:.0f} | "
+                  f"{tput:.2f}x | {g['ttft_p50_ms']:.0f} / {t['ttft_p50_ms']:.0f} | "
+                  f"{ttft:.2f}x |")  # fmt: skip
+            print(json.dumps({"bench": "serve", "reference": ref, "concurrency": c,
+                              "throughput_ratio": round(tput, 2),
+                              "ttft_p50_ratio": round(ttft, 2)}))  # fmt: skip
 
 
 if __name__ == "__main__":
