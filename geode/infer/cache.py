@@ -2,13 +2,20 @@
 
 Gemma 3 interleaves local layers (attend to the last W = `sliding_window` positions) with
 global layers (attend to everything). A local layer never needs more than W keys, so it keeps a
-ring buffer of exactly min(capacity, W) slots: position p lives in slot p mod W. Global layers
-keep `capacity` slots per sequence, position p in slot p. Memory of one sequence of n tokens:
+ring buffer of R = min(capacity, W + slack) slots: position p lives in slot p mod R. Global
+layers keep `capacity` slots per sequence, position p in slot p. Memory of one sequence of n
+tokens:
 
-    bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * min(n, W))
+    bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * min(n, W + slack))
 
 (2 = keys and values, b = bytes per element). `kv_cache_bytes` is the one definition of this
 formula; `geode info` prints it and `HybridCache.nbytes` equals it for a one-row cache.
+
+Slack is what makes `rollback` possible (speculative decoding forgets rejected draft tokens):
+after rolling a row back to length m its next tokens need the window [m - W, m) of local keys,
+and a ring of exactly W slots has already overwritten the oldest of them. A ring of W + s slots
+still holds them for a rollback of up to s positions (`max_rollback`). `fork` copies a row into
+others (n samples of one prompt share its prefill).
 
 The cache implements the model's `KVCache` protocol (geode/model/attention.py): `update` stores
 one layer's new keys/values and returns every key the new queries may attend to with the
@@ -33,17 +40,20 @@ def kv_cache_bytes(
     n_tokens: int,
     dtype: torch.dtype | str = torch.bfloat16,
     ring_buffer: bool = True,
+    slack: int = 0,
 ) -> int:
     """KV-cache bytes of one sequence of n tokens (the formula in this module's docstring).
 
-    bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * m), m = min(n, W) with a ring
-    buffer for local layers and m = n without.
+    bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * m), m = min(n, W + slack) with a
+    ring buffer for local layers and m = n without.
     """
     if n_tokens < 0:
         raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+    if slack < 0:
+        raise ValueError(f"slack must be >= 0, got {slack}")
     b = torch.empty((), dtype=parse_dtype(dtype)).element_size()
     per_token_layer = 2 * config.num_key_value_heads * config.head_dim * b
-    local = min(n_tokens, config.sliding_window) if ring_buffer else n_tokens
+    local = min(n_tokens, config.sliding_window + slack) if ring_buffer else n_tokens
     return per_token_layer * (config.num_global_layers * n_tokens + config.num_local_layers * local)
 
 
@@ -51,8 +61,8 @@ class HybridCache:
     """Preallocated KV cache of `batch` rows x `capacity` positions (see module docstring).
 
     Global layers: keys/values (batch, H_kv, capacity, D), position p in slot p.
-    Local layers: keys/values (batch, H_kv, R, D), R = min(capacity, W), position p in slot
-    p mod R (with ring_buffer=False, R = capacity and slot p, as a baseline).
+    Local layers: keys/values (batch, H_kv, R, D), R = min(capacity, W + slack), position p in
+    slot p mod R (with ring_buffer=False, R = capacity and slot p, as a baseline).
     Slot positions: `global_pos` (batch, capacity) and `local_pos` (batch, R), -1 = empty,
     shared by all layers of a kind (every layer stores the same positions).
 
@@ -69,9 +79,12 @@ class HybridCache:
         device: torch.device | str | None = None,
         ring_buffer: bool = True,
         static: bool = False,
+        slack: int = 0,
     ):
         if batch <= 0 or capacity <= 0:
             raise ValueError(f"cache needs batch > 0 and capacity > 0, got {batch}, {capacity}")
+        if slack < 0:
+            raise ValueError(f"cache slack must be >= 0, got {slack}")
         self.config = config
         self.batch = batch
         self.capacity = capacity
@@ -79,8 +92,9 @@ class HybridCache:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.ring_buffer = ring_buffer
         self.static = static
+        self.slack = slack
         self.window = config.sliding_window
-        self.ring = min(capacity, self.window) if ring_buffer else capacity
+        self.ring = min(capacity, self.window + slack) if ring_buffer else capacity
         self.is_local = [t == SLIDING for t in config.layer_types]
         hkv, d = config.num_key_value_heads, config.head_dim
         self.keys: list[torch.Tensor] = []
@@ -102,11 +116,82 @@ class HybridCache:
         """Bytes held by keys and values (positions are bookkeeping, not counted)."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def row_length(self, row: int) -> int:
+    def length(self, row: int) -> int:
         """Number of positions stored in a row (1 + its largest position, 0 when empty)."""
-        return int(self.global_pos[row].max().item()) + 1 if self.capacity else 0
+        self._check_row(row)
+        return int(self.global_pos[row].max().item()) + 1
+
+    row_length = length  # the name before fork/rollback
+
+    def max_rollback(self, row: int) -> int:
+        """The most positions `rollback(row, k)` can forget (see the module docstring).
+
+        Rolling back to length m needs the local window [m - W, m) in the ring; the ring holds
+        the contiguous run [lo, L) of positions below the row's length L (lo = 0: nothing
+        overwritten yet, any rollback works), so the limit is L - (lo + W).
+        """
+        n = self.length(row)
+        lo = self._ring_start(row, n)
+        if lo == 0 or not any(self.is_local):
+            return n
+        return max(0, n - lo - self.window)
+
+    def _ring_start(self, row: int, n: int) -> int:
+        """Smallest lo such that the ring of `row` holds every position in [lo, n)."""
+        held = self.local_pos[row]
+        held = held[held >= 0].sort(descending=True).values  # (h,)
+        want = n - 1 - torch.arange(held.numel(), device=held.device)  # n-1, n-2, ...
+        run = int((held == want).long().cumprod(0).sum().item())  # leading matches
+        return n - run
 
     # ------------------------------------------------------------------ rows
+    def _check_row(self, row: int) -> None:
+        """ValueError unless `row` names one of this cache's rows."""
+        if not 0 <= row < self.batch:
+            raise ValueError(f"row {row} is outside the cache's rows 0..{self.batch - 1}")
+
+    def fork(self, row: int, n: int, to: int) -> list[int]:
+        """Copy row `row` into rows to..to+n-1 (n samples share one prefill); those rows."""
+        self._check_row(row)
+        if n < 0:
+            raise ValueError(f"fork needs n >= 0 copies, got {n}")
+        dst = list(range(to, to + n))
+        if n and (to < 0 or to + n > self.batch):
+            raise ValueError(
+                f"fork of row {row} into rows {to}..{to + n - 1}: outside the cache's rows "
+                f"0..{self.batch - 1}"
+            )
+        if row in dst:
+            raise ValueError(f"fork of row {row} into rows {to}..{to + n - 1} overlaps the source")
+        if not n:
+            return dst
+        length = self.length(row)
+        for t, local in zip(self.keys + self.values, self.is_local * 2, strict=True):
+            used = t.shape[2] if local else length  # global slots >= length hold nothing
+            t[to : to + n, :, :used] = t[row, :, :used]  # (n, Hkv, used, D) <- (Hkv, used, D)
+        self.global_pos[to : to + n] = self.global_pos[row]
+        self.local_pos[to : to + n] = self.local_pos[row]
+        return dst
+
+    def rollback(self, row: int, k: int) -> None:
+        """Forget the last k positions of `row` (rejected draft tokens); see `max_rollback`."""
+        n = self.length(row)
+        if k < 0 or k > n:
+            raise ValueError(f"rollback of row {row} by k={k}: k must be in 0..{n} (its length)")
+        limit = self.max_rollback(row)
+        if k > limit:
+            raise ValueError(
+                f"rollback of row {row} by k={k} exceeds its limit of {limit}: the local ring "
+                f"({self.ring} slots, window {self.window}) has overwritten positions the window "
+                f"of position {n - k - 1} needs (create the cache with slack >= {k})"
+            )
+        if k == 0:
+            return
+        m = n - k
+        g, loc = self.global_pos[row], self.local_pos[row]  # views: (capacity,), (R,)
+        g[g >= m] = -1
+        loc[loc >= m] = -1
+
     def reset_rows(self, rows: slice | list[int] | int | None = None) -> None:
         """Mark rows empty (all rows when None); keys/values are left as garbage, masked out."""
         rows = slice(None) if rows is None else rows
@@ -127,7 +212,14 @@ class HybridCache:
         if capacity < self.capacity and rows and self.global_pos[:rows].max() >= capacity:
             raise ValueError("cannot shrink the capacity below a stored position")
         new = HybridCache(
-            self.config, batch, capacity, self.dtype, self.device, self.ring_buffer, self.static
+            self.config,
+            batch,
+            capacity,
+            self.dtype,
+            self.device,
+            self.ring_buffer,
+            self.static,
+            self.slack,
         )
         rows = min(rows, batch)
         if rows:
