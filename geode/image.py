@@ -1,0 +1,211 @@
+"""Images for Gemma 3: decoding, the pixel pipeline with pan & scan, and the prompt expansion.
+
+Equal to transformers' Gemma3ImageProcessor (its Pillow backend, `Gemma3ImageProcessorPil`) and
+Gemma3Processor: RGB, optional pan & scan crops of wide or tall images (Gemma 3 Technical Report,
+arXiv:2503.19786, section 2.1), each image and crop resized to size x size with Pillow's bilinear
+filter, rescaled by 1/255 and normalised with mean = std = 0.5 to [-1, 1]. In the text, every
+`<start_of_image>` becomes the image's soft-token sequence (with pan & scan: the original's, then
+one per crop, with Gemma3Processor's wording).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+BOI_TOKEN = "<start_of_image>"  # begin-of-image; also the placeholder a prompt carries per image
+EOI_TOKEN = "<end_of_image>"
+IMAGE_TOKEN = "<image_soft_token>"  # one per soft token; the model's image placeholder id
+IMAGE_MEAN = (0.5, 0.5, 0.5)  # Gemma 3's preprocessor_config.json: [-1, 1] inputs
+IMAGE_STD = (0.5, 0.5, 0.5)
+RESCALE_FACTOR = 1 / 255
+# Decoders geode lets Pillow run on bytes from users (no EPS/PDF/PSD and the like).
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+ImageSource = Image.Image | bytes | str | os.PathLike
+
+
+class ImageError(ValueError):
+    """An image cannot be decoded, is in an unsupported format, or does not fit the request."""
+
+
+@dataclass
+class ProcessedImages:
+    """The model inputs of a list of images."""
+
+    pixel_values: torch.Tensor  # (N, 3, size, size) float32; each image, then its crops
+    num_crops: list[int]  # per input image, the pan & scan crops that follow it (0: none)
+
+
+def load_image(source: bytes | str | os.PathLike, name: str | None = None) -> Image.Image:
+    """Decode an image file or its bytes, upright (EXIF orientation) and RGB, as transformers'
+    `load_image` does; `name` (default: the path, or "image") is named in errors."""
+    if isinstance(source, bytes | bytearray):
+        label = name or "image"
+        if not source:
+            raise ImageError(f"{label}: empty image data")
+        fp: io.BytesIO | Path = io.BytesIO(source)
+    elif isinstance(source, str | os.PathLike):
+        fp = Path(source)
+        label = name or str(fp)
+        if not fp.is_file():
+            raise ImageError(f"{label}: no such image file")
+    else:
+        raise ImageError(
+            f"{name or 'image'}: expected bytes or a path, got {type(source).__name__}"
+        )
+    try:
+        with Image.open(fp, formats=FORMATS) as img:
+            img.load()  # decode now: truncated or corrupt data fails here, not later
+            image = ImageOps.exif_transpose(img)
+            return image.convert("RGB")
+    except Image.UnidentifiedImageError:
+        raise ImageError(
+            f"{label}: not an image in a supported format ({', '.join(FORMATS)})"
+        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{label}: corrupt or truncated image data ({e})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, transparency composited onto white (transformers' `convert_to_rgb`)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def pan_and_scan_boxes(
+    width: int,
+    height: int,
+    min_crop_size: int = 256,
+    max_num_crops: int = 4,
+    min_ratio_to_activate: float = 1.2,
+) -> list[tuple[int, int, int, int]]:
+    """Crop boxes (left, top, right, bottom) of pan & scan, row-major; [] when it does not apply.
+
+    An image whose long side exceeds `min_ratio_to_activate` x its short side is cut along the
+    long side into round(ratio) crops (at least 2, at most `max_num_crops`, none narrower than
+    `min_crop_size`), each ceil(long / n) wide; the last crop ends at the image's edge.
+    """
+    if width >= height:
+        if width / height < min_ratio_to_activate:
+            return []
+        across = min(math.floor(width / min_crop_size), math.floor(width / height + 0.5))
+        across, down = min(max_num_crops, max(2, across)), 1
+    else:
+        if height / width < min_ratio_to_activate:
+            return []
+        down = min(math.floor(height / min_crop_size), math.floor(height / width + 0.5))
+        across, down = 1, min(max_num_crops, max(2, down))
+    crop_w, crop_h = math.ceil(width / across), math.ceil(height / down)
+    if min(crop_w, crop_h) < min_crop_size:
+        return []
+    return [
+        (x, y, min(x + crop_w, width), min(y + crop_h, height))
+        for y in range(0, crop_h * down, crop_h)
+        for x in range(0, crop_w * across, crop_w)
+    ]
+
+
+def process_images(
+    images: Sequence[ImageSource],
+    size: int = 896,
+    *,
+    do_pan_and_scan: bool = False,
+    pan_and_scan_min_crop_size: int = 256,
+    pan_and_scan_max_num_crops: int = 4,
+    pan_and_scan_min_ratio_to_activate: float = 1.2,
+) -> ProcessedImages:
+    """Images (PIL images, bytes or paths) -> pixel_values (N, 3, size, size) and crop counts.
+
+    Equal to transformers' Gemma3ImageProcessor with Gemma 3's preprocessor_config.json and
+    Gemma3Processor's pan & scan defaults. PIL images are made RGB with transparency on white;
+    bytes and paths are decoded by `load_image`."""
+    _check_options(size, pan_and_scan_min_crop_size, pan_and_scan_max_num_crops)
+    if not pan_and_scan_min_ratio_to_activate > 0:
+        raise ImageError(
+            "pan_and_scan_min_ratio_to_activate must be > 0, "
+            f"got {pan_and_scan_min_ratio_to_activate!r}"
+        )
+    rows: list[np.ndarray] = []  # each (size, size, 3) float32
+    num_crops: list[int] = []
+    for i, source in enumerate(images):
+        if isinstance(source, Image.Image):
+            image = to_rgb(source)
+        else:
+            name = f"image {i}" if isinstance(source, bytes | bytearray) else None
+            image = load_image(source, name=name)
+        boxes = []
+        if do_pan_and_scan:
+            boxes = pan_and_scan_boxes(
+                image.width,
+                image.height,
+                pan_and_scan_min_crop_size,
+                pan_and_scan_max_num_crops,
+                pan_and_scan_min_ratio_to_activate,
+            )
+        num_crops.append(len(boxes))
+        for part in [image, *(image.crop(box) for box in boxes)]:
+            rows.append(_pixels(part, size))
+    if not rows:
+        return ProcessedImages(torch.empty(0, 3, size, size), [])
+    stacked = np.stack(rows).transpose(0, 3, 1, 2)  # (N, 3, size, size)
+    return ProcessedImages(torch.from_numpy(np.ascontiguousarray(stacked)), num_crops)
+
+
+def _pixels(image: Image.Image, size: int) -> np.ndarray:
+    """RGB image -> (size, size, 3) float32: bilinear resize, x/255, (x - mean) / std."""
+    resized = np.asarray(image.resize((size, size), resample=Image.Resampling.BILINEAR))
+    scaled = (resized.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)  # as HF: in float64
+    mean = np.array(IMAGE_MEAN, dtype=np.float32)
+    std = np.array(IMAGE_STD, dtype=np.float32)
+    return (scaled - mean) / std
+
+
+def _check_options(size: int, min_crop: int, max_crops: int) -> None:
+    """Positive integers for the size and the pan & scan counts."""
+    for label, value in (
+        ("size", size),
+        ("pan_and_scan_min_crop_size", min_crop),
+        ("pan_and_scan_max_num_crops", max_crops),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ImageError(f"{label} must be a positive integer, got {value!r}")
+
+
+def image_sequence(mm_tokens_per_image: int = 256, num_crops: int = 0) -> str:
+    """The text one image becomes: "\\n\\n<start_of_image>" + n x "<image_soft_token>" +
+    "<end_of_image>\\n\\n", and with pan & scan crops Gemma3Processor's wording around the
+    original's sequence followed by one sequence per crop."""
+    full = f"\n\n{BOI_TOKEN}{IMAGE_TOKEN * mm_tokens_per_image}{EOI_TOKEN}\n\n"
+    if not num_crops:
+        return full
+    crops = " ".join([full] * num_crops)
+    return (
+        f"Here is the original image {full} and here are some crops to help you see better {crops}"
+    )
+
+
+def expand_image_tokens(text: str, num_crops: Sequence[int], mm_tokens_per_image: int = 256) -> str:
+    """Replace the i-th `<start_of_image>` of `text` by image i's `image_sequence`; the text
+    must hold one placeholder per image (`num_crops` from `process_images`)."""
+    parts = text.split(BOI_TOKEN)
+    if len(parts) - 1 != len(num_crops):
+        raise ImageError(
+            f"the text has {len(parts) - 1} {BOI_TOKEN} placeholders but {len(num_crops)} "
+            "images were given; put one placeholder where each image goes"
+        )
+    out = [parts[0]]
+    for crops, rest in zip(num_crops, parts[1:], strict=True):
+        out += [image_sequence(mm_tokens_per_image, crops), rest]
+    return "".join(out)
