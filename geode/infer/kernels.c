@@ -888,10 +888,12 @@ static void pack_xT(const float* x, int rows, int K, float* xT) {
     for (int m = 0; m < 16; m++) xT[(long)k * 16 + m] = m < rows ? x[(long)m * K + k] : 0.0f;
 }
 
-static int gemm_run(const geode_linear* L, int M, const float* x, float* y, int ldy,
-                    int nthreads) {
+#define GEMM_SLAB 64  // x rows per pass over the weights (4 blocks of 16)
+
+static int gemm_slab(const geode_linear* L, int M, const float* x, float* y, int ldy,
+                     int nthreads) {
   const int K = L->K, nblk = (M + 15) / 16;
-  if (nblk > 4) return -1;
+  if (nblk > GEMM_SLAB / 16) return -1;
   long need = (long)nblk * K * 16;
   if (need > xt_cap) {
     free(xt_buf);
@@ -916,10 +918,21 @@ static int gemm_run(const geode_linear* L, int M, const float* x, float* y, int 
   return 0;
 }
 
+// Any number of x rows: slabs of GEMM_SLAB rows, each one pass over the weights.
+static int gemm_run(const geode_linear* L, int M, const float* x, float* y, int ldy,
+                    int nthreads) {
+  int rc = 0;
+  for (int m0 = 0; m0 < M && !rc; m0 += GEMM_SLAB) {
+    int ms = M - m0 < GEMM_SLAB ? M - m0 : GEMM_SLAB;
+    rc = gemm_slab(L, ms, x + (long)m0 * L->K, y + (long)m0 * ldy, ldy, nthreads);
+  }
+  return rc;
+}
+
 // y = x W^T for one linear (see geode_linear). Returns 0, or < 0 for unsupported shapes.
 static int linear_run(const geode_linear* L, int M, const float* x, float* y, int ldy,
                       int nthreads) {
-  if (L->nw < 1 || L->nw > MAXW || M < 1 || M > 64) return -1;
+  if (L->nw < 1 || L->nw > MAXW || M < 1) return -1;
   const int K = L->K, G = L->G;
   if (L->kind == 3 && (G <= 0 || K % G || G % 32 || K / G > 1024)) return -2;
   if (M >= GEMM_MIN_ROWS) return gemm_run(L, M, x, y, ldy, nthreads);
@@ -1130,25 +1143,28 @@ typedef struct {
   const geode_layer* layer;  // (n_layers,)
 } geode_model;
 
-// Workspace layout, floats per row: x, xn, tmp (hidden each), qkv, q, att, gate_up, act,
-// rope (cos and sin of both kinds: 2 * head_dim).
+// Workspace layout, floats per token: x, xn, tmp (hidden each), qkv, q, knew (the token's keys
+// after QK-norm and RoPE), att, gate_up, act, rope (cos and sin of both kinds: 2 * head_dim),
+// xw (the head's input rows, one per wanted token).
 typedef struct {
-  float *x, *xn, *tmp, *qkv, *q, *att, *gu, *act, *rope;
+  float *x, *xn, *tmp, *qkv, *q, *knew, *att, *gu, *act, *rope, *xw;
 } step_work;
 
-static long work_layout(const geode_model* m, int B, float* base, step_work* w) {
+static long work_layout(const geode_model* m, int N, float* base, step_work* w) {
   long h = m->hidden, D = m->head_dim, nqkv = (long)(m->heads + 2 * m->kv_heads) * D;
-  long sizes[9] = {h, h, h, nqkv, (long)m->heads * D, (long)m->heads * D, 2L * m->inter,
-                   m->inter, 2 * D};
-  float** slot[9] = {&w->x, &w->xn, &w->tmp, &w->qkv, &w->q, &w->att, &w->gu, &w->act, &w->rope};
+  long sizes[11] = {h, h, h, nqkv, (long)m->heads * D, (long)m->kv_heads * D, (long)m->heads * D,
+                    2L * m->inter, m->inter, 2 * D, h};
+  float** slot[11] = {&w->x,  &w->xn, &w->tmp, &w->qkv, &w->q,  &w->knew,
+                      &w->att, &w->gu, &w->act, &w->rope, &w->xw};
   long off = 0;
-  for (int i = 0; i < 9; i++) {
+  for (int i = 0; i < 11; i++) {
     if (base) *slot[i] = base + off;
-    off += ((B * sizes[i] + 15) / 16) * 16;  // 64-byte aligned parts
+    off += ((N * sizes[i] + 15) / 16) * 16;  // 64-byte aligned parts
   }
   return off;
 }
 
+long geode_run_workspace(const geode_model* m, int N) { return work_layout(m, N, 0, 0); }
 long geode_decode_workspace(const geode_model* m, int B) { return work_layout(m, B, 0, 0); }
 
 static inline __m256 load_w8(const void* w, int kind, long k) {  // 8 norm weights as float
@@ -1258,86 +1274,127 @@ static void scores8(const float* q, const float* const* k, int n, int D, float s
   for (; j0 < n; j0++) s[j0] = dot_f32(q, k[j0], D) * scale;
 }
 
+// Attention of a run (geode_run): tokens grouped in segments, one per cache row, with consecutive
+// positions continuing what the row holds. A query block is up to `qb` consecutive tokens of one
+// segment; an item is (query block, kv head).
 typedef struct {
   const geode_model* m;
   const geode_layer* L;
-  int row0;
-  const int64_t* pos;
-  const float* q;  // (B, heads, D)
-  float* out;      // (B, heads * D)
+  const int32_t* rows;  // (N,) cache row of each token
+  const int64_t* pos;   // (N,)
+  const int* seg_of;    // (N,) segment of each token
+  const int* seg_start; // (nseg + 1,) first token of each segment
+  const int* blocks;    // (nblocks,) first token of each query block
+  int nblocks, qb;
+  long nqkv;
+  const float* q;     // (N, heads, D)
+  const float* knew;  // (N, kv_heads, D)
+  const float* qkv;   // (N, nqkv): values at column (heads + kv_heads) D
+  float* out;         // (N, heads D)
 } attn_args;
 
 #define ATT_BLOCK 32
-#define ATT_MAX_GD 4096  // (query heads per kv head) x head_dim held in registers/stack
+#define ATT_MAX_Q 64         // query heads (tokens x heads per kv head) of one item
+#define ATT_MAX_ACC 16384    // their accumulators, floats (ATT_MAX_Q x head_dim at most)
 
-// One row b and kv head g: the group's query heads attend to the row's valid cached slots
-// (positions p' with 0 <= p' <= p, and p - p' < window for a local layer) with an online
-// softmax over blocks of ATT_BLOCK keys; each key and value is read once for the group.
-static void attend_one(const attn_args* a, int b, int g) {
+// Query block qa .. qa+qn-1 (one segment) and kv head g, with G = heads / kv_heads query heads
+// per token: NQ = qn G "query heads" attend, with an online softmax over blocks of ATT_BLOCK keys
+// (each key and value read once for all of them), to
+//   - the row's cached slots holding positions p' < p0 (p0: the segment's first position), and
+//   - the segment's own new keys (workspace) at positions <= the block's last position,
+// each query at position p seeing only keys p' <= p with p - p' < window on a local layer (the
+// mask of `attention_mask`). The cache is written after all items of the layer ran.
+static void attend_block(const attn_args* a, int qa, int qn, int g) {
   const geode_model* m = a->m;
   const geode_layer* L = a->L;
-  const int D = m->head_dim, G = m->heads / m->kv_heads, W = L->window;
-  const long p = a->pos[b], row = a->row0 + b;
+  const int D = m->head_dim, H = m->heads, Hkv = m->kv_heads, G = H / Hkv, W = L->window;
+  const int NQ = qn * G, seg = a->seg_of[qa], s0 = a->seg_start[seg];
+  const long row = a->rows[qa], p0 = a->pos[s0], pmin = a->pos[qa];
   const int64_t* tab;
   long lo, hi;
   if (W == 0) {
     tab = m->pos_table[1] + row * m->capacity;
-    lo = 0, hi = p + 1;
+    lo = 0, hi = p0;
   } else {
     tab = m->pos_table[0] + row * m->ring;
-    if (p < L->slots) lo = p - W + 1 > 0 ? p - W + 1 : 0, hi = p + 1;  // not wrapped: slot = pos
+    if (p0 <= L->slots) lo = pmin - W + 1 > 0 ? pmin - W + 1 : 0, hi = p0;  // slot = pos
     else lo = 0, hi = L->slots;
   }
-  const long base = (row * m->kv_heads + g) * (long)L->slots * D;
-  const float* q = a->q + ((long)b * m->heads + (long)g * G) * D;
-  float acc[ATT_MAX_GD], mx[64], l[64], s[64][ATT_BLOCK];
+  const long base = (row * Hkv + g) * (long)L->slots * D;
+  float acc[ATT_MAX_ACC], mx[ATT_MAX_Q], l[ATT_MAX_Q], s[ATT_MAX_Q][ATT_BLOCK];
   float kb[ATT_BLOCK * 256], vb[ATT_BLOCK * 256];  // bf16 cache: the block widened (D <= 256)
-  for (int h = 0; h < G; h++) mx[h] = -INFINITY, l[h] = 0;
-  memset(acc, 0, sizeof(float) * G * D);
-  int idx[ATT_BLOCK];
+  const float* qh[ATT_MAX_Q];  // query vector of each query head
+  long qp[ATT_MAX_Q];          // its position
+  for (int i = 0; i < NQ; i++) {
+    mx[i] = -INFINITY, l[i] = 0;
+    qh[i] = a->q + ((long)(qa + i / G) * H + (long)g * G + i % G) * D;
+    qp[i] = a->pos[qa + i / G];
+  }
+  memset(acc, 0, sizeof(float) * NQ * D);
+  // the segment's new keys visible to the block: positions in [max(p0, pmin - W + 1), pmax]
+  long first_new = W && pmin - W + 1 > p0 ? pmin - W + 1 : p0;
+  int j_new = s0 + (int)(first_new - p0), j_end = qa + qn;
   long slot = lo;
-  while (slot < hi) {
+  const long oldest = W ? pmin - W : -1;  // old keys must be newer than this
+  while (slot < hi || j_new < j_end) {
+    const float* kj[ATT_BLOCK];
+    const float* vj[ATT_BLOCK];
+    long kp[ATT_BLOCK];
     int n = 0;
     for (; slot < hi && n < ATT_BLOCK; slot++) {
       int64_t t = tab[slot];
-      if (t >= 0 && t <= p && (W == 0 || p - t < W)) idx[n++] = (int)slot;
+      if (t >= 0 && t < p0 && t > oldest) {
+        long off = base + slot * D;
+        kj[n] = cache_vec(L->k_cache, m->cache_kind, off, D, kb + (m->cache_kind ? (long)n * D : 0));
+        vj[n] = cache_vec(L->v_cache, m->cache_kind, off, D, vb + (m->cache_kind ? (long)n * D : 0));
+        kp[n++] = t;
+      }
     }
+    if (slot >= hi)
+      for (; j_new < j_end && n < ATT_BLOCK; j_new++) {
+        kj[n] = a->knew + ((long)j_new * Hkv + g) * D;
+        vj[n] = a->qkv + (long)j_new * a->nqkv + (long)(H + Hkv + g) * D;
+        kp[n++] = a->pos[j_new];
+      }
     if (!n) continue;
-    const float* kj[ATT_BLOCK];
-    for (int j = 0; j < n; j++)
-      kj[j] = cache_vec(L->k_cache, m->cache_kind, base + (long)idx[j] * D, D,
-                        kb + (m->cache_kind ? (long)j * D : 0));
-    for (int h = 0; h < G; h++) scores8(q + (long)h * D, kj, n, D, m->attn_scale, s[h]);
-    for (int h = 0; h < G; h++) {
-      float* sh = s[h];
-      for (int j = n; j < ((n + 7) & ~7); j++) sh[j] = -INFINITY;
-      if (m->attn_softcap > 0) softcap_inplace(sh, n, m->attn_softcap);
-      float bm = sh[0];
-      for (int j = 1; j < n; j++) bm = sh[j] > bm ? sh[j] : bm;
-      float nm = bm > mx[h] ? bm : mx[h];
-      if (nm > mx[h] && l[h] > 0) {  // rescale what was accumulated under the old maximum
-        float corr = expf(mx[h] - nm);
-        l[h] *= corr;
-        float* ah = acc + (long)h * D;
+    for (int i = 0; i < NQ; i++) scores8(qh[i], kj, n, D, m->attn_scale, s[i]);
+    for (int i = 0; i < NQ; i++) {
+      float* si = s[i];
+      const long p = qp[i];
+      if (m->attn_softcap > 0) softcap_inplace(si, n, m->attn_softcap);
+      float bm = -INFINITY;
+      for (int j = 0; j < n; j++) {
+        if (kp[j] > p || (W && p - kp[j] >= W)) si[j] = -INFINITY;  // masked
+        else bm = si[j] > bm ? si[j] : bm;
+      }
+      for (int j = n; j < ((n + 7) & ~7); j++) si[j] = -INFINITY;
+      if (bm == -INFINITY) {  // nothing visible to this query in the block
+        for (int j = 0; j < n; j++) si[j] = 0;
+        continue;
+      }
+      float nm = bm > mx[i] ? bm : mx[i];
+      if (nm > mx[i] && l[i] > 0) {  // rescale what was accumulated under the old maximum
+        float corr = expf(mx[i] - nm);
+        l[i] *= corr;
+        float* ah = acc + (long)i * D;
         for (int d = 0; d < D; d++) ah[d] *= corr;
       }
-      mx[h] = nm;
+      mx[i] = nm;
       __m256 nmv = _mm256_set1_ps(nm);
       for (int j = 0; j < n; j += 8)
-        _mm256_storeu_ps(sh + j, exp256(_mm256_sub_ps(_mm256_loadu_ps(sh + j), nmv)));
+        _mm256_storeu_ps(si + j, exp256(_mm256_sub_ps(_mm256_loadu_ps(si + j), nmv)));
       float sum = 0;
-      for (int j = 0; j < n; j++) sum += sh[j];
-      l[h] += sum;
+      for (int j = 0; j < n; j++) {
+        if (kp[j] > p || (W && p - kp[j] >= W)) si[j] = 0;  // exp256 clamps: exactly 0 here
+        sum += si[j];
+      }
+      l[i] += sum;
     }
-    // acc[h] += sum_j p[h][j] v_j, 32 columns at a time held in registers
-    const float* vj[ATT_BLOCK];
-    for (int j = 0; j < n; j++)
-      vj[j] = cache_vec(L->v_cache, m->cache_kind, base + (long)idx[j] * D, D,
-                        vb + (m->cache_kind ? (long)j * D : 0));
+    // acc[i] += sum_j p[i][j] v_j, 32 columns at a time held in registers
     int d = 0;
     for (; d + 32 <= D; d += 32)
-      for (int h = 0; h < G; h += 2) {  // two heads share each value load (8 accumulators)
-        const int h1 = h + 1 < G ? h + 1 : h;  // odd G: the last head twice, stored once
+      for (int h = 0; h < NQ; h += 2) {  // two query heads share each value load
+        const int h1 = h + 1 < NQ ? h + 1 : h;  // odd count: the last one twice, stored once
         float *ah = acc + (long)h * D + d, *bh = acc + (long)h1 * D + d;
         __m256 a0 = _mm256_loadu_ps(ah), a1 = _mm256_loadu_ps(ah + 8);
         __m256 a2 = _mm256_loadu_ps(ah + 16), a3 = _mm256_loadu_ps(ah + 24);
@@ -1360,18 +1417,23 @@ static void attend_one(const attn_args* a, int b, int g) {
       }
     if (d < D)
       for (int j = 0; j < n; j++)
-        for (int h = 0; h < G; h++) axpy_f32(s[h][j], vj[j] + d, acc + (long)h * D + d, D - d);
+        for (int i = 0; i < NQ; i++) axpy_f32(s[i][j], vj[j] + d, acc + (long)i * D + d, D - d);
   }
-  for (int h = 0; h < G; h++) {
-    float* o = a->out + ((long)b * m->heads + (long)g * G + h) * D;
-    float inv = l[h] > 0 ? 1.0f / l[h] : 0.0f;
-    for (int d = 0; d < D; d++) o[d] = acc[(long)h * D + d] * inv;
+  for (int i = 0; i < NQ; i++) {
+    float* o = a->out + ((long)(qa + i / G) * H + (long)g * G + i % G) * D;
+    float inv = l[i] > 0 ? 1.0f / l[i] : 0.0f;
+    for (int d = 0; d < D; d++) o[d] = acc[(long)i * D + d] * inv;
   }
 }
 
 static void attn_items(const void* p, long i0, long i1) {
   const attn_args* a = (const attn_args*)p;
-  for (long i = i0; i < i1; i++) attend_one(a, (int)(i / a->m->kv_heads), (int)(i % a->m->kv_heads));
+  const int Hkv = a->m->kv_heads;
+  for (long i = i0; i < i1; i++) {
+    int b = (int)(i / Hkv), qa = a->blocks[b];
+    int end = a->seg_start[a->seg_of[qa] + 1], qn = end - qa < a->qb ? end - qa : a->qb;
+    attend_block(a, qa, qn, (int)(i % Hkv));
+  }
 }
 
 typedef struct {
@@ -1426,109 +1488,220 @@ int geode_decode_profile(double* out) {
     t_phase = t_;                  \
   } while (0)
 
-// Decode one token for rows row0 .. row0+B-1 of the cache: ids, pos (B,) -> logits (B, vocab).
-// work: geode_decode_workspace(m, B) floats. Returns 0, or < 0 on bad input (nothing written
-// to the cache for -1 .. -3).
-int geode_decode_step(const geode_model* m, int B, int row0, const int64_t* ids,
-                      const int64_t* pos, float* logits, float* work, int nthreads) {
-  const int h = m->hidden, D = m->head_dim, H = m->heads, Hkv = m->kv_heads;
-  if (B < 1 || B > 64 || row0 < 0 || row0 + B > m->rows) return -1;
-  if (D > 256 || D % 2 || H % Hkv || (H / Hkv) > 64 || (long)(H / Hkv) * D > ATT_MAX_GD)
-    return -2;
-  for (int b = 0; b < B; b++)
-    if (ids[b] < 0 || ids[b] >= m->vocab || pos[b] < 0 || pos[b] >= m->capacity) return -3;
-  step_work w;
-  work_layout(m, B, work, &w);
-  double t_phase = now_s();
-  const long nqkv = (long)(H + 2 * Hkv) * D;
+// Per-token work of a run, in chunks of tokens over the thread pool.
+typedef struct {
+  const geode_model* m;
+  const geode_layer* L;
+  const step_work* w;
+  const int64_t* ids;
+  const int64_t* pos;
+  int stage;  // 0 embedding + RoPE tables, 1 input norm, 2 QK-norm + RoPE, 3 after attention,
+              // 4 after the MLP
+} tok_args;
 
-  // embedding lookup, scaled as the model does (then rounded to bfloat16 for a bf16 model)
-  for (int b = 0; b < B; b++) {
-    float* x = w.x + (long)b * h;
-    for (int k = 0; k < h; k++) {
-      float e = load_w1(m->embed, m->float_kind, (long)ids[b] * h + k) * m->embed_scale;
-      x[k] = m->embed_round ? bf16_to_f32(f32_to_bf16(e)) : e;
+static void tok_items(const void* p, long t0, long t1) {
+  const tok_args* a = (const tok_args*)p;
+  const geode_model* m = a->m;
+  const geode_layer* L = a->L;
+  const step_work* w = a->w;
+  const int h = m->hidden, D = m->head_dim, H = m->heads, Hkv = m->kv_heads, fk = m->float_kind;
+  const long nqkv = (long)(H + 2 * Hkv) * D;
+  for (long t = t0; t < t1; t++) {
+    float* x = w->x + t * h;
+    float* xn = w->xn + t * h;
+    switch (a->stage) {
+      case 0:  // embedding lookup, scaled as the model does (then rounded for a bf16 model)
+        for (int k = 0; k < h; k++) {
+          float e = load_w1(m->embed, fk, a->ids[t] * h + k) * m->embed_scale;
+          x[k] = m->embed_round ? bf16_to_f32(f32_to_bf16(e)) : e;
+        }
+        for (int kind = 0; kind < 2; kind++) {  // [local cos | sin | global cos | sin]
+          float* cs = w->rope + t * 2 * D + kind * D;
+          for (int i = 0; i < D / 2; i++) {
+            float f = (float)a->pos[t] * m->inv_freq[kind][i];
+            cs[i] = cosf(f);
+            cs[D / 2 + i] = sinf(f);
+          }
+        }
+        break;
+      case 1:
+        norm_row(x, h, L->norm[0], fk, m->eps, xn, 0);
+        break;
+      case 2: {  // q and k: QK-norm then RoPE; k and v rounded as the cache will store them
+        float* qkv = w->qkv + t * nqkv;
+        const float* cs = w->rope + t * 2 * D + (L->window ? 0 : 1) * D;
+        for (int hd = 0; hd < H; hd++)
+          norm_rope_head(qkv + (long)hd * D, D, L->q_norm, fk, m->eps, cs,
+                         w->q + (t * H + hd) * D);
+        for (int g = 0; g < Hkv; g++) {
+          float* kr = w->knew + (t * Hkv + g) * D;
+          norm_rope_head(qkv + (long)(H + g) * D, D, L->k_norm, fk, m->eps, cs, kr);
+          if (m->cache_kind) {
+            float* v = qkv + (long)(H + Hkv + g) * D;
+            for (int d = 0; d < D; d++)
+              kr[d] = bf16_to_f32(f32_to_bf16(kr[d])), v[d] = bf16_to_f32(f32_to_bf16(v[d]));
+          }
+        }
+        break;
+      }
+      case 3:
+        norm_row(w->tmp + t * h, h, L->norm[1], fk, m->eps, x, 1);
+        norm_row(x, h, L->norm[2], fk, m->eps, xn, 0);
+        break;
+      default:
+        norm_row(w->tmp + t * h, h, L->norm[3], fk, m->eps, x, 1);
     }
   }
-  // RoPE tables per row: [local cos | local sin | global cos | global sin], D/2 each
-  for (int b = 0; b < B; b++)
-    for (int kind = 0; kind < 2; kind++) {
-      float* cs = w.rope + (long)b * 2 * D + kind * D;
-      for (int i = 0; i < D / 2; i++) {
-        float f = (float)pos[b] * m->inv_freq[kind][i];
-        cs[i] = cosf(f);
-        cs[D / 2 + i] = sinf(f);
+}
+
+static void tok_run(tok_args* a, int stage, int N, int nthreads) {
+  a->stage = stage;
+  long chunk = N / (4L * (nthreads > 0 ? nthreads : 1));
+  if (chunk < 8) chunk = 8;
+  pool_run(tok_items, a, N, chunk, N >= 32 ? nthreads : 1);
+}
+
+// Store one layer's new keys/values of a run: every token of a global layer (slot p), the last
+// `slots` tokens of each segment on a local layer (ring slot p mod slots).
+static void cache_write(const geode_model* m, const geode_layer* L, const attn_args* a, int nseg) {
+  const int D = m->head_dim, H = m->heads, Hkv = m->kv_heads;
+  for (int sg = 0; sg < nseg; sg++) {
+    int s0 = a->seg_start[sg], s1 = a->seg_start[sg + 1];
+    if (L->window && s1 - s0 > L->slots) s0 = s1 - L->slots;
+    for (int t = s0; t < s1; t++) {
+      long row = a->rows[t], p = a->pos[t], slot = L->window ? p % L->slots : p;
+      for (int g = 0; g < Hkv; g++) {
+        const float* k = a->knew + ((long)t * Hkv + g) * D;
+        const float* v = a->qkv + (long)t * a->nqkv + (long)(H + Hkv + g) * D;
+        long off = ((row * Hkv + g) * (long)L->slots + slot) * D;
+        if (m->cache_kind) {
+          uint16_t *kc = (uint16_t*)L->k_cache + off, *vc = (uint16_t*)L->v_cache + off;
+          for (int d = 0; d < D; d++) kc[d] = f32_to_bf16(k[d]), vc[d] = f32_to_bf16(v[d]);
+        } else {
+          memcpy((float*)L->k_cache + off, k, sizeof(float) * D);
+          memcpy((float*)L->v_cache + off, v, sizeof(float) * D);
+        }
       }
     }
-  // slot positions (shared by all layers of a kind); the slot overwritten in a ring held
-  // position p - ring, outside the window of p
-  for (int b = 0; b < B; b++) {
-    long row = row0 + b, p = pos[b];
-    m->pos_table[1][row * m->capacity + p] = p;
-    m->pos_table[0][row * m->ring + p % m->ring] = p;
   }
+}
+
+// Run N flattened tokens through the decoder: token t goes to cache row rows[t] at position
+// pos[t]. A row's tokens are consecutive in the list with consecutive positions (a segment),
+// continuing what the row holds; rows appear in one segment each. Decode rows (one token) and
+// prefill chunks (any length, longer than the ring too) mix in one call. Per layer: the GEMMs
+// run over all N tokens, each token attends to its row's cached positions before the segment
+// and to the segment's new keys up to its own position, then the new keys/values are stored.
+// logits (nwant, vocab) for the tokens want[0 .. nwant). work: geode_run_workspace(m, N)
+// floats. Returns 0, or < 0 on bad input (-1 .. -3: nothing written to the cache).
+int geode_run(const geode_model* m, int N, const int32_t* rows, const int64_t* ids,
+              const int64_t* pos, int nwant, const int32_t* want, float* logits, float* work,
+              int nthreads) {
+  const int h = m->hidden, D = m->head_dim, H = m->heads, Hkv = m->kv_heads;
+  if (N < 1 || nwant < 0 || nwant > N) return -1;
+  if (D > 256 || D % 2 || H % Hkv || (H / Hkv) > ATT_MAX_Q || (long)(H / Hkv) * D > ATT_MAX_ACC)
+    return -2;
+  for (int t = 0; t < N; t++)
+    if (rows[t] < 0 || rows[t] >= m->rows || ids[t] < 0 || ids[t] >= m->vocab || pos[t] < 0 ||
+        pos[t] >= m->capacity)
+      return -3;
+  for (int i = 0; i < nwant; i++)
+    if (want[i] < 0 || want[i] >= N) return -3;
+  int* seg_of = (int*)malloc(sizeof(int) * (3L * N + 1) + m->rows);
+  if (!seg_of) return -5;
+  int *seg_start = seg_of + N, *blocks = seg_start + N + 1;
+  char* seen = (char*)(blocks + N);
+  memset(seen, 0, m->rows);
+  const int G = H / Hkv;
+  int qb = ATT_MAX_Q / G, qcap = ATT_MAX_ACC / (G * D);
+  if (qb > qcap) qb = qcap;
+  if (qb < 1) qb = 1;
+  int nseg = 0, nblocks = 0;
+  for (int t = 0; t < N; t++) {
+    if (t == 0 || rows[t] != rows[t - 1]) {
+      if (seen[rows[t]]) {  // a row in two segments
+        free(seg_of);
+        return -3;
+      }
+      seen[rows[t]] = 1;
+      seg_start[nseg++] = t;
+    } else if (pos[t] != pos[t - 1] + 1) {  // positions of a row must be consecutive
+      free(seg_of);
+      return -3;
+    }
+    seg_of[t] = nseg - 1;
+    if (t == seg_start[nseg - 1] || t - blocks[nblocks - 1] >= qb) blocks[nblocks++] = t;
+  }
+  seg_start[nseg] = N;
+  step_work w;
+  work_layout(m, N, work, &w);
+  double t_phase = now_s();
+  const long nqkv = (long)(H + 2 * Hkv) * D;
+  tok_args ta = {m, 0, &w, ids, pos, 0};
+  tok_run(&ta, 0, N, nthreads);
   PHASE(0);
 
   int rc = 0;
   for (int li = 0; li < m->n_layers; li++) {
     const geode_layer* L = &m->layer[li];
-    const int kind = L->window ? 0 : 1;
-    for (int b = 0; b < B; b++)
-      norm_row(w.x + (long)b * h, h, L->norm[0], m->float_kind, m->eps, w.xn + (long)b * h, 0);
+    ta.L = L;
+    tok_run(&ta, 1, N, nthreads);
     PHASE(1);
-    rc |= linear_run(&L->qkv, B, w.xn, w.qkv, (int)nqkv, nthreads);  // (B, (H + 2 Hkv) D)
+    rc |= linear_run(&L->qkv, N, w.xn, w.qkv, (int)nqkv, nthreads);  // (N, (H + 2 Hkv) D)
     PHASE(2);
-    for (int b = 0; b < B; b++) {
-      const float* qkv = w.qkv + b * nqkv;
-      const float* cs = w.rope + (long)b * 2 * D + kind * D;
-      for (int hd = 0; hd < H; hd++)
-        norm_rope_head(qkv + (long)hd * D, D, L->q_norm, m->float_kind, m->eps, cs,
-                       w.q + ((long)b * H + hd) * D);
-      long row = row0 + b, slot = L->window ? pos[b] % L->slots : pos[b];
-      for (int g = 0; g < Hkv; g++) {
-        float kr[1024];
-        norm_rope_head(qkv + (long)(H + g) * D, D, L->k_norm, m->float_kind, m->eps, cs, kr);
-        const float* v = qkv + (long)(H + Hkv + g) * D;
-        long off = ((row * Hkv + g) * (long)L->slots + slot) * D;
-        if (m->cache_kind) {
-          uint16_t *kc = (uint16_t*)L->k_cache + off, *vc = (uint16_t*)L->v_cache + off;
-          for (int d = 0; d < D; d++) kc[d] = f32_to_bf16(kr[d]), vc[d] = f32_to_bf16(v[d]);
-        } else {
-          memcpy((float*)L->k_cache + off, kr, sizeof(float) * D);
-          memcpy((float*)L->v_cache + off, v, sizeof(float) * D);
-        }
-      }
-    }
-    attn_args aa = {m, L, row0, pos, w.q, w.att};
+    tok_run(&ta, 2, N, nthreads);
     PHASE(1);
-    pool_run(attn_items, &aa, (long)B * Hkv, 1, nthreads);  // (B, H D)
+    attn_args aa = {m, L, rows, pos, seg_of, seg_start, blocks, nblocks, qb, nqkv,
+                    w.q, w.knew, w.qkv, w.att};
+    pool_run(attn_items, &aa, (long)nblocks * Hkv, 1, nthreads);  // (N, H D)
+    cache_write(m, L, &aa, nseg);
     PHASE(3);
-    rc |= linear_run(&L->o, B, w.att, w.tmp, h, nthreads);
+    rc |= linear_run(&L->o, N, w.att, w.tmp, h, nthreads);
     PHASE(4);
-    for (int b = 0; b < B; b++) {
-      float* x = w.x + (long)b * h;
-      norm_row(w.tmp + (long)b * h, h, L->norm[1], m->float_kind, m->eps, x, 1);
-      norm_row(x, h, L->norm[2], m->float_kind, m->eps, w.xn + (long)b * h, 0);
-    }
+    tok_run(&ta, 3, N, nthreads);
     PHASE(1);
-    rc |= linear_run(&L->gate_up, B, w.xn, w.gu, 2 * m->inter, nthreads);  // (B, 2 inter)
+    rc |= linear_run(&L->gate_up, N, w.xn, w.gu, 2 * m->inter, nthreads);  // (N, 2 inter)
     PHASE(5);
     act_args ac = {w.gu, w.act, m->inter, m->act};
-    pool_run(act_rows, &ac, B, 1, (long)B * m->inter >= 16384 ? nthreads : 1);
+    long chunk = N / (4L * (nthreads > 0 ? nthreads : 1));
+    pool_run(act_rows, &ac, N, chunk > 1 ? chunk : 1,
+             (long)N * m->inter >= 16384 ? nthreads : 1);
     PHASE(6);
-    rc |= linear_run(&L->down, B, w.act, w.tmp, h, nthreads);
+    rc |= linear_run(&L->down, N, w.act, w.tmp, h, nthreads);
     PHASE(7);
-    for (int b = 0; b < B; b++)
-      norm_row(w.tmp + (long)b * h, h, L->norm[3], m->float_kind, m->eps, w.x + (long)b * h, 1);
+    tok_run(&ta, 4, N, nthreads);
+    PHASE(1);
   }
-  for (int b = 0; b < B; b++)
-    norm_row(w.x + (long)b * h, h, m->final_norm, m->float_kind, m->eps, w.xn + (long)b * h, 0);
+  // slot positions (shared by all layers of a kind), written once every layer has attended
+  for (int sg = 0; sg < nseg; sg++) {
+    int s0 = seg_start[sg], s1 = seg_start[sg + 1];
+    long row = rows[s0];
+    for (int t = s0; t < s1; t++) m->pos_table[1][row * m->capacity + pos[t]] = pos[t];
+    for (int t = s1 - m->ring > s0 ? s1 - m->ring : s0; t < s1; t++)
+      m->pos_table[0][row * m->ring + pos[t] % m->ring] = pos[t];
+  }
+  free(seg_of);
+  for (int i = 0; i < nwant; i++)
+    norm_row(w.x + (long)want[i] * h, h, m->final_norm, m->float_kind, m->eps,
+             w.xw + (long)i * h, 0);
   PHASE(1);
-  rc |= linear_run(&m->head, B, w.xn, logits, m->vocab, nthreads);
-  if (m->final_softcap > 0) softcap_inplace(logits, (long)B * m->vocab, m->final_softcap);
+  if (nwant) {
+    rc |= linear_run(&m->head, nwant, w.xw, logits, m->vocab, nthreads);
+    if (m->final_softcap > 0) softcap_inplace(logits, (long)nwant * m->vocab, m->final_softcap);
+  }
   PHASE(8);
   atomic_fetch_add(&phase_calls, 1);
   return rc ? -4 : 0;
+}
+
+// Decode one token for rows row0 .. row0+B-1 of the cache: ids, pos (B,) -> logits (B, vocab)
+// (geode_run with one token per row). work: geode_decode_workspace(m, B) floats.
+int geode_decode_step(const geode_model* m, int B, int row0, const int64_t* ids,
+                      const int64_t* pos, float* logits, float* work, int nthreads) {
+  if (B < 1 || B > 4096 || row0 < 0 || row0 + B > m->rows) return -1;
+  int32_t rows[4096], want[4096];
+  for (int b = 0; b < B; b++) rows[b] = row0 + b, want[b] = b;
+  return geode_run(m, B, rows, ids, pos, B, want, logits, work, nthreads);
 }
 
 // ---------------------------------------------------------------- greedy sampling

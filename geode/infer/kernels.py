@@ -89,6 +89,10 @@ def _build() -> ctypes.CDLL:
         "geode_decode_workspace": (ctypes.c_long, [P, Int]),
         # model, B, row0, ids, pos, logits, work, threads
         "geode_decode_step": (ctypes.c_int, [P, Int, Int, P, P, P, P, Int]),
+        # model, N -> workspace floats of a run of N tokens
+        "geode_run_workspace": (ctypes.c_long, [P, Int]),
+        # model, N, rows (int32), ids, pos (int64), nwant, want (int32), logits, work, threads
+        "geode_run": (ctypes.c_int, [P, Int, P, P, P, Int, P, P, P, Int]),
         # rows, n, x, ldx, out (int64)
         "geode_argmax": (None, [Int, ctypes.c_long, P, ctypes.c_long, P]),
         # out (10 doubles: seconds per phase, solo count) -> steps since the last call

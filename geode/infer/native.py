@@ -43,6 +43,7 @@ from . import kernels
 _FLOAT_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 MAX_ROWS = kernels.GEMV_MAX_ROWS  # rows per C call, the C side's limit (larger batches are split)
 _MAXW = kernels.MAX_WEIGHTS
+RUN_MAX_TOKENS = 512  # tokens per geode_run call (its workspace grows with them)
 
 
 class _Linear(ctypes.Structure):
@@ -462,24 +463,57 @@ class NativeDecoder:
         pos: Sequence[int],
         cache,
         want: Sequence[int],
+        pack: bool = True,
     ) -> torch.Tensor:
         """Flattened tokens: token i -> cache row rows[i] at position pos[i]; logits (len(want), V)
-        float32 of the tokens at indices `want`.
+        float32 of the tokens at indices `want` (in that order).
 
-        A row's tokens are contiguous in the list with increasing consecutive positions that
-        continue what the row holds; decode rows (one token) and prefill rows mix freely.
+        A row's tokens are contiguous in the list with consecutive positions that continue what
+        the row holds (any number: chunks longer than the ring too); decode rows (one token) and
+        prefill rows mix freely. One `geode_run` per RUN_MAX_TOKENS tokens. pack: at
+        kernels.GEMM_MIN_ROWS or more tokens, `pack` the float weights for the GEMM.
         """
         n = len(ids)
         if len(rows) != n or len(pos) != n:
-            raise ValueError(
-                f"rows, ids and positions differ in length: {len(rows)}, {n}, {len(pos)}"
-            )
-        if any(not 0 <= w < n for w in want):
+            raise ValueError(f"rows, ids, positions differ in length: {len(rows)}, {n}, {len(pos)}")
+        want_t = torch.as_tensor(list(want), dtype=torch.long)  # (W,)
+        if want_t.numel() and (want_t.min() < 0 or want_t.max() >= n):
             raise ValueError(f"want indices {list(want)} outside the {n} tokens")
-        if list(rows) != list(range(n)):
-            raise Unsupported("multi-token runs need the C multi-token step (not built yet)")
-        logits = self.step(list(ids), list(pos), cache)  # (n, V)
-        return logits[torch.as_tensor(list(want), dtype=torch.long)]
+        if cache is not self.cache:
+            self.bind(cache)
+        if pack and n >= kernels.GEMM_MIN_ROWS:
+            self.pack()
+        elif self.packed is not None and (self.packed_stale or self._versions_changed()):
+            self._unpack()
+        lib = kernels.load()
+        ptr = ctypes.byref(self.model)
+        logits = torch.empty(want_t.numel(), self.vocab, dtype=torch.float32)
+        threads = kernels._threads[0] or torch.get_num_threads()
+        rows_t = torch.as_tensor(list(rows), dtype=torch.int32)
+        ids_t = torch.as_tensor(list(ids), dtype=torch.int64)
+        pos_t = torch.as_tensor(list(pos), dtype=torch.int64)
+        for c0 in range(0, n, RUN_MAX_TOKENS):
+            c1 = min(n, c0 + RUN_MAX_TOKENS)
+            mine = ((want_t >= c0) & (want_t < c1)).nonzero().flatten()  # into want / logits
+            local = (want_t[mine] - c0).to(torch.int32).contiguous()
+            out = torch.empty(local.numel(), self.vocab, dtype=torch.float32)
+            need = lib.geode_run_workspace(ptr, c1 - c0)
+            if self.work.numel() < need:
+                self.work = torch.empty(need, dtype=torch.float32)
+            r, i, p = rows_t[c0:c1], ids_t[c0:c1], pos_t[c0:c1]
+            rc = lib.geode_run(
+                ptr, c1 - c0, r.data_ptr(), i.data_ptr(), p.data_ptr(), local.numel(),
+                local.data_ptr(), out.data_ptr(), self.work.data_ptr(), threads,
+            )  # fmt: skip
+            if rc != 0:
+                raise ValueError(
+                    f"native run failed ({rc}): rows {r.tolist()}, ids {i.tolist()}, positions "
+                    f"{p.tolist()} (a row's tokens must be adjacent with consecutive positions "
+                    f"below the capacity {cache.capacity}, rows below {cache.batch}, ids below "
+                    f"{self.vocab})"
+                )
+            logits[mine] = out
+        return logits
 
 
 class NativeRunner:
