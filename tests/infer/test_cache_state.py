@@ -23,13 +23,15 @@ def _ids(T: int, seed: int) -> torch.Tensor:
 def _run(model, ids: torch.Tensor, start: int, cache: HybridCache, how="chunk") -> torch.Tensor:
     """Feed ids (1, T) at positions start.. to a one-row cache; logits (T, V) float32.
 
-    how: "chunk" (one torch forward), "steps" (one torch forward per token) or a NativeDecoder
-    (its `step`, one token per call)."""
+    how: "chunk" (one torch forward), "steps" (one torch forward per token), a NativeDecoder
+    (its `step`, one token per call) or ("run", NativeDecoder) (its multi-token `run`)."""
     T = ids.shape[1]
     if how == "chunk":
         return model(ids, torch.arange(start, start + T)[None], cache)[0].float()
     if how == "steps":
         return torch.cat([_run(model, ids[:, t : t + 1], start + t, cache) for t in range(T)])
+    if isinstance(how, tuple):
+        return how[1].run([0] * T, ids[0].tolist(), list(range(start, start + T)), cache, range(T))
     return torch.cat([how.step([int(ids[0, t])], [start + t], cache) for t in range(T)])
 
 
@@ -68,6 +70,7 @@ def test_memory_formula_with_slack(preset, n, slack):
         (14, 3, 3, "chunk"),  # wrapped (ring 8): roll back the full slack
         (14, 3, 1, "steps"),
         (23, 4, 4, "path"),  # drafts run by the same path, wrapped several times
+        (23, 2, 2, "run"),  # drafts as one chunk through the native multi-token run
     ],
 )
 def test_rollback_then_rerun_equals_cold_run(model, path, prompt, slack, k, drafts_how):
@@ -82,7 +85,8 @@ def test_rollback_then_rerun_equals_cold_run(model, path, prompt, slack, k, draf
         for then in (how, "chunk"):  # the continuation token by token, or as one chunk
             cache = HybridCache(model.config, 1, prompt + 12, slack=slack)
             _run(model, ids[:, :prompt], 0, cache)  # prefill
-            _run(model, drafts, prompt, cache, how if drafts_how == "path" else drafts_how)
+            by = {"path": how, "run": ("run", _native(model))}.get(drafts_how, drafts_how)
+            _run(model, drafts, prompt, cache, by)
             assert cache.length(0) == prompt + k + 1
             cache.rollback(0, k)
             assert cache.length(0) == prompt + 1
