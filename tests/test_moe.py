@@ -83,6 +83,20 @@ def test_block_matches_transformers_forward_and_backward(name):
         assert (g_ours - g_hf).abs().max().item() <= 1e-5 * scale, ours
 
 
+def test_bfloat16_matches_transformers():
+    _, layer = hf_layer(seed=1, **CONFIGS["e8-top3-tanh"])
+    block = geode_block(layer).to(torch.bfloat16)
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(2, 7, SIZES["hidden_size"], generator=torch.Generator().manual_seed(8))
+    x = x.to(torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x)
+        out = block(x)
+    assert out.hidden.dtype == torch.bfloat16 and out.router_logits.dtype == torch.bfloat16
+    err = ((x + out.hidden).float() - expected.float()).abs().max().item()
+    assert err <= 2**-7 * expected.abs().max().item()  # one bfloat16 rounding step at most
+
+
 def test_router_matches_transformers_and_reports_load():
     config, layer = hf_layer(seed=3, **CONFIGS["e8-top3-tanh"])
     block = geode_block(layer)

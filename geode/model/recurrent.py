@@ -142,8 +142,9 @@ class RGLRU(nn.Module):
     def _gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """sigma(x W + b) per head: x (B, T, W) -> (B, T, W)."""
         b, t, w = x.shape
-        xh = x.reshape(b, t, self.heads, self.block)  # (B, T, H, W/H)
-        return torch.sigmoid(torch.einsum("bthi,hij->bthj", xh, weight) + bias).reshape(b, t, w)
+        xh = x.reshape(b * t, self.heads, self.block).transpose(0, 1)  # (H, B*T, W/H)
+        z = torch.baddbmm(bias[:, None, :], xh, weight)  # (H, B*T, W/H): x W_h + b_h per head
+        return torch.sigmoid(z.transpose(0, 1).reshape(b, t, w))
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, h: torch.Tensor | None = None
