@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import kernels
+
 # (generated token ids so far, logits (V,)) -> logits (V,); e.g. a JSON-grammar mask.
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
@@ -188,3 +190,71 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
         last_pos = (probs > 0).cumsum(-1).argmax(-1)  # index of the last positive entry
         idx = torch.where(picked_zero, last_pos, idx)
     return idx
+
+
+# ---------------------------------------------------------------------- the step's sampler
+def prepare_logits(seqs: Sequence, logits: torch.Tensor, eos_ids: frozenset[int]) -> torch.Tensor:
+    """Steps 1-3 of the pipeline (processors, penalties, min_new_tokens) on logits (B, V).
+
+    seqs[i] (an engine Sequence) gives row i's params, output so far (`out`, `n_sampled`) and
+    penalty state (`counts`, `seen`). Returns `logits` itself when no row needs a change,
+    else a modified copy.
+    """
+    special = [
+        i
+        for i, s in enumerate(seqs)
+        if s.params.logits_processors
+        or s.params.has_penalties
+        or s.n_sampled < s.params.min_new_tokens
+    ]
+    if not special:
+        return logits
+    z = logits.clone()
+    for i in special:
+        s, p = seqs[i], seqs[i].params
+        for proc in p.logits_processors:
+            z[i] = proc(list(s.out), z[i])
+        if p.has_penalties:
+            apply_penalties(
+                z[i],
+                s.counts.to(z.device),
+                s.seen.to(z.device),
+                p.repetition_penalty,
+                p.presence_penalty,
+                p.frequency_penalty,
+            )
+        if s.n_sampled < p.min_new_tokens:
+            banned = set(p.stop_token_ids)
+            if not p.ignore_eos:
+                banned |= eos_ids
+            if banned:
+                z[i, torch.tensor(sorted(banned), device=z.device)] = float("-inf")
+    return z
+
+
+def sample_tokens(seqs: Sequence, logits: torch.Tensor, eos_ids: frozenset[int]) -> torch.Tensor:
+    """The next token (B,) of each sequence from its row of logits (B, V) float32 (the whole
+    pipeline in this module's docstring; each row draws with its sequence's `gen`)."""
+    z = prepare_logits(seqs, logits, eos_ids)
+    B = len(seqs)
+    greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+    if len(greedy) == B:
+        return kernels.argmax(z)
+    tokens = torch.empty(B, dtype=torch.long, device=z.device)
+    if greedy:
+        g = torch.tensor(greedy, device=z.device)
+        tokens[g] = kernels.argmax(z[g])
+    sampled = [i for i in range(B) if not seqs[i].params.greedy]
+    idx = torch.tensor(sampled, device=z.device)
+    ps = [seqs[i].params for i in sampled]
+    temp = torch.tensor([p.temperature for p in ps], device=z.device, dtype=z.dtype)
+    zs = z[idx] / temp[:, None]
+    zs = filter_logits(
+        zs,
+        top_k=torch.tensor([p.top_k for p in ps], device=z.device),
+        top_p=torch.tensor([p.top_p for p in ps], device=z.device, dtype=z.dtype),
+        min_p=torch.tensor([p.min_p for p in ps], device=z.device, dtype=z.dtype),
+    )
+    u = torch.cat([torch.rand(1, generator=seqs[i].gen, dtype=torch.float64) for i in sampled])
+    tokens[idx] = sample_from_logits(zs, u.to(z.device))
+    return tokens
