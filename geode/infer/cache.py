@@ -192,6 +192,58 @@ class HybridCache:
         g[g >= m] = -1
         loc[loc >= m] = -1
 
+    def held(self, row: int, n: int) -> torch.Tensor:
+        """(n,) bool: position p < n is stored in `row` (global slot p and, with local layers,
+        its ring slot: the ring keeps only the last R positions)."""
+        self._check_row(row)
+        pos = torch.arange(n, device=self.device)  # (n,)
+        ok = self.global_pos[row, :n] == pos
+        if any(self.is_local):
+            ok &= self.local_pos[row, pos % self.ring] == pos
+        return ok.cpu()
+
+    def read_kv(self, row: int, start: int, stop: int) -> torch.Tensor:
+        """Every layer's keys and values of positions [start, stop) of `row` (which must hold
+        them, see `held`): (2, L, H_kv, stop - start, D), 2 = keys, values."""
+        self._check_row(row)
+        k0 = self.keys[0]
+        out = k0.new_empty((2, len(self.keys), k0.shape[1], stop - start, k0.shape[3]))
+        slots = torch.arange(start, stop, device=self.device) % self.ring  # (stop - start,)
+        for i, local in enumerate(self.is_local):
+            for j, t in enumerate((self.keys[i], self.values[i])):
+                out[j, i] = t[row][:, slots] if local else t[row, :, start:stop]
+        return out
+
+    def write_kv(self, row: int, kv: torch.Tensor) -> None:
+        """Make `row` hold positions [0, n) with keys and values kv (2, L, H_kv, n, D), as a
+        prefill of them leaves it: global slots p, ring slots p mod R of the last R positions."""
+        self._check_row(row)
+        k0 = self.keys[0]
+        n = kv.shape[3] if kv.dim() == 5 else -1
+        want = (2, len(self.keys), k0.shape[1], k0.shape[3])
+        if kv.dim() != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != want:
+            raise ValueError(
+                f"K/V of shape {tuple(kv.shape)} does not fit a cache of (2, layers, kv heads, "
+                f"positions, head dim) = (2, {want[1]}, {want[2]}, n, {want[3]})"
+            )
+        if kv.dtype != self.dtype:
+            raise ValueError(f"K/V in {kv.dtype} does not fit a cache in {self.dtype}")
+        if n > self.capacity:
+            raise ValueError(f"{n} positions do not fit the cache's capacity of {self.capacity}")
+        kv = kv.to(self.device)
+        lo = max(0, n - self.ring)  # the ring holds positions [lo, n)
+        pos = torch.arange(n, device=self.device)  # (n,)
+        slots = pos[lo:] % self.ring  # (n - lo,)
+        for i, local in enumerate(self.is_local):
+            for j, t in enumerate((self.keys[i], self.values[i])):
+                if local:
+                    t[row][:, slots] = kv[j, i, :, lo:]  # (Hkv, n - lo, D)
+                else:
+                    t[row, :, :n] = kv[j, i]  # (Hkv, n, D)
+        self.reset_rows(row)
+        self.global_pos[row, :n] = pos
+        self.local_pos[row, slots] = pos[lo:]
+
     def reset_rows(self, rows: slice | list[int] | int | None = None) -> None:
         """Mark rows empty (all rows when None); keys/values are left as garbage, masked out."""
         rows = slice(None) if rows is None else rows

@@ -129,32 +129,9 @@ class PrefixCache:
     def restore(self, handle: PrefixMatch, cache: HybridCache, row: int) -> int:
         """Write a matched prefix into `row` (global slots p, ring slots p mod R of the last R
         positions, slot tables); the row is then exactly as if [0, n) had been prefilled."""
-        n = handle.n
-        cache._check_row(row)
-        if n > cache.capacity:
-            raise ValueError(
-                f"prefix of {n} tokens does not fit the cache's capacity of {cache.capacity}"
-            )
-        if handle.blocks:
-            _check_layout(handle.blocks[0].kv, cache)
-        gpos, lpos = cache.global_pos[row], cache.local_pos[row]  # (capacity,), (R,)
-        gpos.fill_(-1)
-        lpos.fill_(-1)
-        if n == 0:
-            return 0
-        kv = torch.cat([b.kv for b in handle.blocks], dim=3).to(cache.device)  # (2,L,Hkv,n,D)
-        lo = max(0, n - cache.ring)  # the ring holds positions [lo, n)
-        pos = torch.arange(n, device=cache.device)  # (n,)
-        slots = pos[lo:] % cache.ring  # (n - lo,)
-        for i, local in enumerate(cache.is_local):
-            for j, t in enumerate((cache.keys[i], cache.values[i])):
-                if local:
-                    t[row][:, slots] = kv[j, i, :, lo:]  # (Hkv, n - lo, D)
-                else:
-                    t[row, :, :n] = kv[j, i]  # (Hkv, n, D)
-        gpos[:n] = pos
-        lpos[slots] = pos[lo:]
-        return n
+        blocks = [b.kv for b in handle.blocks] or [cache.read_kv(row, 0, 0)]  # (2,L,Hkv,., D)
+        cache.write_kv(row, torch.cat(blocks, dim=3))  # (2, L, Hkv, n, D)
+        return handle.n
 
     def insert(
         self, tokens: list[int] | torch.Tensor, cache: HybridCache, row: int, start: int, end: int
@@ -176,7 +153,7 @@ class PrefixCache:
         n_blocks = end // self.block
         if n_blocks == 0 or self.max_bytes == 0:
             return 0
-        held = _held(cache, row, n_blocks * self.block).view(n_blocks, self.block).all(1)
+        held = cache.held(row, n_blocks * self.block).view(n_blocks, self.block).all(1)
         held = held.tolist()
         new, parent = [], None  # new: (index, name, parent's name, tokens) of blocks to store
         for j, (name, toks) in enumerate(self._chain(tokens, n_blocks)):
@@ -191,7 +168,7 @@ class PrefixCache:
         if not new:
             return 0
         b, j0 = self.block, new[0][0]
-        kv = _read(cache, row, j0 * b, (new[-1][0] + 1) * b)  # (2, L, Hkv, m * b, D)
+        kv = cache.read_kv(row, j0 * b, (new[-1][0] + 1) * b)  # (2, L, Hkv, m * b, D)
         stored = 0
         for j, name, parent, toks in new:
             blk = _Block(name, parent, toks, kv[:, :, :, (j - j0) * b : (j - j0 + 1) * b].clone())
@@ -248,35 +225,3 @@ class PrefixCache:
 def _as_list(tokens: list[int] | torch.Tensor) -> list[int]:
     """Token ids as a list of ints."""
     return tokens.tolist() if isinstance(tokens, torch.Tensor) else [int(t) for t in tokens]
-
-
-def _held(cache: HybridCache, row: int, n: int) -> torch.Tensor:
-    """(n,) bool: position p < n is in the row's global slot p and (local layers) ring slot."""
-    pos = torch.arange(n, device=cache.device)  # (n,)
-    ok = cache.global_pos[row, :n] == pos
-    if any(cache.is_local):
-        ok &= cache.local_pos[row, pos % cache.ring] == pos
-    return ok.cpu()
-
-
-def _read(cache: HybridCache, row: int, lo: int, hi: int) -> torch.Tensor:
-    """Every layer's keys and values of positions [lo, hi) of `row`: (2, L, Hkv, hi - lo, D)."""
-    k0 = cache.keys[0]
-    out = k0.new_empty((2, len(cache.keys), k0.shape[1], hi - lo, k0.shape[3]))
-    slots = torch.arange(lo, hi, device=cache.device) % cache.ring  # (hi - lo,)
-    for i, local in enumerate(cache.is_local):
-        for j, t in enumerate((cache.keys[i], cache.values[i])):
-            out[j, i] = t[row][:, slots] if local else t[row, :, lo:hi]
-    return out
-
-
-def _check_layout(kv: torch.Tensor, cache: HybridCache) -> None:
-    """ValueError unless blocks of this K/V layout (2, L, Hkv, block, D) fit the cache."""
-    k0 = cache.keys[0]
-    want = (2, len(cache.keys), k0.shape[1], k0.shape[3])
-    got = (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4])
-    if got != want or kv.dtype != cache.dtype:
-        raise ValueError(
-            f"prefix blocks of layout (2, layers, kv heads, head dim) = {got} in {kv.dtype} do "
-            f"not fit a cache of {want} in {cache.dtype}"
-        )

@@ -8,8 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+import geode
+from geode.infer import Engine, Request
 from geode.infer.cache import HybridCache
 from geode.infer.prefix import PrefixCache
+
+# The conftest model's shape (window 5) with random (1 + w) norm weights; the engine test widens
+# the window so that prefill chunks of 64 stay inside the ring.
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=7,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=24, sliding_window=5,
+            query_pre_attn_scalar=20)  # fmt: skip
 
 
 def _ids(T: int, seed: int) -> list[int]:
@@ -158,3 +166,44 @@ def test_errors_name_the_bad_value(model):
         prefix.restore(handle, HybridCache(model.config, 1, 9, torch.bfloat16), 0)
     with pytest.raises(ValueError, match="row 1 is outside"):
         prefix.restore(handle, cache, 1)
+    other = geode.ModelConfig(**{**TINY, "head_dim": 16, "max_position_embeddings": 64})
+    with pytest.raises(ValueError, match=r"\(2, 7, 2, n, 16\)"):
+        prefix.restore(handle, HybridCache(other, 1, 9), 0)
+    n, empty = prefix.match(tokens[:2])
+    assert n == 0 and prefix.restore(empty, cache, 0) == 0 and cache.length(0) == 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_engine_reuses_a_shared_1000_token_prefix(native):
+    """Issue #13 acceptance: a second request sharing a 1,000-token prefix runs only its new
+    tokens (+ less than one block of rounding) and returns the tokens of a cold run; the prefix
+    cache stays within its bytes."""
+    cfg = geode.ModelConfig(**{**TINY, "sliding_window": 64, "max_position_embeddings": 1100})
+    model = geode.build_model(cfg, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "norm" in name else 0.05))
+    model.eval()
+    shared = _ids(1000, 20)
+    first, second = shared + _ids(20, 21), shared + _ids(37, 22)
+    greedy = dict(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    kw = dict(prefill_chunk=64, native=native)
+    cold = Engine(model, **kw)
+    want = cold.generate([Request(second, add_bos=False, **greedy)])[0].token_ids
+    cold_run = cold.stats["positions_run"]
+
+    warm = Engine(model, prefix_cache_bytes=10**8, **kw)
+    warm.generate([Request(first, add_bos=False, **greedy)])
+    before = warm.stats["positions_run"]
+    got = warm.generate([Request(second, add_bos=False, **greedy)])[0].token_ids
+    run = warm.stats["positions_run"] - before
+    decode = cold_run - len(second)  # positions a cold run spends after its prompt
+    assert got == want
+    assert warm.prefix.stats["hit_tokens"] == 992  # 62 blocks of 16 of the 1,000 shared
+    assert run == cold_run - 992 <= (len(second) - 1000) + 15 + decode
+
+    one_block = 2 * 7 * 2 * 16 * 24 * 4  # K and V, 7 layers, 2 kv heads, 16 tokens, D 24
+    small = Engine(model, prefix_cache_bytes=10 * one_block + 1, **kw)
+    small.generate([Request(p, add_bos=False, **greedy) for p in (first, second, _ids(300, 23))])
+    assert small.prefix.stats["bytes"] == 10 * one_block == small.prefix.stats["blocks"] * one_block
