@@ -540,9 +540,11 @@ class NativeRunner:
         positions: torch.Tensor,
         cache,
         select: torch.Tensor | None = None,
+        pack: bool = True,
     ) -> torch.Tensor:
         """ids, positions (B, T) for cache rows `rows` (positions -1: padding) -> logits float32
-        (B, T, V), or (B, K, V) for the columns select (B, K) (padding columns: zeros)."""
+        (B, T, V), or (B, K, V) for the columns select (B, K) (padding columns: zeros).
+        pack: as in NativeDecoder.run."""
         B, T = ids.shape
         if positions.shape != (B, T) or len(rows) != B:
             raise ValueError(
@@ -569,6 +571,6 @@ class NativeRunner:
         want = index.gather(1, cols)[picked].tolist()
         out = torch.zeros(B, K, V, dtype=torch.float32)
         if flat_ids:
-            logits = self.decoder.run(flat_rows, flat_ids, flat_pos, cache, want)
+            logits = self.decoder.run(flat_rows, flat_ids, flat_pos, cache, want, pack)
             out[picked] = logits
         return out

@@ -10,10 +10,10 @@ without select (B, T, V).
 
 `TorchRunner`: the model's own forward (`model.hidden` + `model.logits`) over a `HybridCache`,
 one forward per run of consecutive rows; single-token steps replay CUDA graphs when enabled.
-`NativeStepRunner`: the C decode step of geode.infer.native for single-token steps over rows
-0..B-1 (weight packing belongs to it), the torch runner otherwise. `ragged` runners take rows
-of any lengths in one padding-free call; for the others the engine groups rows of similar
-length (`group_by_length`).
+`NativeStepRunner`: geode.infer.native's C runner (weight packing belongs to it), the torch
+runner where the model or cache is not supported. `ragged` runners take rows of any lengths in
+one padding-free call; for the others the engine groups rows of similar length
+(`group_by_length`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from . import kernels
 from .cache import HybridCache
-from .native import NativeDecoder, Unsupported
+from .native import NativeDecoder, NativeRunner, Unsupported
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -179,14 +179,16 @@ class TorchRunner:
 
 
 class NativeStepRunner:
-    """The C decode step for single-token steps over rows 0..B-1, `torch` for the rest.
+    """The native C runner (geode.infer.native.NativeRunner: every row's tokens, decode and
+    prefill mixed, in one padding-free call), `torch` where it cannot run.
 
     The plan (`decoder`, a NativeDecoder) is built from the model's tensors and rebuilt after
     `refresh()` when they changed; None while the model is unsupported (torch path then).
-    pack_weights: pack the float projections at the first step of 6+ rows (NativeDecoder.pack).
+    pack_weights: pack the float projections for the GEMM (NativeDecoder.pack) at the first
+    call with 6+ rows or PACK_MIN_TOKENS tokens (a prompt that long amortises the copy).
     """
 
-    ragged = False
+    PACK_MIN_TOKENS = 64
 
     def __init__(
         self, model: torch.nn.Module, torch_runner: TorchRunner, pack_weights: bool = True
@@ -194,24 +196,34 @@ class NativeStepRunner:
         self.model = model
         self.torch = torch_runner
         self.pack_weights = pack_weights
-        self.decoder: NativeDecoder | None = NativeDecoder.build(model)
+        self.native: NativeRunner | None = NativeRunner.build(model)
         self._check = False
+
+    @property
+    def ragged(self) -> bool:
+        """Padding-free calls while the native plan runs (the torch fallback pads)."""
+        return self.native is not None
+
+    @property
+    def decoder(self) -> NativeDecoder | None:
+        """The native plan in use (None: the torch path)."""
+        return None if self.native is None else self.native.decoder
 
     def refresh(self) -> None:
         """Re-validate the plan against the model before its next use."""
         self._check = True
 
-    def _plan(self, cache: HybridCache) -> NativeDecoder | None:
+    def _plan(self, cache: HybridCache) -> NativeRunner | None:
         if self._check:
             self._check = False
-            if self.decoder is None or not self.decoder.current(self.model):
-                self.decoder = NativeDecoder.build(self.model)
-        if self.decoder is not None and self.decoder.cache is not cache:
+            if self.native is None or not self.native.decoder.current(self.model):
+                self.native = NativeRunner.build(self.model)
+        if self.native is not None and self.native.decoder.cache is not cache:
             try:
-                self.decoder.bind(cache)
+                self.native.decoder.bind(cache)
             except Unsupported:  # e.g. a static (CUDA-graph) cache
                 return None
-        return self.decoder
+        return self.native
 
     def run(
         self,
@@ -222,14 +234,14 @@ class NativeStepRunner:
         select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See the module docstring."""
-        B, T = ids.shape
-        if T == 1 and list(rows) == list(range(B)) and bool((positions >= 0).all()):
-            plan = self._plan(cache)
-            if plan is not None:
-                # torch single-threaded while the kernels' pool runs: torch's OpenMP workers
-                # spin after each parallel region and would take the cores the pool needs
-                with kernels.decode_threads():
-                    ids_l, pos_l = ids[:, 0].tolist(), positions[:, 0].tolist()
-                    logits = plan.step(ids_l, pos_l, cache, pack=self.pack_weights)  # (B, V)
-                return logits[:, None]  # (B, 1, V)
-        return self.torch.run(rows, ids, positions, cache, select)
+        plan = self._plan(cache)
+        if plan is None:
+            return self.torch.run(rows, ids, positions, cache, select)
+        B = ids.shape[0]
+        pack = self.pack_weights and (
+            B >= kernels.GEMM_MIN_ROWS or int((positions >= 0).sum()) >= self.PACK_MIN_TOKENS
+        )
+        # torch single-threaded while the kernels' pool runs: torch's OpenMP workers spin
+        # after each parallel region and would take the cores the pool needs
+        with kernels.decode_threads():
+            return plan.run(rows, ids, positions, cache, select, pack=pack)
