@@ -63,9 +63,8 @@ def run_decode(args: argparse.Namespace) -> int:
         measure_decode,
         weight_bytes_per_token,
     )
-    from ..infer.quant import quantize
+    from ..infer.load import load_for_inference
     from . import CLIError
-    from .generate import load_for_inference
 
     try:
         batches = [int(b) for b in args.batch.split(",") if b]
@@ -77,9 +76,9 @@ def run_decode(args: argparse.Namespace) -> int:
         os.environ["GEODE_NO_KERNELS"] = "1"  # read when the kernels first load
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, _ = load_for_inference(args.model, args.dtype, None)
-    if args.quant:
-        quantize(model, args.quant, args.group_size)
+    model, _ = load_for_inference(
+        args.model, args.dtype, None, quant=args.quant, group_size=args.group_size
+    )
     engine = Engine(model, max_batch=max(batches), optimize=not args.no_kernels)
     bw = copy_bandwidth()
     rows = []

@@ -51,6 +51,41 @@ def sampling_params(args: argparse.Namespace):  # -> SamplingParams
     )
 
 
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    """Speculative-decoding flags shared by generate, serve and chat (see docs/speculative.md)."""
+    g = p.add_argument_group("speculative decoding (output as without a draft)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--draft", metavar="PATH",
+                     help="draft model checkpoint (same tokenizer, smaller) whose proposals "
+                     "the model verifies, several tokens per forward")  # fmt: skip
+    src.add_argument("--draft-ngram", type=int, metavar="N",
+                     help="prompt-lookup drafting: propose what followed the last N tokens "
+                     "earlier in the context (no draft model)")  # fmt: skip
+    g.add_argument("--num-draft-tokens", type=int, default=4, metavar="K",
+                   help="tokens drafted per step, adapted between 1 and K (default 4)")  # fmt: skip
+
+
+def draft_kwargs(args: argparse.Namespace) -> dict:
+    """Engine keyword arguments of the --draft flags ({} without a draft); bad values -> CLIError."""
+    from . import CLIError
+
+    if args.draft is None and args.draft_ngram is None:
+        return {}
+    if args.num_draft_tokens < 1:
+        raise CLIError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
+    if args.draft_ngram is not None:
+        if args.draft_ngram < 1:
+            raise CLIError(f"--draft-ngram must be >= 1, got {args.draft_ngram}")
+        draft = f"ngram:{args.draft_ngram}"
+    else:
+        from pathlib import Path
+
+        if not (Path(args.draft).is_dir() or Path(args.draft).suffix.lower() == ".gguf"):
+            raise CLIError(f"--draft {args.draft}: not a checkpoint directory or .gguf file")
+        draft = args.draft
+    return {"draft": draft, "num_draft_tokens": args.num_draft_tokens}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `generate` verb."""
     p = sub.add_parser(
@@ -63,7 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
         "  geode generate out/model --prompt 'Once upon a time' --temperature 0.7 --stream\n"
         "  geode generate out/model --prompt 'Q: 2+2=' --temperature 0 --max-new-tokens 8\n"
-        "  geode generate nano-5m --ids 2,651,1234 --temperature 0 --json   # random weights",
+        "  geode generate nano-5m --ids 2,651,1234 --temperature 0 --json   # random weights\n"
+        "  geode generate out/model --prompt 'def f(x):' --temperature 0 --draft out/small\n"
+        '  geode generate out/model --prompt "$(cat notes.txt)" --draft-ngram 3',
         formatter_class=_FMT,
     )
     p.add_argument("model", help="checkpoint directory (HF layout) or preset name")
@@ -81,30 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_sampling_args(p)
+    add_draft_args(p)
     p.set_defaults(func=run)
-
-
-def load_for_inference(model: str, dtype: str | None, device: str | None, seed: int = 0):
-    """(model, tokenizer or None) from a checkpoint directory or a preset name."""
-    from pathlib import Path
-
-    from .. import build_model, get_preset, load_model
-    from ..checkpoint import parse_dtype
-
-    path = Path(model)
-    if path.is_dir() or path.suffix.lower() == ".gguf":  # .gguf: geode/gguf.py
-        net = load_model(path, dtype=dtype, device=device)
-        from ..tokenizer import find_tokenizer, load_tokenizer
-
-        tok = load_tokenizer(path) if find_tokenizer(path) else None  # .model, else .json
-        return net, tok
-    try:
-        config = get_preset(model)
-    except KeyError:
-        raise FileNotFoundError(
-            f"{model!r} is neither a checkpoint directory nor a preset name"
-        ) from None
-    return build_model(config, dtype=parse_dtype(dtype), device=device, seed=seed), None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,21 +130,23 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..infer import Engine, Request
-    from ..infer.quant import quantize
+    from ..infer.load import load_for_inference
     from . import CLIError
 
-    model, tok = load_for_inference(args.model, args.dtype, args.device)
-    if args.tokenizer:
-        from ..tokenizer import load_tokenizer
-
-        tok = load_tokenizer(args.tokenizer)
+    spec = draft_kwargs(args)
+    model, tok = load_for_inference(
+        args.model,
+        args.dtype,
+        args.device,
+        quant=args.quant,
+        group_size=args.group_size,
+        tokenizer=args.tokenizer,
+    )
     if args.prompt and tok is None:
         raise CLIError(
             f"{args.model} has no tokenizer.model or tokenizer.json: pass --tokenizer PATH or "
             "token ids with --ids"
         )
-    if args.quant:
-        quantize(model, args.quant, args.group_size)
     params = sampling_params(args)
     if args.prompt:
         prompts: list = list(args.prompt)
@@ -138,7 +155,10 @@ def run(args: argparse.Namespace) -> int:
             prompts = [[int(t) for t in s.replace(" ", "").split(",") if t] for s in args.ids]
         except ValueError:
             raise CLIError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
-    engine = Engine(model, tok)
+    try:
+        engine = Engine(model, tok, **spec)
+    except ValueError as e:  # a draft that cannot draft for this model
+        raise CLIError(f"--draft: {e}") from None
     reqs = [Request(p, params=params, add_bos=not args.no_bos) for p in prompts]
     with torch.inference_mode():
         if args.stream:

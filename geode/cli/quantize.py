@@ -60,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .. import save_model
+    from ..infer.load import load_for_inference
     from ..infer.quant import quantize
     from . import CLIError
-    from .generate import load_for_inference
 
     src, out = Path(args.model), Path(args.out)
     if src.exists() and out.exists() and out.resolve() == src.resolve():

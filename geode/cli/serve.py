@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .generate import add_draft_args, draft_kwargs
+
 _FMT = argparse.RawDescriptionHelpFormatter
 
 
@@ -59,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="CPU: keep one copy of the weights (by default batches of 6+ sequences read a "
         "copy packed for the batched GEMM: faster, the weights' bytes once more in memory)",
     )
+    add_draft_args(p)
     p.set_defaults(func=run_serve)
 
     p = sub.add_parser(
@@ -76,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per reply (default 512)")
     p.add_argument("--seed", type=int, help="sampling seed")
     _add_weight_args(p)
+    add_draft_args(p)
     p.set_defaults(func=run_chat)
 
 
@@ -101,6 +105,9 @@ def run_serve(args: argparse.Namespace) -> int:
             parse_dtype(args.dtype)
         except ValueError as e:
             raise CLIError(f"--dtype: {e}") from None
+    engine_kwargs = draft_kwargs(args)  # a --draft checkpoint loads with the model
+    if args.no_pack_weights:
+        engine_kwargs["pack_weights"] = False
     failures: list[str] = []
     server: list[uvicorn.Server] = []
 
@@ -116,7 +123,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_seq_len=args.max_seq_len,
         model_name=args.served_model_name,
-        engine_kwargs={"pack_weights": False} if args.no_pack_weights else None,
+        engine_kwargs=engine_kwargs or None,
         max_body_bytes=max_body,
         dtype=args.dtype,
         quant=args.quant,
@@ -138,11 +145,10 @@ def run_chat(args: argparse.Namespace) -> int:
 
     import torch
 
-    import geode
     from geode.chat import ChatFormatError, render
     from geode.cli import CLIError
     from geode.infer import Engine, Request, RequestError
-    from geode.infer.quant import quantize
+    from geode.infer.load import load_for_inference
     from geode.tokenizer import find_tokenizer
 
     path = Path(args.model)
@@ -151,11 +157,12 @@ def run_chat(args: argparse.Namespace) -> int:
             f"{args.model}: not a checkpoint directory with a tokenizer.model or tokenizer.json"
             " (or a .gguf file)"
         )
-    model = geode.load_model(path, dtype=args.dtype)
-    tok = geode.load_tokenizer(path)
-    if args.quant:
-        quantize(model, args.quant)
-    engine = Engine(model, tok, max_batch=1)
+    spec = draft_kwargs(args)
+    model, tok = load_for_inference(path, args.dtype, quant=args.quant, require_tokenizer=True)
+    try:
+        engine = Engine(model, tok, max_batch=1, **spec)
+    except ValueError as e:  # a draft that cannot draft for this model
+        raise CLIError(f"--draft: {e}") from None
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict] = []
     print("geode chat: /reset clears the conversation, /quit or Ctrl-D exits.", file=sys.stderr)

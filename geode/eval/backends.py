@@ -161,14 +161,10 @@ class EngineBackend(Backend):
     ) -> EngineBackend:
         """Load a geode checkpoint directory (with its tokenizer.model) or .gguf file, in
         `dtype` (default: as stored), weight-only quantized to `quant` ("int8"/"int4")."""
-        import geode
+        from geode.infer.load import load_for_inference
 
-        model = geode.load_model(path, dtype=dtype)
-        if quant is not None:
-            from geode.infer.quant import quantize
-
-            quantize(model, quant)
-        backend = cls(model, geode.load_tokenizer(path), **kwargs)
+        model, tok = load_for_inference(path, dtype, quant=quant, require_tokenizer=True)
+        backend = cls(model, tok, **kwargs)
         backend.source = str(path) + "".join(f":{x}" for x in (dtype, quant) if x)
         return backend
 
