@@ -99,9 +99,9 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, chat: bool) -> list[int]:
     """Token ids of a prompt as geode sends it: <bos> + text, or the rendered chat template
     (what the engine backend and `geode serve` both do)."""
     if isinstance(prompt, str) and not chat:
-        ids = list(tokenizer.encode(prompt))
-        bos = tokenizer.bos_id
-        return ids if ids and ids[0] == bos else [bos, *ids]
+        from geode.infer.engine import encode_prompt
+
+        return encode_prompt(tokenizer, prompt)
     from geode.chat import render
 
     return list(tokenizer.encode(render(_as_messages(prompt), bos=True)))
@@ -438,10 +438,11 @@ class EndpointBackend(Backend):
         n_cont = None
         prompt: str | list[int] = context + continuation
         if self.tokenizer is not None:
-            ctx = list(self.tokenizer.encode(context))
+            from geode.infer.engine import encode_prompt
+
+            ctx = encode_prompt(self.tokenizer, context)
             cont = list(self.tokenizer.encode(continuation))
-            bos = self.tokenizer.bos_id
-            prompt = ([bos] if not ctx or ctx[0] != bos else []) + ctx + cont
+            prompt = ctx + cont
             n_cont = len(cont)
         body = {
             "model": self.model,

@@ -150,6 +150,11 @@ class Engine:
 
             self.speculator = build_speculator(self, draft, num_draft_tokens)
             self.cache_slack = int(getattr(self.speculator, "slack", 0))
+        if self.prefix is not None:
+            # a chunk's blocks are stored while the local ring still holds them: chunks of at
+            # most the window, whole blocks (geode.infer.prefix.PrefixCache.insert)
+            b, w = self.prefix.block, self.config.sliding_window
+            prefill_chunk = min(prefill_chunk, max(b, w - w % b))
         self.scheduler = Scheduler(
             max_batch,
             prefill_chunk,

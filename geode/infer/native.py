@@ -568,9 +568,10 @@ class NativeRunner:
                 raise ValueError(f"select {tuple(select.shape)} must be (B, K) columns below {T}")
         K = cols.shape[1]
         picked = valid.gather(1, cols)  # (B, K): selected columns that hold a token
-        want = index.gather(1, cols)[picked].tolist()
+        # a column selected twice (select rows padded by repeating one) is computed once
+        want, again = torch.unique(index.gather(1, cols)[picked], return_inverse=True)
         out = torch.zeros(B, K, V, dtype=torch.float32)
         if flat_ids:
-            logits = self.decoder.run(flat_rows, flat_ids, flat_pos, cache, want, pack)
-            out[picked] = logits
+            logits = self.decoder.run(flat_rows, flat_ids, flat_pos, cache, want.tolist(), pack)
+            out[picked] = logits[again]
         return out

@@ -23,9 +23,9 @@ def _greedy(prompt: list[int], n: int, **kw) -> Request:
 @pytest.mark.parametrize("native", [True, False])
 def test_sixteen_prompts_prefilled_in_one_step_equal_one_at_a_time(model, native):
     """16 prompts of 3..18 tokens (shorter and longer than the window) prefill in ONE step (one
-    runner call natively, length groups in torch); tokens equal and logprobs close to running
-    each prompt alone."""
-    reqs = [_greedy(_prompt(n, n), 4, logprobs=0) for n in range(3, 19)]
+    runner call natively, length groups in torch); tokens equal and (prompt) logprobs close to
+    running each prompt alone."""
+    reqs = [_greedy(_prompt(n, n), 4, logprobs=0, prompt_logprobs=0) for n in range(3, 19)]
     alone_eng = Engine(model, native=native)
     alone = [alone_eng.generate(r)[0] for r in reqs]
     eng = Engine(model, native=native, max_batch=16)
@@ -35,6 +35,9 @@ def test_sixteen_prompts_prefilled_in_one_step_equal_one_at_a_time(model, native
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
     for a, b in zip(alone, batched, strict=True):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+        pa, pb = a.prompt_logprobs[1:], b.prompt_logprobs[1:]
+        assert b.prompt_logprobs[0] is None and len(pb) == len(b.prompt_token_ids) - 1
+        assert max(abs(x - y) for x, y in zip(pa, pb, strict=True)) < 1e-4
         assert b.sampled_mask == [1] * 4
 
 
