@@ -574,6 +574,9 @@ static void gemv_rows(const void* p, long r0, long r1) {
 #define GEMM_GROUP 8     // tiles sharing one xT slice
 #define GEMM_MIN_ROWS 6  // x rows from which the GEMM path beats the per-row kernels
 #define GEMM_PACK_AHEAD 16384  // bytes a packed weight stream is prefetched ahead
+#ifndef GEMM_SLAB
+#define GEMM_SLAB 128  // x rows per pass over the weights (blocks of 16)
+#endif
 
 typedef struct {
   const geode_linear* L;
@@ -765,8 +768,9 @@ static void gemm_tiles(const void* p, long t0, long t1) {
   const int K = L->K, kind = L->kind;
   const long row_bytes = kind == 0 ? 4L * K : kind == 1 ? 2L * K : kind == 2 ? K : K / 2;
   float panel[GEMM_NR * GEMM_KC];
-  float ct[GEMM_GROUP * 4 * GEMM_NR * 16];  // per tile of the group and 16-row block of x
-  float stage[64 * GEMM_STAGE];
+  float ct[GEMM_GROUP * (GEMM_SLAB / 16) * GEMM_NR * 16];  // per tile of the group and 16-row
+                                                          // block of x
+  float stage[GEMM_SLAB * GEMM_STAGE];
   const float* w[GEMM_NR];
   int i = 0;
   for (long t = t0; t < t1;) {
@@ -887,8 +891,6 @@ static void pack_xT(const float* x, int rows, int K, float* xT) {
   for (; k < K; k++)
     for (int m = 0; m < 16; m++) xT[(long)k * 16 + m] = m < rows ? x[(long)m * K + k] : 0.0f;
 }
-
-#define GEMM_SLAB 64  // x rows per pass over the weights (4 blocks of 16)
 
 static int gemm_slab(const geode_linear* L, int M, const float* x, float* y, int ldy,
                      int nthreads) {

@@ -58,7 +58,7 @@ def _run_both(model, schedule=SCHEDULE, slack: int = 0, ref=None):
     ids = torch.randint(3, cfg.vocab_size, (3, cap), generator=torch.Generator().manual_seed(1))
     length = [0, 0, 0]
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), kernels.decode_threads():  # torch 1 thread, kernels all
         for step in schedule:
             rows, toks, pos, per_row = [], [], [], []
             for r, n in step.items():
@@ -142,7 +142,7 @@ def test_runner_padded_batch_and_select():
     assert runner is not None
     ids = torch.randint(3, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(2))
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, -1, -1, -1, -1, -1]])
-    with torch.inference_mode():
+    with torch.inference_mode(), kernels.decode_threads():
         c1, c2 = HybridCache(cfg, 4, 32), HybridCache(cfg, 4, 32)
         got = runner.run([3, 1], ids, positions, c1)  # (2, 8, V)
         sel = runner.run([2, 0], ids, positions, c2, select=torch.tensor([[7, 2], [2, 5]]))
