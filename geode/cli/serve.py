@@ -47,6 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-queue", type=int, default=256, help="requests waiting beyond the batch before 429"
     )
     p.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=None,
+        help="MiB of keys and values of recent prompts kept for requests sharing a prefix "
+        "(default 256; 0 = off)",
+    )
     p.add_argument("--served-model-name", help="name in /v1/models (default: directory name)")
     p.add_argument(
         "--max-body-bytes",
@@ -91,12 +98,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from geode.checkpoint import parse_dtype
     from geode.cli import CLIError
-    from geode.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
+    from geode.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_PREFIX_CACHE_BYTES, create_app
 
     if not (Path(args.model).is_dir() or Path(args.model).suffix.lower() == ".gguf"):
         raise CLIError(f"{args.model}: not a checkpoint directory or .gguf file")
     if args.max_batch < 1 or args.max_queue < 0:
         raise CLIError("--max-batch must be >= 1 and --max-queue >= 0")
+    prefix_mb = args.prefix_cache_mb
+    if prefix_mb is not None and prefix_mb < 0:
+        raise CLIError(f"--prefix-cache-mb must be >= 0, got {prefix_mb}")
     max_body = DEFAULT_MAX_BODY_BYTES if args.max_body_bytes is None else args.max_body_bytes
     if max_body < 1:
         raise CLIError(f"--max-body-bytes must be >= 1, got {max_body}")
@@ -121,6 +131,7 @@ def run_serve(args: argparse.Namespace) -> int:
         api_keys=args.api_key,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        prefix_cache_bytes=DEFAULT_PREFIX_CACHE_BYTES if prefix_mb is None else prefix_mb << 20,
         max_seq_len=args.max_seq_len,
         model_name=args.served_model_name,
         engine_kwargs=engine_kwargs or None,

@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from geode.infer import Delta, RequestError, Result, SamplingParams
 from geode.infer import Request as EngineRequest
+from geode.infer.engine import encode_prompt
 
 from . import openapi
 from . import protocol as P
@@ -56,6 +57,8 @@ DEFAULT_CHAT_MAX_TOKENS = 4096  # chat completions without max_tokens / max_comp
 # Request bodies larger than this are refused (413) before any parsing: 2 MiB holds a 128K-token
 # prompt as text (~0.5 MB) or as a JSON id list (~0.9 MB).
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+# keys and values of recent prompts' token blocks, reused by requests sharing a prefix
+DEFAULT_PREFIX_CACHE_BYTES = 256 * 1024 * 1024
 # `code` of an error that has no more specific one
 _STATUS_CODES = {
     400: "invalid_request",
@@ -106,7 +109,7 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     max_batch: int = 32
     max_queue: int = 256
-    max_tokens_in_flight: int | None = None
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
     max_seq_len: int | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     dtype: str | None = None
@@ -152,24 +155,16 @@ def _load(source: Any, config: ServerConfig) -> tuple[Any, Any]:
     """Model and tokenizer from a checkpoint path or a (model, tokenizer) pair; the model cast
     to `config.dtype` and quantized to `config.quant` when given."""
     if isinstance(source, (str, os.PathLike)):
-        import geode
-        from geode.tokenizer import find_tokenizer
+        from geode.infer.load import load_for_inference
 
-        path = Path(source)
-        if find_tokenizer(path) is None:
-            raise FileNotFoundError(
-                f"{path}: no tokenizer.model or tokenizer.json; the server needs a tokenizer"
-            )
-        model = geode.load_model(path, dtype=config.dtype)
-        tokenizer = geode.load_tokenizer(path)
-    else:
-        model, tokenizer = source
-        if tokenizer is None:
-            raise ValueError("the server needs a tokenizer")
-        if config.dtype is not None:
-            from geode.checkpoint import parse_dtype
+        return load_for_inference(source, config.dtype, quant=config.quant, require_tokenizer=True)
+    model, tokenizer = source
+    if tokenizer is None:
+        raise ValueError("the server needs a tokenizer")
+    if config.dtype is not None:
+        from geode.checkpoint import parse_dtype
 
-            model = model.to(parse_dtype(config.dtype))
+        model = model.to(parse_dtype(config.dtype))
     if config.quant is not None:
         from geode.infer.quant import quantize
 
@@ -183,7 +178,7 @@ def create_app(
     api_keys: Sequence[str] | None = None,
     max_batch: int = 32,
     max_queue: int = 256,
-    max_tokens_in_flight: int | None = None,
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     max_seq_len: int | None = None,
     model_name: str | None = None,
     engine_kwargs: dict[str, Any] | None = None,
@@ -197,8 +192,9 @@ def create_app(
     A path is loaded in a background thread at startup (GET /health answers 503 until then;
     if loading fails, /health reports the error and `on_load_error(message)` is called, e.g.
     to stop the process). max_batch: sequences decoded together; max_queue: requests waiting
-    beyond that before 429; max_tokens_in_flight: budget of prompt + max_tokens over admitted
-    requests; max_body_bytes: larger request bodies are 413s; dtype ("float32", "bfloat16")
+    beyond that before 429 (which request runs when is the engine scheduler's choice);
+    prefix_cache_bytes: the engine's prefix cache (keys and values of recent prompts' blocks,
+    reused by requests sharing a prefix; 0 = off); max_body_bytes: larger request bodies are 413s; dtype ("float32", "bfloat16")
     and quant ("int8", "int4"): how the weights are held.
     """
     if model_name is None:
@@ -208,13 +204,15 @@ def create_app(
         api_keys=tuple(api_keys or ()),
         max_batch=max_batch,
         max_queue=max_queue,
-        max_tokens_in_flight=max_tokens_in_flight,
+        prefix_cache_bytes=prefix_cache_bytes,
         max_seq_len=max_seq_len,
         max_body_bytes=max_body_bytes,
         dtype=dtype,
         quant=quant,
         engine_kwargs=dict(engine_kwargs or {}),
     )
+    if prefix_cache_bytes < 0:
+        raise ValueError(f"prefix_cache_bytes must be >= 0, got {prefix_cache_bytes}")
     if quant is not None and quant not in ("int8", "int4"):
         raise ValueError(f"quant must be 'int8' or 'int4', got {quant!r}")
     state = ServerState(config)
@@ -229,12 +227,10 @@ def create_app(
                 tokenizer,
                 max_batch=max_batch,
                 max_seq_len=max_seq_len,
-                **config.engine_kwargs,
+                **{"prefix_cache_bytes": prefix_cache_bytes, **config.engine_kwargs},
             )
             state.engine, state.tokenizer = engine, tokenizer
-            sched = Scheduler(
-                engine, max_queue=max_queue, max_tokens_in_flight=max_tokens_in_flight
-            )
+            sched = Scheduler(engine, max_queue=max_queue)
             sched.start()
             state.scheduler = sched
         except Exception as e:  # reported by /health; the server stays up unless told
@@ -751,10 +747,11 @@ def _prompts(state: ServerState, prompt: Any) -> list[tuple[list[int], int]]:
     vocab = state.engine.token_vocab_size  # ids with a tokenizer piece
     for i, p in enumerate(prompt):
         if isinstance(p, str):
-            ids = list(tok.encode(p))
+            ids = encode_prompt(tok, p)
+            # <bos> was added unless the text starts with it (the tokenizer parses it there)
             bos = getattr(tok, "bos_id", -1)
-            added = int(bos >= 0 and (not ids or ids[0] != bos))
-            out.append(([bos] * added + ids, added))
+            added = int(bos >= 0 and ids[:1] == [bos] and not p.startswith(tok.id_to_piece(bos)))
+            out.append((ids, added))
         else:
             bad = next((t for t in p if not 0 <= t < vocab), None)
             if bad is not None:
@@ -842,10 +839,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             text = _render_chat(state, req.messages, None, req.add_generation_prompt)
             ids = list(tok.encode(text))
         else:
-            ids = list(tok.encode(req.prompt))
-            bos = getattr(tok, "bos_id", -1)
-            if req.add_special_tokens and bos >= 0 and (not ids or ids[0] != bos):
-                ids.insert(0, bos)
+            ids = encode_prompt(tok, req.prompt, add_bos=req.add_special_tokens)
         strs = [tok.id_to_piece(t) for t in ids] if req.return_token_strs else None
         return P.TokenizeResponse(
             count=len(ids), max_model_len=state.max_len, tokens=ids, token_strs=strs
@@ -1355,6 +1349,25 @@ def _metrics_text(state: ServerState) -> str:
             "gauge",
             "Bytes of keys and values held by the KV cache (0 while idle)",
             [("", sched.cache_bytes)],
+        )
+        prefix = sched.prefix_stats()
+        metric(
+            "geode_prefix_cache_hits_total",
+            "counter",
+            "Requests whose prompt began with a cached prefix",
+            [("", prefix["hits"])],
+        )
+        metric(
+            "geode_prefix_cache_hit_tokens_total",
+            "counter",
+            "Prompt tokens taken from the prefix cache instead of being computed",
+            [("", prefix["hit_tokens"])],
+        )
+        metric(
+            "geode_prefix_cache_bytes",
+            "gauge",
+            "Bytes of keys and values held by the prefix cache",
+            [("", prefix["bytes"])],
         )
         lines.append("# HELP geode_time_to_first_token_seconds Time from arrival to first token")
         lines.append("# TYPE geode_time_to_first_token_seconds histogram")

@@ -1,15 +1,15 @@
 """Continuous batching: an asyncio loop that drives the engine one step at a time.
 
-Requests wait in a bounded queue (full -> `QueueFull`, answered 429 with Retry-After). Before
-every engine step the loop admits waiting requests into the running batch while the batch has
-a free row and the in-flight token budget (prompt + max_tokens of every admitted sequence)
-allows; the engine then prefills them (within its per-step prompt-token budget) while the
-other sequences keep decoding. Each step's deltas go to per-request asyncio queues; finished
-sequences leave the batch at once. `abort` (a client disconnected) removes a request from the
-queue or from the engine, which frees its cache row. When the last sequence has left, the
-engine's KV cache (grown to the peak batch of the burst) is dropped, so an idle server holds no
-cache memory; the next request allocates what it needs (except with CUDA graphs, whose captured
-graphs are bound to the cache: that cache stays).
+The engine's own scheduler (geode.infer.scheduler) is the one admission policy: which requests
+run, how many prompt tokens a step prefills (chunked prefill next to the running streams).
+This loop only bounds the queue, feeds the engine and streams: a request waits until the next
+step hands it to the engine; requests beyond the running batch (submitted here or waiting in
+the engine) count against `max_queue` (full -> `QueueFull`, answered 429 with Retry-After).
+Each step's deltas go to per-request asyncio queues; finished sequences leave the batch at
+once. `abort` (a client disconnected) removes a request before the engine sees it or from the
+engine, which frees its cache row. When the last sequence has left, `engine.free_cache()` drops
+the KV cache (grown to the peak batch of the burst), so an idle server holds no KV cache; the
+prefix cache (`Engine(prefix_cache_bytes=...)`) keeps the blocks of recent prompts.
 
 The engine is not thread-safe, so every engine call runs on one dedicated worker thread; the
 event loop stays free to accept connections and stream while a step computes.
@@ -47,7 +47,6 @@ class Handle:
 
     rid: str
     request: Request
-    tokens: int  # prompt + max_new_tokens: its share of the token budget
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
@@ -76,20 +75,13 @@ class Stats:
 class Scheduler:
     """Admits, steps and streams requests over one `geode.infer.Engine` (see module doc)."""
 
-    def __init__(
-        self,
-        engine: Any,
-        max_queue: int = 256,
-        max_tokens_in_flight: int | None = None,
-        free_cache_when_idle: bool | None = None,
-    ):
+    def __init__(self, engine: Any, max_queue: int = 256, free_cache_when_idle: bool | None = None):
         self.engine = engine
-        if free_cache_when_idle is None:
+        if free_cache_when_idle is None:  # CUDA graphs are captured over the cache: keep it
             free_cache_when_idle = not getattr(engine, "cuda_graphs", False)
         self.free_cache_when_idle = free_cache_when_idle
         self.max_queue = max_queue
-        self.max_tokens_in_flight = max_tokens_in_flight or engine.max_batch * engine.max_seq_len
-        self.waiting: collections.deque[Handle] = collections.deque()
+        self.waiting: collections.deque[Handle] = collections.deque()  # not in the engine yet
         self.running: dict[str, Handle] = {}  # in the engine (waiting there or running)
         self.stats = Stats()
         self._aborts: set[str] = set()
@@ -134,15 +126,29 @@ class Scheduler:
         cache = getattr(self.engine, "cache", None)
         return cache.nbytes if cache is not None else 0
 
+    def _engine_waiting(self) -> int:
+        """Sequences the engine holds that have no row yet."""
+        return len(self.engine.scheduler.waiting)
+
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for admission."""
-        return len(self.waiting)
+        """Requests waiting for a row: here, or in the engine's queue."""
+        return len(self.waiting) + self._engine_waiting()
 
     @property
     def num_running(self) -> int:
-        """Requests inside the engine."""
-        return len(self.running)
+        """Requests in the engine's running batch."""
+        return max(0, len(self.running) - self._engine_waiting())
+
+    def prefix_stats(self) -> dict[str, int]:
+        """The engine's prefix-cache counters: hits, hit_tokens, bytes (0 without one)."""
+        st = getattr(self.engine, "stats", {})
+        prefix = getattr(self.engine, "prefix", None)
+        return {
+            "hits": int(st.get("prefix_hits", 0)),
+            "hit_tokens": int(st.get("prefix_hit_tokens", 0)),
+            "bytes": int(prefix.stats["bytes"]) if prefix is not None else 0,
+        }
 
     def retry_after(self) -> int:
         """Seconds a rejected client should wait (a rough estimate of the queue's drain time)."""
@@ -152,16 +158,13 @@ class Scheduler:
 
     def submit(self, request: Request) -> Handle:
         """Queue a request; raises QueueFull when `max_queue` requests already wait."""
-        if len(self.waiting) >= self.max_queue:
+        if self.queue_depth >= self.max_queue:
             self.stats.requests_rejected += 1
             raise QueueFull(self.retry_after())
         self._ids += 1
         rid = f"srv-{self._ids}"
         request.request_id = rid
-        prompt = request.prompt
-        n_prompt = len(prompt) if not isinstance(prompt, str) else len(prompt) // 2 + 1
-        tokens = n_prompt + (request.params.max_new_tokens or 0)
-        h = Handle(rid, request, min(tokens, self.max_tokens_in_flight))
+        h = Handle(rid, request)
         self.waiting.append(h)
         self._wake.set()
         return h
@@ -183,16 +186,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the loop
     def _admit(self) -> list[Handle]:
-        """Requests to hand to the engine now: free rows and token budget permitting."""
-        budget = self.max_tokens_in_flight - sum(h.tokens for h in self.running.values())
-        out = []
-        while self.waiting and len(self.running) + len(out) < self.engine.max_batch:
-            h = self.waiting[0]
-            if h.tokens > budget and (self.running or out):
-                break
-            self.waiting.popleft()
-            budget -= h.tokens
-            out.append(h)
+        """Every submitted request goes to the engine (its scheduler decides when each runs)."""
+        out = list(self.waiting)
+        self.waiting.clear()
         for h in out:
             self.running[h.rid] = h
         return out
@@ -219,7 +215,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         while True:
             if not self.waiting and not self.running and not self._aborts:
-                if self.free_cache_when_idle and self.engine.cache is not None:
+                if self.free_cache_when_idle and self.cache_bytes:
                     await loop.run_in_executor(self._pool, self._free_cache)
                     if self.waiting or self.running or self._aborts:
                         continue  # arrived meanwhile (their wake-up must not be cleared)
@@ -256,7 +252,8 @@ class Scheduler:
     def _free_cache(self) -> None:
         """On the engine thread: drop the idle engine's KV cache (the next step reallocates)."""
         if not self.engine.has_unfinished():
-            self.engine.cache = None
+            with torch.inference_mode():
+                self.engine.free_cache()
 
     def engine_abort_later(self, rid: str) -> None:
         """Abort `rid` in the engine before the next step."""
