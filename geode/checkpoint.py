@@ -1,7 +1,9 @@
 """Checkpoints in the Hugging Face layout: config.json + (sharded) safetensors, read and written.
 
 Reads `Gemma3ForCausalLM` checkpoints and the language-model part of
-`Gemma3ForConditionalGeneration` ones, under both key layouts in circulation, without
+`Gemma3ForConditionalGeneration` ones, under both key layouts in circulation, and the other
+family members' (`Gemma4ForCausalLM`, the text part of `Gemma4ForConditionalGeneration`,
+`RecurrentGemmaForCausalLM`) through their spec's tensor-name map (geode/family.py), without
 transformers installed. Every tensor is validated (present, expected, right shape, finite)
 before a model is returned; a model with random weights is never returned. Writes are
 atomic: a temporary directory renamed into place.
@@ -23,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .family import get_family
 from .fileio import fsync_dir, swap_dir_into_place
 from .model.transformer import FLOAT16_REFUSAL, Transformer, check_dtype
 
@@ -42,6 +45,9 @@ NON_TEXT_PREFIXES = (
     "multi_modal_projector.",
     "model.vision_tower.",
     "model.multi_modal_projector.",
+    "model.audio_tower.",  # Gemma 4's audio encoder and the embedders of both towers
+    "model.embed_vision.",
+    "model.embed_audio.",
 )
 _ST_DTYPES = {
     "F64": (torch.float64, 8),
@@ -199,10 +205,12 @@ def _index_tensors(files: list[Path]) -> dict[str, TensorEntry]:
 
 
 def _map_keys(
-    stored: dict[str, TensorEntry], tied: bool, heads: Collection[str] = ()
+    stored: dict[str, TensorEntry], config: ModelConfig, heads: Collection[str] = ()
 ) -> dict[str, tuple[str, TensorEntry]]:
     """geode parameter name -> (stored name, entry); unknown tensors are errors, except the
     `heads` (tensors outside the decoder, e.g. a reward model's `score.weight`)."""
+    tied = config.tie_word_embeddings
+    spec = get_family(config.family)
     mapped: dict[str, tuple[str, TensorEntry]] = {}
     for key, entry in stored.items():
         if key.startswith(NON_TEXT_PREFIXES) or key in heads:
@@ -214,10 +222,12 @@ def _map_keys(
         prefix = next((p for p in TEXT_PREFIXES if key.startswith(p)), None)
         if prefix is None:
             raise CheckpointError(
-                f"{entry.file}: unexpected tensor {key!r}: not part of a Gemma 3 checkpoint "
-                f"(text keys start with one of {TEXT_PREFIXES})"
+                f"{entry.file}: unexpected tensor {key!r}: not part of a {config.family} "
+                f"checkpoint (text keys start with one of {TEXT_PREFIXES})"
             )
-        name = key[len(prefix) :]
+        name = spec.key_from_hf(config, key[len(prefix) :])
+        if name is None:  # stored but unused by this family's model (e.g. kv-shared layers')
+            continue
         if name in mapped:
             raise CheckpointError(
                 f"{entry.file}: tensor {key!r} duplicates {mapped[name][0]!r} "
@@ -256,7 +266,7 @@ def load_model(
 
         return load_quantized(root, config, dtype, device, check_finite)
     stored = _index_tensors(_weight_files(root))
-    mapped = _map_keys(stored, config.tie_word_embeddings, heads)
+    mapped = _map_keys(stored, config, heads)
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -344,7 +354,10 @@ def save_model(
     heads: Mapping[str, torch.Tensor] | None = None,
     hf_config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write `model` as a HF `Gemma3ForCausalLM` checkpoint directory, atomically.
+    """Write `model` as a HF checkpoint directory of its family, atomically.
+
+    (`Gemma3ForCausalLM`, `Gemma4ForCausalLM` or `RecurrentGemmaForCausalLM`; names through
+    the family spec's `key_to_hf`.)
 
     Shards above `max_shard_bytes` (with model.safetensors.index.json); `files` maps extra
     file names (e.g. 'tokenizer.model') to source paths copied in. An existing directory
@@ -363,8 +376,9 @@ def save_model(
         state = quantized_state(model)
     else:
         state = {}
+        spec = get_family(config.family)
         for name, tensor in model.state_dict().items():
-            key = name if name == "lm_head.weight" else f"model.{name}"
+            key = name if name == "lm_head.weight" else f"model.{spec.key_to_hf(config, name)}"
             state[key] = tensor.detach().to("cpu").contiguous()
     for key, tensor in (heads or {}).items():
         state[key] = tensor.detach().to("cpu").contiguous()

@@ -10,10 +10,31 @@ from typing import Any
 
 SLIDING = "sliding_attention"  # local layer: attends to the last `sliding_window` keys
 FULL = "full_attention"  # global layer: attends to the whole causal prefix
-LAYER_TYPES = (SLIDING, FULL)
-FAMILIES = ("gemma3",)  # later members ("moe", "griffin") register here with their sub-configs
+RECURRENT = (
+    "recurrent"  # Griffin's RG-LRU block (transformers' layers_block_type: linear_attention)
+)
+LAYER_TYPES = (SLIDING, FULL, RECURRENT)
+FAMILIES = ("gemma3", "gemma4", "recurrent_gemma")  # their specs: geode/family.py
 HF_TEXT_MODEL_TYPES = ("gemma3_text",)  # Gemma3TextConfig
 HF_MULTIMODAL_MODEL_TYPES = ("gemma3",)  # Gemma3Config with a `text_config`
+# Fields of the other families, with the value that means "absent" (Gemma 3 has none of them).
+FAMILY_FIELDS: dict[str, dict[str, Any]] = {
+    "gemma4": {
+        "global_head_dim": None,
+        "num_global_key_value_heads": None,
+        "partial_rotary_factor": 1.0,
+        "attention_k_eq_v": False,
+        "num_kv_shared_layers": 0,
+        "use_double_wide_mlp": False,
+        "hidden_size_per_layer_input": 0,
+        "vocab_size_per_layer_input": None,
+        "enable_moe_block": False,
+        "num_experts": None,
+        "top_k_experts": None,
+        "moe_intermediate_size": None,
+    },
+    "recurrent_gemma": {"lru_width": None, "conv1d_width": 4, "partial_rotary_factor": 1.0},
+}
 
 
 class ConfigError(ValueError):
@@ -60,8 +81,25 @@ class ModelConfig:
     pad_token_id: int = 0
     eos_token_id: int = 1
     bos_token_id: int = 2
+    # --- Gemma 4 (family "gemma4"; Gemma4TextConfig's names) ---
+    global_head_dim: int | None = None  # head_dim of full layers (None: head_dim)
+    num_global_key_value_heads: int | None = None  # kv heads of full layers (None: as local)
+    partial_rotary_factor: float = 1.0  # share of the head RoPE rotates (Gemma 4 full: 0.25 of
+    # each half, "proportional"; RecurrentGemma: 0.5, the first half of the head)
+    attention_k_eq_v: bool = False  # full layers have no v_proj: v = k_proj(x) (normed apart)
+    num_kv_shared_layers: int = 0  # the last N layers reuse the last earlier layer's k/v per kind
+    use_double_wide_mlp: bool = False  # kv-shared layers have a 2x intermediate_size MLP
+    hidden_size_per_layer_input: int = 0  # per-layer input embeddings width (0: none)
+    vocab_size_per_layer_input: int | None = None  # rows of the per-layer table (None: vocab)
+    enable_moe_block: bool = False  # every layer adds routed experts beside its dense MLP
+    num_experts: int | None = None
+    top_k_experts: int | None = None
+    moe_intermediate_size: int | None = None  # width of each expert's GeGLU
+    # --- RecurrentGemma (family "recurrent_gemma"; RecurrentGemmaConfig's names) ---
+    lru_width: int | None = None  # RG-LRU width (None: hidden_size)
+    conv1d_width: int = 4  # temporal conv taps
     # --- family ---
-    family: str = "gemma3"  # which member of the family this config builds
+    family: str = "gemma3"  # which member of the family this config builds (geode/family.py)
     name: str = ""  # preset or checkpoint name, informational
     extra: dict[str, Any] = field(default_factory=dict)  # unrecognised HF fields kept verbatim
 
@@ -119,6 +157,7 @@ class ModelConfig:
             )
         if self.family not in FAMILIES:
             raise ConfigError(f"ModelConfig.family {self.family!r} is unknown; known: {FAMILIES}")
+        self._check_family_fields()
         for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
@@ -126,7 +165,37 @@ class ModelConfig:
                     f"ModelConfig.{name}={value} is outside the vocabulary (size {self.vocab_size})"
                 )
 
+    def _check_family_fields(self) -> None:
+        """Fields of another family keep their 'absent' value; the family's own are checked."""
+        own = FAMILY_FIELDS.get(self.family, {})
+        for family, fields in FAMILY_FIELDS.items():
+            for name, absent in fields.items():
+                if name not in own and getattr(self, name) != absent:
+                    raise ConfigError(
+                        f"ModelConfig.{name}={getattr(self, name)!r} is a {family} option; "
+                        f"family {self.family!r} has no such field (leave it {absent!r})"
+                    )
+        if RECURRENT in self.layer_types and self.family != "recurrent_gemma":
+            raise ConfigError(f"ModelConfig.layer_types: {RECURRENT!r} layers need recurrent_gemma")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ConfigError(
+                f"ModelConfig.partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}"
+            )
+        if self.family == "gemma4":
+            from .family import check_gemma4
+
+            check_gemma4(self)
+        elif self.family == "recurrent_gemma":
+            from .family import check_recurrent_gemma
+
+            check_recurrent_gemma(self)
+
     # ------------------------------------------------------------------ derived
+    @property
+    def num_recurrent_layers(self) -> int:
+        """Griffin RG-LRU layers (constant-size state)."""
+        return sum(t == RECURRENT for t in self.layer_types)
+
     @property
     def num_global_layers(self) -> int:
         """Layers that attend to the whole context."""
@@ -150,6 +219,11 @@ class ModelConfig:
         if not isinstance(config, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
         model_type = config.get("model_type")
+        from .family import family_for_model_type
+
+        other = family_for_model_type(model_type)
+        if other is not None:  # Gemma 4, RecurrentGemma: their adapters (geode/family.py)
+            return other.config_from_hf(config, source)
         if model_type in HF_MULTIMODAL_MODEL_TYPES:
             text = config.get("text_config")
             if not isinstance(text, dict):
@@ -221,7 +295,9 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """A `Gemma3TextConfig` dict (`Gemma3ForCausalLM`) that transformers and vLLM load."""
         if self.family != "gemma3":
-            raise ConfigError(f"to_hf: family {self.family!r} has no HF Gemma3 mapping")
+            from .family import get_family
+
+            return get_family(self.family).config_to_hf(self)
         if self.attn_logit_softcapping is not None:
             raise ConfigError(
                 "to_hf: attn_logit_softcapping is set, but transformers' Gemma3 ignores it; "
@@ -506,6 +582,160 @@ register_preset(
         sliding_window=512,
         max_position_embeddings=8192,
     ),
+)
+
+
+# Gemma 4 (text decoders). Sources: the `text_config` of each checkpoint's config.json
+# (google/gemma-4-E2B, google/gemma-4-26B-A4B, google/gemma-4-31B; transformers 5.25's
+# Gemma4TextConfig for omitted fields). Scores are scaled by 1 (q/k norms), full layers have
+# a 512-wide head and proportional RoPE rotating 1/4 of it (base 1M), local layers base 10k.
+_GEMMA4 = dict(
+    family="gemma4", vocab_size=262_144, head_dim=256, global_head_dim=512,
+    query_pre_attn_scalar=1.0, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+    partial_rotary_factor=0.25, final_logit_softcapping=30.0,
+)  # fmt: skip
+register_preset(
+    "gemma4-e2b",  # 5.1B with embeddings, 2.3B "effective" (Gemma 4 model card)
+    ModelConfig(
+        **_GEMMA4,
+        hidden_size=1536,
+        intermediate_size=6144,
+        num_hidden_layers=35,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        sliding_window=512,
+        layer_types=default_layer_types(35, 5),
+        max_position_embeddings=131_072,
+        num_kv_shared_layers=20,
+        use_double_wide_mlp=True,
+        hidden_size_per_layer_input=256,
+        vocab_size_per_layer_input=262_144,
+    ),  # fmt: skip
+)
+register_preset(
+    "gemma4-26b-a4b",  # 25.2B total, 3.8B active per token (model card; incl. vision tower)
+    ModelConfig(
+        **_GEMMA4,
+        hidden_size=2816,
+        intermediate_size=2112,
+        num_hidden_layers=30,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        num_global_key_value_heads=2,
+        attention_k_eq_v=True,
+        sliding_window=1024,
+        max_position_embeddings=262_144,
+        enable_moe_block=True,
+        num_experts=128,
+        top_k_experts=8,
+        moe_intermediate_size=704,
+    ),  # fmt: skip
+)
+register_preset(
+    "gemma4-31b",  # 30.7B (model card; incl. vision tower)
+    ModelConfig(
+        **_GEMMA4,
+        hidden_size=5376,
+        intermediate_size=21_504,
+        num_hidden_layers=60,
+        num_attention_heads=32,
+        num_key_value_heads=16,
+        num_global_key_value_heads=4,
+        attention_k_eq_v=True,
+        sliding_window=1024,
+        max_position_embeddings=262_144,
+    ),  # fmt: skip
+)
+# CPU-sized Gemma 4 members: the MoE block (8 experts, top 2) and the E2B-style options
+# (per-layer inputs, kv sharing, double-wide MLP, k = v on full layers).
+_GEMMA4_NANO = dict(
+    family="gemma4", vocab_size=4096, hidden_size=128, num_hidden_layers=6,
+    num_attention_heads=4, num_key_value_heads=1, head_dim=32, global_head_dim=64,
+    query_pre_attn_scalar=1.0, sliding_window=64, partial_rotary_factor=0.25,
+    max_position_embeddings=4096, final_logit_softcapping=30.0,
+    layer_types=(SLIDING, SLIDING, FULL) * 2,
+)  # fmt: skip
+register_preset(
+    "gemma4-nano-moe",
+    ModelConfig(
+        **_GEMMA4_NANO,
+        intermediate_size=128,
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=64,
+    ),  # fmt: skip
+)
+register_preset(
+    "gemma4-nano-ple",
+    ModelConfig(
+        **_GEMMA4_NANO,
+        intermediate_size=256,
+        hidden_size_per_layer_input=32,
+        vocab_size_per_layer_input=4096,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=True,
+        attention_k_eq_v=True,
+    ),  # fmt: skip
+)
+
+# RecurrentGemma (Griffin). Sources: google/recurrentgemma-2b's config.json and Table 1 of
+# the RecurrentGemma report (arXiv:2404.07839): width 2560 / 4096, RG-LRU width = width,
+# depth 26 / 38, 10 / 16 heads with one kv head (MQA), MLP expansion 3 (HF stores the two
+# GeGLU branches: intermediate_size = 6 * width), local attention window 2048, the pattern
+# (recurrent, recurrent, attention), RoPE on half of each head, logits soft-capped at 30.
+_RG = dict(
+    family="recurrent_gemma", vocab_size=256_000, num_key_value_heads=1, head_dim=256,
+    query_pre_attn_scalar=256, sliding_window=2048, rope_theta=10_000.0,
+    rope_local_base_freq=10_000.0, partial_rotary_factor=0.5, final_logit_softcapping=30.0,
+    max_position_embeddings=8192,
+)  # fmt: skip
+
+
+def griffin_layer_types(num_layers: int) -> tuple[str, ...]:
+    """RecurrentGemma's block pattern: (recurrent, recurrent, attention) repeated."""
+    return tuple(SLIDING if i % 3 == 2 else RECURRENT for i in range(num_layers))
+
+
+register_preset(
+    "recurrentgemma-2b",  # 2.68B = 2.03B non-embedding + 0.65B embedding (report, Table 1)
+    ModelConfig(
+        **_RG,
+        hidden_size=2560,
+        intermediate_size=15_360,
+        num_hidden_layers=26,
+        num_attention_heads=10,
+        layer_types=griffin_layer_types(26),
+    ),  # fmt: skip
+)
+register_preset(
+    "recurrentgemma-9b",  # 8.58B = 7.53B non-embedding + 1.05B embedding (report, Table 1)
+    ModelConfig(
+        **_RG,
+        hidden_size=4096,
+        intermediate_size=24_576,
+        num_hidden_layers=38,
+        num_attention_heads=16,
+        layer_types=griffin_layer_types(38),
+    ),  # fmt: skip
+)
+register_preset(
+    "recurrentgemma-nano",
+    ModelConfig(
+        **{
+            **_RG,
+            "vocab_size": 4096,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "sliding_window": 64,
+            "max_position_embeddings": 8192,
+        },
+        hidden_size=128,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        layer_types=griffin_layer_types(6),
+    ),  # fmt: skip
 )
 
 

@@ -1,4 +1,8 @@
-"""Grouped-query attention with QK-norm, dual RoPE, sliding windows and a pluggable KV cache."""
+"""Grouped-query attention with QK-norm, dual RoPE, sliding windows and a pluggable KV cache.
+
+`Attention` is Gemma 3's; `Gemma4Attention` and `LocalAttention` (RecurrentGemma) are the other
+families' token mixers (full-sequence forward; their decode through a cache is not built yet).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SLIDING, ModelConfig
-from .layers import RMSNorm, apply_rope
+from .layers import RMSNorm, ScaleRMSNorm, apply_partial_rope, apply_rope
 
 # SDPA learned grouped-query attention (enable_gqa) in torch 2.5; before, repeat the kv heads.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -187,3 +191,145 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(probs, v)
+
+
+def _no_cache(family: str, cache: KVCache | None) -> None:
+    """Refuse a KV cache in a family whose cache states the engine does not build yet."""
+    if cache is not None:
+        raise NotImplementedError(
+            f"{family}: decoding through a KV cache is not built yet (issue #17 item 5, the "
+            "engine's per-layer states); run the full-sequence forward without a cache"
+        )
+
+
+def _mask(
+    positions: torch.Tensor,
+    window: int | None,
+    segment_ids: torch.Tensor | None,
+    causal_default: bool,
+    T: int,
+) -> torch.Tensor | None:
+    """The cache-free mask of `Attention.forward`: None (plain causal kernel) when it can be."""
+    if causal_default and (window is None or T <= window):
+        return None
+    return _memo_mask(positions, positions, window, segment_ids)
+
+
+class Gemma4Attention(Attention):
+    """Gemma 4 self-attention (transformers' Gemma4TextAttention).
+
+    Scale-weighted q/k norms and a scale-free v_norm, scores scaled by 1 (the norms set the
+    magnitude), full layers with their own head_dim / kv heads and proportional RoPE,
+    `attention_k_eq_v` (full layers: v is the k projection, normed apart), and kv sharing: a
+    layer past `num_hidden_layers - num_kv_shared_layers` has no k/v weights and attends to the
+    keys/values of the last earlier layer of its kind (`shared`, filled by that layer).
+    """
+
+    def __init__(self, config: ModelConfig, layer: int):
+        nn.Module.__init__(self)
+        from ..family import kv_source
+
+        self.layer = layer
+        self.kind = config.layer_types[layer]
+        self.is_local = self.kind == SLIDING
+        self.window = config.sliding_window if self.is_local else None
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.global_head_dim or config.head_dim
+        self.num_kv_heads = config.num_global_key_value_heads or config.num_key_value_heads
+        if self.is_local:
+            self.head_dim, self.num_kv_heads = config.head_dim, config.num_key_value_heads
+        self.scale = 1.0
+        self.softcap = None
+        self.source = kv_source(config, layer)  # producer layer of the k/v, or None: its own
+        h, hd, eps, bias = (
+            config.hidden_size,
+            self.head_dim,
+            config.rms_norm_eps,
+            config.attention_bias,
+        )
+        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=bias)
+        self.q_norm = ScaleRMSNorm(hd, eps)
+        if self.source is None:
+            self.k_norm = ScaleRMSNorm(hd, eps)
+            self.v_norm = ScaleRMSNorm(hd, eps, with_scale=False)
+            self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
+            k_eq_v = config.attention_k_eq_v and not self.is_local
+            self.v_proj = None if k_eq_v else nn.Linear(h, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, h, bias=bias)
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+        causal_default: bool = False,
+        shared: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden); `shared` maps producer layer -> (k, v)."""
+        _no_cache("gemma4", cache)
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, hd))  # (B, T, H, D)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        if self.source is not None:
+            if shared is None or self.source not in shared:
+                raise RuntimeError(f"layer {self.layer}: k/v of layer {self.source} not computed")
+            k, v = shared[self.source]  # (B, Hkv, T, D) each, normed and rotated
+        else:
+            kx = self.k_proj(x).view(B, T, self.num_kv_heads, hd)
+            vx = kx if self.v_proj is None else self.v_proj(x).view(B, T, self.num_kv_heads, hd)
+            k = apply_rope(self.k_norm(kx).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+            v = self.v_norm(vx).transpose(1, 2)  # (B, Hkv, T, D)
+            if shared is not None:
+                shared[self.layer] = (k, v)
+        out = self._attend(q, k, v, _mask(positions, self.window, segment_ids, causal_default, T))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * hd))
+
+
+class LocalAttention(Attention):
+    """RecurrentGemma's local multi-query attention (transformers' RecurrentGemmaAttention).
+
+    No q/k norms, scores scaled by head_dim^-1/2, RoPE on the first half of each head only,
+    a bias on the output projection, and a window of `sliding_window` (attention_window_size).
+    """
+
+    def __init__(self, config: ModelConfig, layer: int):
+        nn.Module.__init__(self)
+        self.layer = layer
+        self.is_local = True
+        self.window = config.sliding_window
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.softcap = None
+        h, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, h, bias=True)
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+        causal_default: bool = False,
+        shared: dict | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, hidden), cos/sin (B, T, D/2) -> (B, T, hidden)."""
+        _no_cache("recurrent_gemma", cache)
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = self.q_proj(x).view(B, T, self.num_heads, hd).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, hd).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, hd).transpose(1, 2)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        out = self._attend(q, k, v, _mask(positions, self.window, segment_ids, causal_default, T))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * hd))

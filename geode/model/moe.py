@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from .layers import GatedMLP
+from .layers import GatedMLP, ScaleRMSNorm
 
 ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # HF name -> F.gelu approximate
 
@@ -124,27 +124,6 @@ HF_KEYS: dict[str, str] = {
         "post_feedforward_layernorm_2.weight",
     )
 }
-
-
-class ScaleRMSNorm(nn.Module):
-    """Gemma 4's RMSNorm: y = x * (mean(x^2) + eps)^-1/2 [* w], float32; w starts at ones.
-
-    Unlike Gemma 3's (1 + w) norm the scale multiplies directly; `with_scale=False` is the
-    router's scale-free norm (no parameter). The power form matches transformers (and JAX).
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., dim) -> (..., dim) in x's dtype."""
-        xf = x.float()
-        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.type_as(x)
 
 
 class Routing(NamedTuple):

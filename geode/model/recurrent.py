@@ -242,4 +242,44 @@ HF_KEYS: dict[str, str] = {
     )
 }
 
-__all__ = ["HF_KEYS", "RGLRU", "RecurrentBlock", "RecurrentConfig", "RecurrentState"]
+__all__ = [
+    "HF_KEYS",
+    "RGLRU",
+    "RecurrentBlock",
+    "RecurrentConfig",
+    "RecurrentMixer",
+    "RecurrentState",
+]
+
+
+class RecurrentMixer(RecurrentBlock):
+    """`RecurrentBlock` as a decoder layer's token mixer: the attention mixers' call signature.
+
+    The full-sequence forward starts from the zero state; decode through a per-layer state is
+    `RecurrentBlock.forward(x, positions, state)` (the engine's part, not built yet).
+    """
+
+    def __init__(self, config: Any, layer: int):
+        from ..family import recurrent_config
+
+        super().__init__(recurrent_config(config))
+        self.layer = layer
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        positions: torch.Tensor,
+        cache: Any = None,
+        segment_ids: torch.Tensor | None = None,
+        causal_default: bool = False,
+        shared: dict | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, d), positions (B, T) -> (B, T, d); the recurrence restarts at position 0."""
+        if cache is not None:
+            raise NotImplementedError(
+                "recurrent_gemma: decoding through a cache is not built yet (issue #17 item 5); "
+                "RecurrentBlock.forward(x, positions, state) carries the constant-size state"
+            )
+        return RecurrentBlock.forward(self, x, positions)[0]

@@ -1,4 +1,5 @@
-"""The Gemma 3 decoder: one definition for training, RL, evaluation and serving."""
+"""The Gemma decoders (Gemma 3, Gemma 4, RecurrentGemma): one definition for training, RL,
+evaluation and serving. The family's spec (geode/family.py) names each layer's parts."""
 
 from __future__ import annotations
 
@@ -7,9 +8,38 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import family as fam
 from ..config import FULL, SLIDING, ModelConfig
-from .attention import Attention, KVCache, clear_mask_memo
-from .layers import GatedMLP, RMSNorm, ScaledEmbedding, rope_cos_sin, rope_inv_freq
+from .attention import Attention, Gemma4Attention, KVCache, LocalAttention, clear_mask_memo
+from .layers import (
+    GatedMLP,
+    RMSNorm,
+    ScaledEmbedding,
+    ScaleRMSNorm,
+    rope_cos_sin,
+    rope_inv_freq,
+    rope_inv_freq_proportional,
+)
+from .moe import Experts, MoEBlock, Router
+from .recurrent import RGLRU, RecurrentMixer
+
+# Layer parts by name (litgpt-style): the family spec and the config pick them.
+NORMS: dict[str, type[nn.Module]] = {"RMSNorm": RMSNorm, "ScaleRMSNorm": ScaleRMSNorm}
+MIXERS: dict[str, type[nn.Module]] = {
+    "Attention": Attention,
+    "Gemma4Attention": Gemma4Attention,
+    "LocalAttention": LocalAttention,
+    "RecurrentMixer": RecurrentMixer,
+}
+
+
+def build_mlp(name: str, config: ModelConfig, layer: int) -> nn.Module:
+    """A layer's feed-forward by name: "GatedMLP", "BiasedGatedMLP" (RecurrentGemma), "MoEBlock"."""
+    if name == "MoEBlock":
+        return MoEBlock(fam.moe_config(config, layer))
+    width = fam.mlp_width(config, layer)
+    return GatedMLP(config.hidden_size, width, config.hidden_activation, bias=name != "GatedMLP")
+
 
 FLOAT16_REFUSAL = (
     "float16 is refused for Gemma 3: its activations exceed float16's range (65504) and the "
@@ -47,53 +77,101 @@ def plain_causal(positions: torch.Tensor | None, segment_ids: torch.Tensor | Non
 
 
 class DecoderLayer(nn.Module):
-    """Pre- and post-norm around attention and around the MLP (Gemma 2/3 'sandwich' norm)."""
+    """Norms around a token mixer and a feed-forward, the parts named by the family's spec.
+
+    Gemma 2/3/4: pre- and post-norm around both halves ('sandwich'); RecurrentGemma: pre-norms
+    only. The token mixer is attention (of the family's kind) or the recurrent block; the
+    feed-forward a GeGLU or Gemma 4's MoE block (which owns its norms). Gemma 4 adds the
+    per-layer input (gate, projection, norm) and a layer scalar after the feed-forward.
+    """
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = Attention(config, layer)
-        self.mlp = GatedMLP(h, config.intermediate_size, config.hidden_activation)
-        self.input_layernorm = RMSNorm(h, eps)
-        self.post_attention_layernorm = RMSNorm(h, eps)
-        self.pre_feedforward_layernorm = RMSNorm(h, eps)
-        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        spec = fam.get_family(config.family)
+        norm = NORMS[spec.norm_class_name]
+        mlp = fam.mlp_class_name(config, layer)
+        self.self_attn = MIXERS[fam.mixer_class_name(config, layer)](config, layer)
+        self.mlp = build_mlp(mlp, config, layer)
+        self.moe = mlp == "MoEBlock"
+        self.input_layernorm = norm(h, eps)
+        sandwich = spec.sandwich_norms
+        self.post_attention_layernorm = norm(h, eps) if sandwich else None
+        self.pre_feedforward_layernorm = None if self.moe else norm(h, eps)
+        self.post_feedforward_layernorm = norm(h, eps) if sandwich and not self.moe else None
+        self.per_layer_input_gate = self.per_layer_projection = None
+        self.post_per_layer_input_norm = None
+        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None  # last MoE routing
+        if config.family == "gemma4":
+            p = config.hidden_size_per_layer_input
+            if p:
+                self.per_layer_input_gate = nn.Linear(h, p, bias=False)
+                self.per_layer_projection = nn.Linear(p, h, bias=False)
+                self.post_per_layer_input_norm = norm(h, eps)
+                self.approximate = (
+                    "tanh" if config.hidden_activation == "gelu_pytorch_tanh" else "none"
+                )
+            self.layer_scalar = nn.Buffer(torch.ones(1))  # a stored tensor in Gemma 4 checkpoints
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         positions: torch.Tensor,
         cache: KVCache | None,
         segment_ids: torch.Tensor | None,
         causal_default: bool,
+        shared: dict | None = None,
+        per_layer_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, hidden) -> (B, T, hidden)."""
-        a = self.self_attn(
-            self.input_layernorm(x), cos, sin, positions, cache, segment_ids, causal_default
-        )
-        x = x + self.post_attention_layernorm(a)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        """x (B, T, hidden) -> (B, T, hidden); `shared`: Gemma 4's k/v of producer layers,
+        `per_layer_input` (B, T, p): Gemma 4's per-layer input of this layer."""
+        args = (self.input_layernorm(x), cos, sin, positions, cache, segment_ids, causal_default)
+        a = self.self_attn(*args) if shared is None else self.self_attn(*args, shared=shared)
+        if self.post_attention_layernorm is not None:
+            a = self.post_attention_layernorm(a)
+        x = x + a
+        if self.moe:
+            out = self.mlp(x)  # MoEOutput: the block reads the residual, norms inside
+            self.routing = (out.router_logits, out.expert_load)
+            x = x + out.hidden
+        else:
+            f = self.mlp(self.pre_feedforward_layernorm(x))
+            if self.post_feedforward_layernorm is not None:
+                f = self.post_feedforward_layernorm(f)
+            x = x + f
+        if self.per_layer_input_gate is not None:
+            g = F.gelu(self.per_layer_input_gate(x), approximate=self.approximate)  # (B, T, p)
+            g = self.per_layer_projection(g * per_layer_input)
+            x = x + self.post_per_layer_input_norm(g)
+        if hasattr(self, "layer_scalar"):
+            x = x * self.layer_scalar
+        return x
 
 
 class Transformer(nn.Module):
-    """Gemma 3 text decoder with a tied (or separate) LM head.
+    """Gemma text decoder (any family) with a tied (or separate) LM head.
 
-    Module names equal the Hugging Face `Gemma3ForCausalLM` names without the `model.`
-    prefix, so checkpoint keys map one to one.
+    Gemma 3's module names equal the Hugging Face `Gemma3ForCausalLM` names without the
+    `model.` prefix; the other families' names map through their spec's `key_to_hf`.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        h = config.hidden_size
+        scale_dtype = {"gemma4": torch.float32, "recurrent_gemma": torch.bfloat16}
         self.embed_tokens = ScaledEmbedding(
-            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+            config.vocab_size,
+            h,
+            padding_idx=config.pad_token_id,
+            scale_dtype=scale_dtype.get(config.family),
         )
         self.layers = nn.ModuleList(
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = NORMS[fam.get_family(config.family).norm_class_name](h, config.rms_norm_eps)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -103,15 +181,28 @@ class Transformer(nn.Module):
         # parameters of its own, so checkpoints are unchanged. None: the plain projection.
         self.head_override: nn.Module | None = None
         self.gradient_checkpointing = False  # recompute each layer in backward (trainer sets it)
-        self._inv_freq = {
-            SLIDING: rope_inv_freq(config.head_dim, config.rope_local_base_freq),
-            FULL: rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor),
-        }  # plain tensors, not buffers: a meta-device build (checkpoint loading) keeps them real
+        self._inv_freq = _inv_freqs(config)
+        # plain tensors, not buffers: a meta-device build (checkpoint loading) keeps them real
+        self.embed_tokens_per_layer = None
+        p = config.hidden_size_per_layer_input
+        if p:  # Gemma 4 per-layer input embeddings (transformers' PLE)
+            L = config.num_hidden_layers
+            self.embed_tokens_per_layer = ScaledEmbedding(
+                config.vocab_size_per_layer_input or config.vocab_size,
+                L * p,
+                padding_idx=config.pad_token_id,
+                scale=p**0.5,
+                scale_dtype=torch.float32,
+            )
+            self.per_layer_model_projection = nn.Linear(h, L * p, bias=False)
+            self.per_layer_projection_norm = ScaleRMSNorm(p, config.rms_norm_eps)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, initializer_range) for linear/embedding weights, zeros for the (1+w) norms."""
+        """Normal(0, initializer_range) for linear/embedding weights and experts, zeros for the
+        (1+w) norms, ones for Gemma 4's w norms and router scales; the RG-LRU and conv keep
+        the init of their constructors (transformers' RecurrentGemma init)."""
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
@@ -120,7 +211,19 @@ class Transformer(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.zero_()
+            elif isinstance(module, ScaleRMSNorm) and module.weight is not None:
+                module.weight.fill_(1.0)
+            elif isinstance(module, Router):
+                module.scale.fill_(1.0)
+                module.per_expert_scale.fill_(1.0)
+            elif isinstance(module, Experts):
+                module.gate_up_proj.normal_(0.0, std, generator=generator)
+                module.down_proj.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RGLRU | nn.Conv1d):
+                continue
         self.embed_tokens.weight[self.config.pad_token_id].zero_()
+        if self.embed_tokens_per_layer is not None:
+            self.embed_tokens_per_layer.weight[self.config.pad_token_id].zero_()
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -159,15 +262,20 @@ class Transformer(nn.Module):
         causal_default = cache is None and plain_causal(positions, segment_ids, T)
         if positions is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
-        tables = {  # per layer type: (cos, sin), each (B, T, head_dim)
+        tables = {  # per layer type: (cos, sin), each (B, T, rotary dims)
             kind: rope_cos_sin(positions.clamp(min=0), inv, x.dtype)
             for kind, inv in self._inv_freq.items()
         }
+        gemma3 = self.config.family == "gemma3"
+        shared: dict = {}  # Gemma 4 kv sharing: producer layer -> (k, v)
+        ple = None if self.embed_tokens_per_layer is None else self.per_layer_inputs(input_ids, x)
         clear_mask_memo()
         try:
             for i, layer in enumerate(self.layers):
-                cos, sin = tables[self.config.layer_types[i]]
+                cos, sin = tables.get(self.config.layer_types[i], (None, None))
                 args = (x, cos, sin, positions, cache, segment_ids, causal_default)
+                if not gemma3:
+                    args += (shared, None if ple is None else ple[:, :, i])
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                     x = checkpoint(layer, *args, use_reentrant=False)
                 else:
@@ -175,6 +283,20 @@ class Transformer(nn.Module):
         finally:
             clear_mask_memo()
         return self.norm(x)
+
+    def per_layer_inputs(self, input_ids: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """Gemma 4's per-layer inputs (B, T, L, p): (norm(proj(x) / sqrt(d)) + emb(ids)) / sqrt(2).
+
+        x (B, T, d) is the scaled token embedding; the token part needs `input_ids`.
+        """
+        if input_ids is None:
+            raise ValueError("Gemma 4 per-layer input embeddings need input_ids, not embeds")
+        assert self.embed_tokens_per_layer is not None
+        L, p = self.config.num_hidden_layers, self.config.hidden_size_per_layer_input
+        proj = self.per_layer_model_projection(x) * self.config.hidden_size**-0.5  # (B, T, L*p)
+        proj = self.per_layer_projection_norm(proj.reshape(*x.shape[:-1], L, p))
+        tokens = self.embed_tokens_per_layer(input_ids).reshape(*input_ids.shape, L, p)
+        return (proj + tokens) * 2.0**-0.5
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., hidden) -> (..., V), with Gemma 2's final soft-cap c*tanh(z/c) when configured."""
@@ -198,6 +320,30 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         """Device of the weights."""
         return self.embed_tokens.weight.device
+
+
+def _inv_freqs(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """RoPE inverse frequencies per attention kind (recurrent layers have none)."""
+    kinds = set(config.layer_types)
+    if config.family == "gemma4":  # full layers: their own head_dim, proportional RoPE
+        freqs = {
+            SLIDING: rope_inv_freq(config.head_dim, config.rope_local_base_freq),
+            FULL: rope_inv_freq_proportional(
+                config.global_head_dim or config.head_dim,
+                config.rope_theta,
+                config.partial_rotary_factor,
+                config.rope_scaling_factor,
+            ),
+        }
+    elif config.family == "recurrent_gemma":  # RoPE on the first partial * head_dim dims
+        rotary = int(config.head_dim * config.partial_rotary_factor)
+        freqs = {SLIDING: rope_inv_freq(rotary, config.rope_theta)}
+    else:
+        return {
+            SLIDING: rope_inv_freq(config.head_dim, config.rope_local_base_freq),
+            FULL: rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor),
+        }
+    return {k: v for k, v in freqs.items() if k in kinds}
 
 
 def build_model(
