@@ -71,7 +71,7 @@ def load_image(source: bytes | str | os.PathLike, name: str | None = None) -> Im
         raise ImageError(
             f"{label}: not an image in a supported format ({', '.join(FORMATS)})"
         ) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Exception as e:  # noqa: BLE001 -- Pillow's decoders raise many types on bad bytes
         raise ImageError(f"{label}: corrupt or truncated image data ({e})") from None
 
 

@@ -158,19 +158,8 @@ class VisionConfig:
                     raise ConfigError(f"{source}: non-square {name} {c[name]} is not supported")
                 c[name] = c[name][0]
         try:
-            return cls(
-                image_size=c["image_size"],
-                patch_size=c["patch_size"],
-                num_channels=c["num_channels"],
-                hidden_size=c["hidden_size"],
-                intermediate_size=c["intermediate_size"],
-                num_hidden_layers=c["num_hidden_layers"],
-                num_attention_heads=c["num_attention_heads"],
-                layer_norm_eps=c["layer_norm_eps"],
-                hidden_act=c["hidden_act"],
-                mm_tokens_per_image=mm_tokens,
-                extra=extra,
-            )
+            fields = {name: c[name] for name in _SIGLIP_FIELDS}
+            return cls(**fields, mm_tokens_per_image=mm_tokens, extra=extra)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
 
@@ -179,15 +168,7 @@ class VisionConfig:
         return {
             "vision_config": {
                 "model_type": HF_VISION_MODEL_TYPE,
-                "hidden_size": self.hidden_size,
-                "intermediate_size": self.intermediate_size,
-                "num_hidden_layers": self.num_hidden_layers,
-                "num_attention_heads": self.num_attention_heads,
-                "num_channels": self.num_channels,
-                "image_size": self.image_size,
-                "patch_size": self.patch_size,
-                "hidden_act": self.hidden_act,
-                "layer_norm_eps": self.layer_norm_eps,
+                **{name: getattr(self, name) for name in _SIGLIP_FIELDS},
                 "attention_dropout": 0.0,
                 "vision_use_head": False,
             },
@@ -210,6 +191,9 @@ _HF_SIGLIP_VISION_DEFAULTS: dict[str, Any] = {
     "attention_dropout": 0.0,
     "vision_use_head": True,  # the pooling head; Gemma 3 never runs it (its weights are skipped)
 }
+_SIGLIP_FIELDS = tuple(
+    k for k in _HF_SIGLIP_VISION_DEFAULTS if k not in ("attention_dropout", "vision_use_head")
+)
 _HF_VISION_IGNORED = {
     "architectures",
     "torch_dtype",
