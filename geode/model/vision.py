@@ -441,12 +441,10 @@ def image_group_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tenso
 
 # ---------------------------------------------------------------------- checkpoint keys
 # Where the vision tensors live, by checkpoint layout. geode's names are the published ones.
+# "published": google/gemma-3-*; "model": what transformers >= 4.52 saves.
 VISION_LAYOUTS = {
-    "published": ("vision_tower.vision_model.", "multi_modal_projector."),  # google/gemma-3-*
-    "model": (
-        "model.vision_tower.vision_model.",
-        "model.multi_modal_projector.",
-    ),  # transformers>=4.52
+    "published": ("vision_tower.vision_model.", "multi_modal_projector."),
+    "model": ("model.vision_tower.vision_model.", "model.multi_modal_projector."),
 }
 # transformers 5 drops the SiglipVisionModel's `vision_model.` level when it saves (its
 # CLIPVisionModel prefix change); read these too, never write them.
