@@ -225,6 +225,7 @@ class ModelDrafter:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
+        self.runner = _draft_runner(self.model)
         pieces = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
         # ids the target may sample: with padding rows in either embedding, those with a piece
         self.vocab_size = vocab_size or min(self.config.vocab_size, pieces or 10**12)
@@ -296,10 +297,10 @@ class ModelDrafter:
 
     # ---------------------------------------------------------------- drafting
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """ids, pos (B, T) over cache rows 0..B-1 -> logits (B, V') float32 at columns `last`."""
-        h = self.model.hidden(ids, pos, self.cache)  # (B, T, hidden)
-        h = h[torch.arange(h.shape[0], device=h.device), last]  # (B, hidden)
-        return self.model.logits(h).float()[:, : self.vocab_size]
+        """ids, pos (N, T) over cache rows 0..N-1 -> logits (N, V') float32 at columns `last`."""
+        rows = list(range(ids.shape[0]))
+        out = self.runner.run(rows, ids, pos, self.cache, last[:, None])  # (N, 1, V)
+        return out[:, 0, : self.vocab_size]
 
     def _pick(
         self,
@@ -352,12 +353,12 @@ class ModelDrafter:
                 common = self._truncate(row, key, common)
                 end = len(ctx) - 1
                 if end - common > 8:  # a prompt (or a long gap): its own chunked prefill
-                    view = self.cache.rows(row, row + 1)
                     for s in range(common, end, self.prefill_chunk):
                         e = min(end, s + self.prefill_chunk)
                         ids = torch.tensor([ctx[s:e]], device=self.model.device)
                         pos = torch.arange(s, e, device=self.model.device)[None]
-                        self.model.hidden(ids, pos, view)
+                        sel = torch.tensor([[e - s - 1]], device=self.model.device)
+                        self.runner.run([row], ids, pos, self.cache, sel)
                     held.extend(ctx[common:end])
                     common = end
                 starts.append(common)
@@ -512,3 +513,143 @@ def make_drafter(
     if isinstance(drafter, ModelDrafter):
         check_draft(target_model, target_tok, drafter.model, drafter.tokenizer)
     return drafter
+
+
+def _draft_runner(model: torch.nn.Module) -> Any:
+    """The runner a draft model decodes with: the native C runner on CPU where it runs this
+    model (decode steps of a small model are dominated by per-layer overheads torch adds),
+    else the model's torch forward."""
+    from .runner import NativeStepRunner, TorchRunner
+
+    plain = TorchRunner(model)
+    if model.device.type == "cpu" and kernels.available():
+        native = NativeStepRunner(model, plain, pack_weights=False)
+        if native.decoder is not None:
+            return native
+    return plain
+
+
+# ---------------------------------------------------------------------- the engine's decode hook
+
+
+class Speculator:
+    """Speculative decode steps for an Engine (its `_decode_rows` hook calls `decode`).
+
+    Per ready sequence and step: draft k tokens (k adapted per sequence, `AdaptiveK`), run the
+    last token and the drafts through the target in ONE runner call for all rows, verify, and
+    roll back the target cache's rejected positions. Sequences whose sampling depends on more
+    than the logits (`can_speculate`) and rounds without drafts decode one token through the
+    plain sampler, so their output is exactly plain decoding's.
+    `stats`: rounds, draft_tokens (proposed), accepted_tokens; `request_stats(id)` the same per
+    request (kept for the last 4096 requests).
+    """
+
+    KEEP = 4096
+
+    def __init__(self, drafter: NgramDrafter | ModelDrafter, num_draft_tokens: int):
+        check_k(num_draft_tokens)
+        self.drafter = drafter
+        self.k_max = num_draft_tokens
+        self.slack = num_draft_tokens + 1  # target ring slots past the window (rollback)
+        self.stats = {"rounds": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        self._k: dict[str, AdaptiveK] = {}
+        self._per_request: dict[str, dict[str, int]] = {}
+
+    def request_stats(self, request_id: str) -> dict[str, int] | None:
+        """rounds / draft_tokens / accepted_tokens of one request (None if unknown)."""
+        return self._per_request.get(request_id)
+
+    def _k_for(self, engine: Any, c: Any) -> int:
+        """Tokens to draft for chunk c: adaptive k within the sequence's and cache's room."""
+        s = c.seq
+        if not can_speculate(s.params, s.n_sampled):
+            return 0
+        room = min(
+            s.params.max_new_tokens - s.n_sampled - 1,  # the round emits k + 1 at most
+            engine.cache.capacity - 1 - c.start,
+            engine.max_seq_len - 1 - c.start,
+        )
+        adaptive = self._k.setdefault(s.id, AdaptiveK(self.k_max))
+        return max(0, min(adaptive.k, room))
+
+    def decode(self, engine: Any, chunks: Sequence[Any]) -> list[tuple[list[int], Any, Any]]:
+        """One speculative step for ready sequences (chunks of one token each); per chunk
+        (tokens emitted, logprobs or None, top_logprobs or None)."""
+        from .sampling import sample_tokens
+
+        live = {s.id for s in engine.running}
+        for rid in [r for r in self._k if r not in live]:
+            del self._k[rid]
+        seqs = [c.seq for c in chunks]
+        ks = [self._k_for(engine, c) for c in chunks]
+        drafts: list[list[int]] = [[] for _ in chunks]
+        qs: list[torch.Tensor | None] = [None] * len(chunks)
+        todo = [i for i, k in enumerate(ks) if k > 0]
+        if todo:
+            d, q = self.drafter.draft(
+                [seqs[i].id for i in todo],
+                [seqs[i].prompt + seqs[i].out for i in todo],
+                [ks[i] for i in todo],
+                [seqs[i].params for i in todo],
+                [seqs[i].gen for i in todo],
+            )
+            for j, i in enumerate(todo):
+                drafts[i] = d[j][: ks[i]]
+                qs[i] = q[j] if q is not None else None
+        # the target: [last token, drafts] of every row in one run, logits at every column
+        order = sorted(range(len(chunks)), key=lambda i: chunks[i].row)
+        B, T = len(chunks), 1 + max(len(x) for x in drafts)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.full((B, T), -1, dtype=torch.long)
+        for b, i in enumerate(order):
+            c, x = chunks[i], drafts[i]
+            ids[b, : 1 + len(x)] = torch.tensor([seqs[i].out[-1], *x])
+            pos[b, : 1 + len(x)] = torch.arange(c.start, c.start + 1 + len(x))
+        dev = engine.device
+        rows = [chunks[i].row for i in order]
+        logits = engine.runner.run(rows, ids.to(dev), pos.to(dev), engine.cache)  # (B, T, V)
+        logits = logits[:, :, : engine.token_vocab_size]  # (B, T, V'): ids with a piece
+        engine.stats["positions_run"] += sum(len(x) for x in drafts)
+        out: list[tuple[list[int], Any, Any]] = [([], None, None)] * len(chunks)
+        for b, i in enumerate(order):
+            s, x = seqs[i], drafts[i]
+            z = logits[b, : len(x) + 1]  # (k+1, V')
+            if x:
+                tokens = verify(z, x, qs[i], s.params, s.gen)
+                self._record(engine, s.id, len(x), len(tokens) - 1)
+                rejected = len(x) - (len(tokens) - 1)
+                if rejected:
+                    engine.cache.rollback(chunks[i].row, rejected)
+            else:  # no drafts: exactly the plain sampler's step
+                tokens = sample_tokens([s], z[:1], engine.eos_token_ids).tolist()
+            lps = tops = None
+            if s.logprobs is not None:
+                logp = z[: len(tokens)].log_softmax(-1)  # raw model distribution, as plain
+                pairs = [engine._token_logprobs(s, logp[j], t) for j, t in enumerate(tokens)]
+                lps = [lp for lp, _ in pairs]
+                tops = [top for _, top in pairs] if s.top is not None else None
+            out[i] = (tokens, lps, tops)
+        return out
+
+    def _record(self, engine: Any, rid: str, proposed: int, accepted: int) -> None:
+        """Count a verified round (here, in engine.stats and per request); adapt k."""
+        for st in (self.stats, engine.stats):
+            st["rounds"] = st.get("rounds", 0) + 1
+            st["draft_tokens"] = st.get("draft_tokens", 0) + proposed
+            st["accepted_tokens"] = st.get("accepted_tokens", 0) + accepted
+        self._k[rid].update(proposed, accepted)
+        r = self._per_request.pop(rid, None) or dict.fromkeys(self.stats, 0)
+        r["rounds"] += 1
+        r["draft_tokens"] += proposed
+        r["accepted_tokens"] += accepted
+        self._per_request[rid] = r  # most recent last
+        if len(self._per_request) > self.KEEP:
+            del self._per_request[next(iter(self._per_request))]
+
+
+def build_speculator(engine: Any, draft: Any, num_draft_tokens: int = 4) -> Speculator:
+    """The Speculator of `Engine(draft=..., num_draft_tokens=k)` (see `make_drafter`)."""
+    drafter = make_drafter(draft, engine.model, engine.tokenizer, num_draft_tokens)
+    if isinstance(drafter, ModelDrafter) and drafter.vocab_size != engine.token_vocab_size:
+        drafter.vocab_size = engine.token_vocab_size
+    return Speculator(drafter, num_draft_tokens)

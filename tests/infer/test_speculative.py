@@ -9,6 +9,7 @@ import torch
 from scipy.stats import chisquare
 
 from geode import build_model, get_preset
+from geode.infer import Engine, Request, RequestError
 from geode.infer.sampling import SamplingParams, sample_from_logits
 from geode.infer.speculative import (
     AdaptiveK,
@@ -273,3 +274,104 @@ def test_make_drafter_specs():
         make_drafter(tiny(vocab=32), target, None)
     with pytest.raises(FileNotFoundError, match="no/such"):
         make_drafter("no/such/dir", target, None)
+
+
+# ---------------------------------------------------------------------- through the engine
+def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """n prompts of 1..40 tokens (most longer than the window of 5), some repetitive."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(1, 41, (1,), generator=g))
+        p = torch.randint(3, vocab, (length,), generator=g).tolist()
+        if i % 3 == 0:  # a repeated phrase: n-gram drafts find matches
+            p = (p[:6] * 8)[:length]
+        out.append([2] + p)
+    return out
+
+
+def _requests(prompts):
+    reqs = []
+    for i, p in enumerate(prompts):
+        kw = dict(max_new_tokens=3 + i % 18, temperature=0)
+        if i % 4 == 1:
+            kw["stop_token_ids"] = [7, 11, 50, 99]  # stops mid-block are cut like plain decoding
+        if i % 10 == 3:
+            kw["repetition_penalty"] = 1.3  # not speculated: plain steps inside the same batch
+        if i % 7 == 2:
+            kw["logprobs"] = 2
+        reqs.append(Request(p, request_id=f"r{i}", **kw))
+    return reqs
+
+
+@pytest.mark.parametrize(
+    "draft, native", [("model", True), ("self", True), ("ngram", True), ("model", False)]
+)
+def test_speculative_greedy_equals_plain_greedy_on_50_prompts(model, draft, native, one_thread):
+    """Native C runner and torch runner; drafts rejected often (a random draft), never (the
+    target itself) and by n-gram lookup; prompts and outputs cross the window of 5."""
+    prompts = _prompts(50, model.config.vocab_size)
+    plain = Engine(model, max_batch=8, native=native).generate(_requests(prompts))
+    spec_draft = {"model": tiny(vocab=300, window=5, seed=4), "self": model, "ngram": "ngram:2"}
+    engine = Engine(model, max_batch=8, native=native, draft=spec_draft[draft], num_draft_tokens=4)
+    spec = engine.generate(_requests(prompts))
+    for a, b in zip(plain, spec, strict=True):
+        assert b.token_ids == a.token_ids, a.request_id
+        assert b.finish_reason == a.finish_reason and b.stop_reason == a.stop_reason
+        if a.logprobs is not None:
+            torch.testing.assert_close(
+                torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-4, rtol=0
+            )
+    st = engine.stats
+    assert st["draft_tokens"] > 0 and 0 < st["accepted_tokens"] <= st["draft_tokens"]
+    if draft == "self":  # the target drafting for itself: every draft is accepted
+        assert st["accepted_tokens"] == st["draft_tokens"]
+    assert not engine.has_unfinished()
+
+
+def test_speculative_sampling_through_the_engine_keeps_the_distribution(one_thread):
+    """Chi-square: the joint distribution of the first three sampled tokens (the second and
+    third drafted and verified) equals the target's."""
+    v = 5
+    target, draft = tiny(vocab=v, seed=5), tiny(vocab=v, seed=6)
+    prompt = [2, 4, 3, 0, 4, 3]
+    n = 2000
+    params = dict(max_new_tokens=4, temperature=0.9, top_k=4, ignore_eos=True)
+    engine = Engine(target, max_batch=64, draft=draft, num_draft_tokens=2, seed=0)
+    res = engine.generate([Request(prompt, **params) for _ in range(n)])
+    counts = torch.zeros(v**3)
+    for r in res:
+        a, b, c = r.token_ids[:3]
+        counts[(a * v + b) * v + c] += 1
+    sp = SamplingParams(temperature=0.9, top_k=4)
+    with torch.inference_mode():
+        ctx = [[]] + [[a] for a in range(v)] + [[a, b] for a in range(v) for b in range(v)]
+        logits = torch.stack([target(torch.tensor([prompt + x]))[0, -1] for x in ctx]).float()
+        p = processed_logits(logits, sp).softmax(-1)  # (1 + v + v*v, v)
+    p1, p2, p3 = p[0], p[1 : 1 + v], p[1 + v :].reshape(v, v, v)
+    expect = (p1[:, None, None] * p2[:, :, None] * p3).flatten().double() * n
+    assert counts[expect == 0].sum() == 0  # never a token top-k removed
+    counts, expect = counts[expect > 0].double(), expect[expect > 0]
+    big = expect >= 5  # cells with small expectations pooled into one
+    obs, exp = counts[big], expect[big]
+    if not big.all():
+        obs = torch.cat([obs, counts[~big].sum()[None]])
+        exp = torch.cat([exp, expect[~big].sum()[None]])
+    _, pvalue = chisquare(obs.numpy(), exp.numpy())
+    assert pvalue > 1e-3
+    st = engine.stats
+    assert st["draft_tokens"] > 0 and 0 < st["accepted_tokens"] < st["draft_tokens"]
+
+
+def test_engine_rejects_bad_drafts_and_k(model):
+    with pytest.raises(ValueError, match="num_draft_tokens=0"):
+        Engine(model, draft="ngram:2", num_draft_tokens=0)
+    with pytest.raises(ValueError, match="vocabulary size 64 differs from the target's 300"):
+        Engine(model, draft=tiny(vocab=64))
+    with pytest.raises(ValueError, match="ngram:N"):
+        Engine(model, draft="ngram:two")
+    engine = Engine(model, draft="ngram:2")
+    with pytest.raises(RequestError):  # a bad request leaves a speculating engine unchanged
+        engine.add_request(Request([2, 999], max_new_tokens=4))
+    assert not engine.has_unfinished()
+    assert engine.generate([Request([2, 5, 6, 5, 6], max_new_tokens=6, temperature=0)])[0].token_ids
