@@ -672,6 +672,7 @@ def state_bytes(
     n_tokens: int,
     dtype: torch.dtype = torch.bfloat16,
     ring_buffer: bool = True,
+    kinds: tuple[str, ...] = (SLIDING, FULL, RECURRENT),
 ) -> int:
     """Decode-state bytes of one sequence after n tokens, for any family.
 
@@ -679,12 +680,15 @@ def state_bytes(
     with a ring buffer; Gemma 4 kv-shared layers nothing, full layers their own D and H_kv).
     A recurrent layer keeps a constant (conv1d_width - 1) * W inputs (dtype) + W h (float32).
     Gemma 3's formula is geode.infer.cache.kv_cache_bytes, which this equals for Gemma 3.
+    `kinds`: count only the layers of those kinds.
     """
     if n_tokens < 0:
         raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
     b = torch.empty((), dtype=dtype).element_size()
     total = 0
     for i, kind in enumerate(config.layer_types):
+        if kind not in kinds:
+            continue
         if kind == RECURRENT:
             w = config.lru_width or config.hidden_size
             total += (config.conv1d_width - 1) * w * b + w * 4

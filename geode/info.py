@@ -1,7 +1,9 @@
 """Model facts without weights: parameter counts, layer pattern, KV-cache memory (docs/architecture.md).
 
 The KV-cache formula has one definition, `geode.infer.cache.kv_cache_bytes`, which the engine's
-cache is tested against; `geode info` prints it.
+cache is tested against; `geode info` prints it for Gemma 3, and the family's decode-state size
+(`geode.family.state_bytes`: per-kind K/V, constant recurrent states) for the other members.
+Parameter counts (total and active per token) come from `geode.family.parameter_counts`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from typing import Any
 import torch
 
 from .checkpoint import parse_dtype, read_config
-from .config import FULL, PRESETS, ModelConfig, get_preset
+from .config import FULL, PRESETS, RECURRENT, SLIDING, ModelConfig, get_preset
+from .family import parameter_counts, state_bytes
 from .infer.cache import kv_cache_bytes
+
+__all__ = ["format_summary", "layer_pattern", "model_summary", "parameter_counts"]
 
 CONTEXTS = {"8K": 8 * 1024, "32K": 32 * 1024, "128K": 128 * 1024}
 
@@ -37,24 +42,9 @@ def tokenizer_file(model: str) -> Path | None:
     return None if model in PRESETS else find_tokenizer(model)
 
 
-def parameter_counts(config: ModelConfig) -> dict[str, int]:
-    """Total, embedding (input embedding matrix) and non-embedding parameters, from the config."""
-    h, hd = config.hidden_size, config.head_dim
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    attn = h * q + 2 * h * kv + q * h + 2 * hd  # q, k, v, o projections + q/k norms
-    if config.attention_bias:
-        attn += q + 2 * kv + h
-    mlp = 3 * h * config.intermediate_size
-    per_layer = attn + mlp + 4 * h  # four sandwich norms
-    embedding = config.vocab_size * h
-    head = 0 if config.tie_word_embeddings else config.vocab_size * h
-    total = embedding + config.num_hidden_layers * per_layer + h + head
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
-
-
 def layer_pattern(config: ModelConfig) -> str:
-    """Compact local/global pattern, e.g. 'LLLLLG x 5 + LLLL' (L local, G global)."""
-    s = "".join("G" if t == FULL else "L" for t in config.layer_types)
+    """Compact pattern, e.g. 'LLLLLG x 5 + LLLL' (L local, G global, R recurrent)."""
+    s = "".join({FULL: "G", RECURRENT: "R"}.get(t, "L") for t in config.layer_types)
     for period in range(1, len(s) + 1):
         unit = s[:period]
         reps = len(s) // period
@@ -74,7 +64,14 @@ def model_summary(
     """Everything `geode info` prints, as a JSON-able dict (`tokenizer`: the file used)."""
     dtype = parse_dtype(dtype)
     dtype_name = str(dtype).removeprefix("torch.")
-    one = kv_cache_bytes(config, 1, dtype, ring_buffer=False)
+
+    def kv(n: int, ring: bool, kinds: tuple[str, ...] = (SLIDING, FULL, RECURRENT)) -> int:
+        if config.family == "gemma3" and len(kinds) == 3:  # the engine's tested formula
+            return kv_cache_bytes(config, n, dtype, ring_buffer=ring)
+        return state_bytes(config, n, dtype, ring_buffer=ring, kinds=kinds)
+
+    constant = kv(0, False)  # recurrent layers' state, whatever the length
+    one = kv(1, False) - constant
     return {
         "name": config.name,
         "family": config.family,
@@ -87,15 +84,15 @@ def model_summary(
         "sliding_window": config.sliding_window,
         "max_position_embeddings": config.max_position_embeddings,
         "kv_dtype": dtype_name,
+        "recurrent_layers": config.num_recurrent_layers,
         "kv_bytes_per_token": one,
-        "kv_bytes_per_token_global_only": one
-        * config.num_global_layers
-        // config.num_hidden_layers,
+        "kv_bytes_per_token_global_only": kv(1, False, (FULL,)),
+        "state_bytes_constant": constant,
         "kv_cache": {
             label: {
                 "tokens": n,
-                "full": kv_cache_bytes(config, n, dtype, ring_buffer=False),
-                "ring": kv_cache_bytes(config, n, dtype, ring_buffer=True),
+                "full": kv(n, False),
+                "ring": kv(n, True),
                 "beyond_max_position": n > config.max_position_embeddings,
             }
             for label, n in CONTEXTS.items()
@@ -139,17 +136,32 @@ def format_summary(s: dict[str, Any]) -> str:
         f"model            {s['name'] or '(unnamed)'}  [{s['family']}]",
         f"parameters       {_human(p['total'], '')} total = {_human(p['embedding'], '')} embedding "
         f"+ {_human(p['non_embedding'], '')} non-embedding ({p['total']:,})",
+        *(
+            [f"active/token     {_human(p['active'], '')} ({p['active']:,}; MoE: top-k experts)"]
+            if p["active"] != p["total"]
+            else []
+        ),
         f"shape            hidden {c['hidden_size']}, mlp {c['intermediate_size']}, "
         f"heads {c['num_attention_heads']}/{c['num_key_value_heads']} kv x {c['head_dim']}, "
         f"vocab {c['vocab_size']:,}",
         f"tokenizer        {s.get('tokenizer') or '(none)'}",
         f"layers           {s['layers']} = {s['local_layers']} local (window "
-        f"{s['sliding_window']}) + {s['global_layers']} global; pattern {s['layer_pattern']}",
+        f"{s['sliding_window']}) + {s['global_layers']} global"
+        + (f" + {s['recurrent_layers']} recurrent" if s["recurrent_layers"] else "")
+        + f"; pattern {s['layer_pattern']}",
         f"rope             local base {c['rope_local_base_freq']:g}, global base "
         f"{c['rope_theta']:g} x linear {c['rope_scaling_factor']:g}; "
         f"max positions {s['max_position_embeddings']:,}",
         f"kv cache ({s['kv_dtype']})  {s['kv_bytes_per_token']:,} B/token all layers, "
         f"{s['kv_bytes_per_token_global_only']:,} B/token global layers only",
+        *(
+            [
+                f"recurrent state  {s['state_bytes_constant']:,} B per sequence, constant "
+                "(conv window + RG-LRU h per recurrent layer), included below"
+            ]
+            if s["recurrent_layers"]
+            else []
+        ),
         "  context   full cache (every layer keeps n)   ring buffer (local keep W)   saving",
     ]
     for label, row in s["kv_cache"].items():
@@ -159,8 +171,14 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  {label:<8}  {_human(row['full']):>12} ({row['full']:>15,})   "
             f"{_human(row['ring']):>12} ({row['ring']:>14,})   {saving:5.2f}x{note}"
         )
-    lines.append(
-        "  formula: bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * min(n, W)); "
-        "full: min(n, W) -> n"
-    )
+    if s["family"] == "gemma3":
+        lines.append(
+            "  formula: bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * min(n, W)); "
+            "full: min(n, W) -> n"
+        )
+    else:
+        lines.append(
+            "  formula: per layer 2 * H_kv * D * b * (n, or min(n, W) local), each kind its own "
+            "H_kv and D; kv-shared layers 0; recurrent (k-1) * W * b + 4 W (geode.family)"
+        )
     return "\n".join(lines)

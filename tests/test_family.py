@@ -283,3 +283,18 @@ def test_recurrent_state_is_constant_and_gemma3_state_is_the_kv_formula():
     g3 = get_preset("gemma3-1b")
     for n in (1, 600, 9000):
         assert state_bytes(g3, n) == kv_cache_bytes(g3, n, torch.bfloat16, ring_buffer=True)
+
+
+def test_geode_info_prints_active_parameters_and_the_constant_recurrent_state(capsys):
+    from geode.cli import main
+    from geode.info import model_summary
+
+    assert main(["info", "gemma4-26b-a4b"]) == 0
+    out = capsys.readouterr().out
+    assert "25.23 B total" in out and "active/token     3.82 B" in out
+    s = model_summary(get_preset("recurrentgemma-2b"))
+    rows = s["kv_cache"]
+    assert rows["8K"]["ring"] == rows["128K"]["ring"]  # windows full: constant from here on
+    assert s["state_bytes_constant"] == state_bytes(get_preset("recurrentgemma-2b"), 0) > 0
+    assert main(["info", "recurrentgemma-2b"]) == 0
+    assert "recurrent state" in capsys.readouterr().out

@@ -758,15 +758,10 @@ class Trainer:
 
 
 def _count_params(config: ModelConfig) -> int:
-    """Parameters of a Gemma 3 decoder with this config (counted, nothing allocated)."""
-    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
-    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-    attn = h * q + 2 * h * kv + q * h + 2 * d  # q, k, v, o projections + q/k norms
-    if config.attention_bias:
-        attn += q + 2 * kv + h
-    layer = attn + 3 * h * i + 4 * h  # + gated MLP + four norms
-    head = 0 if config.tie_word_embeddings else config.vocab_size * h
-    return config.vocab_size * h + config.num_hidden_layers * layer + h + head
+    """Parameters of the decoder with this config, any family (geode.family.parameter_counts)."""
+    from ..family import parameter_counts
+
+    return parameter_counts(config)["total"]
 
 
 def _stamp() -> str:
