@@ -29,6 +29,8 @@ and never copies the cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..checkpoint import parse_dtype
@@ -214,35 +216,43 @@ class HybridCache:
                 out[j, i] = t[row][:, slots] if local else t[row, :, start:stop]
         return out
 
-    def write_kv(self, row: int, kv: torch.Tensor) -> None:
-        """Make `row` hold positions [0, n) with keys and values kv (2, L, H_kv, n, D), as a
-        prefill of them leaves it: global slots p, ring slots p mod R of the last R positions."""
+    def write_kv(self, row: int, kv: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Make `row` hold positions [0, n) with keys and values kv (2, L, H_kv, n, D), or with
+        consecutive chunks of it, as a prefill of them leaves it: global slots p, ring slots
+        p mod R of the last R positions (only those are copied). Row unchanged on error."""
         self._check_row(row)
+        chunks = [kv] if isinstance(kv, torch.Tensor) else list(kv)
         k0 = self.keys[0]
-        n = kv.shape[3] if kv.dim() == 5 else -1
         want = (2, len(self.keys), k0.shape[1], k0.shape[3])
-        if kv.dim() != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != want:
-            raise ValueError(
-                f"K/V of shape {tuple(kv.shape)} does not fit a cache of (2, layers, kv heads, "
-                f"positions, head dim) = (2, {want[1]}, {want[2]}, n, {want[3]})"
-            )
-        if kv.dtype != self.dtype:
-            raise ValueError(f"K/V in {kv.dtype} does not fit a cache in {self.dtype}")
+        for c in chunks:
+            if c.dim() != 5 or (c.shape[0], c.shape[1], c.shape[2], c.shape[4]) != want:
+                raise ValueError(
+                    f"K/V of shape {tuple(c.shape)} does not fit a cache of (2, layers, kv "
+                    f"heads, positions, head dim) = (2, {want[1]}, {want[2]}, n, {want[3]})"
+                )
+            if c.dtype != self.dtype:
+                raise ValueError(f"K/V in {c.dtype} does not fit a cache in {self.dtype}")
+        n = sum(c.shape[3] for c in chunks)
         if n > self.capacity:
             raise ValueError(f"{n} positions do not fit the cache's capacity of {self.capacity}")
-        kv = kv.to(self.device)
-        lo = max(0, n - self.ring)  # the ring holds positions [lo, n)
-        pos = torch.arange(n, device=self.device)  # (n,)
-        slots = pos[lo:] % self.ring  # (n - lo,)
-        for i, local in enumerate(self.is_local):
-            for j, t in enumerate((self.keys[i], self.values[i])):
-                if local:
-                    t[row][:, slots] = kv[j, i, :, lo:]  # (Hkv, n - lo, D)
-                else:
-                    t[row, :, :n] = kv[j, i]  # (Hkv, n, D)
+        lo = max(0, n - self.ring)  # the ring keeps positions [lo, n)
+        p0 = 0
+        for c in chunks:
+            p1 = p0 + c.shape[3]
+            c = c.to(self.device)
+            a = min(max(p0, lo), p1)  # this chunk's positions [a, p1) go to the ring
+            slots = torch.arange(a, p1, device=self.device) % self.ring  # (p1 - a,)
+            for i, local in enumerate(self.is_local):
+                for j, t in enumerate((self.keys[i], self.values[i])):
+                    if not local:
+                        t[row, :, p0:p1] = c[j, i]  # (Hkv, p1 - p0, D)
+                    elif a < p1:
+                        t[row][:, slots] = c[j, i, :, a - p0 :]  # (Hkv, p1 - a, D)
+            p0 = p1
         self.reset_rows(row)
+        pos = torch.arange(n, device=self.device)  # (n,)
         self.global_pos[row, :n] = pos
-        self.local_pos[row, slots] = pos[lo:]
+        self.local_pos[row, pos[lo:] % self.ring] = pos[lo:]
 
     def reset_rows(self, rows: slice | list[int] | int | None = None) -> None:
         """Mark rows empty (all rows when None); keys/values are left as garbage, masked out."""

@@ -129,8 +129,7 @@ class PrefixCache:
     def restore(self, handle: PrefixMatch, cache: HybridCache, row: int) -> int:
         """Write a matched prefix into `row` (global slots p, ring slots p mod R of the last R
         positions, slot tables); the row is then exactly as if [0, n) had been prefilled."""
-        blocks = [b.kv for b in handle.blocks] or [cache.read_kv(row, 0, 0)]  # (2,L,Hkv,., D)
-        cache.write_kv(row, torch.cat(blocks, dim=3))  # (2, L, Hkv, n, D)
+        cache.write_kv(row, [b.kv for b in handle.blocks])  # blocks (2, L, Hkv, block, D)
         return handle.n
 
     def insert(
@@ -224,4 +223,4 @@ class PrefixCache:
 
 def _as_list(tokens: list[int] | torch.Tensor) -> list[int]:
     """Token ids as a list of ints."""
-    return tokens.tolist() if isinstance(tokens, torch.Tensor) else [int(t) for t in tokens]
+    return tokens.tolist() if isinstance(tokens, torch.Tensor) else list(map(int, tokens))
