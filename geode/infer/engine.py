@@ -212,13 +212,12 @@ class Engine:
         """Drop a waiting or running request and free its cache row; False if unknown."""
         if self.scheduler.drop_waiting(request_id):
             return True
-        for i, seq in enumerate(self.running):
-            if seq.id == request_id:
-                seq.finish_reason = "abort"
-                self._release(i)
-                self._settle()
-                return True
-        return False
+        seq = next((s for s in self.running if s.id == request_id and s.parent is None), None)
+        if seq is None:
+            return False
+        seq.finish_reason = "abort"
+        self._release_finished()
+        return True
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
@@ -240,15 +239,31 @@ class Engine:
             st["decode_tokens" if c.seq.ready else "prefill_tokens"] += c.size
         spec = []
         if self.speculator is not None:
-            spec = [c for c in plan.chunks if c.seq.ready and c.size == 1 and not c.seq.pending]
+            spec = [
+                c
+                for c in plan.chunks
+                if c.seq.ready
+                and c.size == 1
+                and not c.seq.pending
+                and c.seq.uncond is None
+                and c.seq.parent is None
+            ]
         chunks = [c for c in plan.chunks if not any(c is x for x in spec)]
         deltas = self._decode_rows(spec) if spec else []
         deltas += self._run_chunks(chunks)
-        finished = [i for i, s in enumerate(self.running) if s.finish_reason is not None]
-        for i in sorted(finished, reverse=True):  # highest row first keeps indices valid
+        self._release_finished()
+        return deltas
+
+    def _release_finished(self) -> None:
+        """Free the rows of finished sequences (and of their guidance rows); ready rows first."""
+        done = [
+            i
+            for i, s in enumerate(self.running)
+            if s.finish_reason is not None or (s.parent is not None and s.parent.finish_reason)
+        ]
+        for i in sorted(done, reverse=True):  # highest row first keeps indices valid
             self._release(i)
         self._settle()
-        return deltas
 
     def append(self, request_id: str, tokens: Seq[int]) -> None:
         """Force tokens into a running sequence: the next step runs them through the model
@@ -287,6 +302,8 @@ class Engine:
             raise RequestError(f"fork: n={n!r} must be an integer >= 1")
         if seq.pending:
             raise RequestError(f"fork: request {request_id!r} has forced tokens not run yet")
+        if seq.uncond is not None:
+            raise RequestError(f"fork: request {request_id!r} uses guidance (guidance_scale)")
         free = self.max_batch - len(self.running)
         if n > free:
             raise RequestError(f"fork: {n} copies need {n} free rows, the engine has {free}")
@@ -364,7 +381,7 @@ class Engine:
 
     def _running_seq(self, request_id: str, what: str) -> Sequence:
         """The running, ready sequence with this id (RequestError otherwise)."""
-        seq = next((s for s in self.running if s.id == request_id), None)
+        seq = next((s for s in self.running if s.id == request_id and s.parent is None), None)
         if seq is None:
             state = "waiting for a row" if any(s.id == request_id for s in self.waiting) else None
             raise RequestError(
@@ -432,11 +449,45 @@ class Engine:
             seq.counts = torch.zeros(self.token_vocab_size, dtype=torch.float32)
             seq.seen = torch.zeros(self.token_vocab_size, dtype=torch.bool)
             seq.seen[torch.tensor(ids)] = True
+        if params.guidance_scale != 1.0:
+            seq.uncond = Sequence(f"{rid}#uncond", self._guidance_ids(request), params, seq.gen)
+            seq.uncond.parent = seq
+            if self.max_batch < 2:
+                raise RequestError("guidance_scale != 1 needs max_batch >= 2 (a second row)")
+            need = self._need(seq.uncond)
+            if need > self.max_seq_len:
+                raise RequestError(
+                    f"guidance_prompt of {len(seq.uncond.prompt)} tokens + max_new_tokens = "
+                    f"{need} exceeds max_seq_len {self.max_seq_len}"
+                )
         return seq
+
+    def _guidance_ids(self, request: Request) -> list[int]:
+        """The unconditional prompt of classifier-free guidance (default: [<bos>])."""
+        g = request.guidance_prompt
+        if g is None:
+            bos = getattr(self.tokenizer, "bos_id", -1) if self.tokenizer is not None else -1
+            return [bos if bos is not None and bos >= 0 else self.config.bos_token_id]
+        if isinstance(g, str):
+            if self.tokenizer is None:
+                raise RequestError("guidance_prompt is text but the engine has no tokenizer")
+            ids = encode_prompt(self.tokenizer, g, request.add_bos)
+        else:
+            try:
+                ids = [int(t) for t in (g.flatten().tolist() if isinstance(g, torch.Tensor) else g)]
+            except (TypeError, ValueError):
+                raise RequestError("guidance_prompt must be a string or token ids") from None
+        if not ids or any(not 0 <= t < self.token_vocab_size for t in ids):
+            raise RequestError(
+                f"guidance_prompt must be non-empty ids in [0, {self.token_vocab_size})"
+            )
+        return ids
 
     # ------------------------------------------------------------------ cache and rows
     def _need(self, seq: Sequence) -> int:
         """Cache positions a sequence can use: prompt, forced tokens and sampled tokens."""
+        if seq.parent is not None:  # a guidance row: its prompt, then its sequence's output
+            return len(seq.prompt) + self._need(seq.parent) - len(seq.parent.prompt)
         forced = len(seq.out) - seq.n_sampled + len(seq.pending)
         return len(seq.prompt) + forced + seq.params.max_new_tokens
 
@@ -568,20 +619,18 @@ class Engine:
 
     def _run_group(self, chunks: list[Chunk], cols: list[list[int]]) -> list[torch.Tensor]:
         """One runner call over chunks of distinct rows; per chunk logits (len(cols), V)."""
-        B, T = len(chunks), max(c.size for c in chunks)
+        T = max(c.size for c in chunks)
         K = max(1, max(len(x) for x in cols))
-        ids = torch.zeros(B, T, dtype=torch.long)
-        pos = torch.full((B, T), -1, dtype=torch.long)
-        sel = torch.zeros(B, K, dtype=torch.long)
-        for b, (c, x) in enumerate(zip(chunks, cols, strict=True)):
-            ids[b, : c.size] = torch.tensor(c.seq.tokens(c.start, c.end))
-            pos[b, : c.size] = torch.arange(c.start, c.end)
+        ids, pos, sel = [], [], []  # rows of (B, T), (B, T), (B, K)
+        for c, x in zip(chunks, cols, strict=True):
+            pad = T - c.size
+            ids.append(c.seq.tokens(c.start, c.end) + [0] * pad)
+            pos.append(list(range(c.start, c.end)) + [-1] * pad)
             x = x or [c.size - 1]
-            sel[b, : len(x)] = torch.tensor(x)
-            sel[b, len(x) :] = x[-1]
-        dev = self.device
+            sel.append(x + [x[-1]] * (K - len(x)))
+        t = [torch.tensor(v, dtype=torch.long, device=self.device) for v in (ids, pos, sel)]
         rows = [c.row for c in chunks]
-        out = self.runner.run(rows, ids.to(dev), pos.to(dev), self.cache, sel.to(dev))  # (B,K,V)
+        out = self.runner.run(rows, t[0], t[1], self.cache, t[2])  # (B, K, V)
         return [out[b, : len(x)] for b, x in enumerate(cols)]
 
     # ------------------------------------------------------------------ postprocess
@@ -598,6 +647,14 @@ class Engine:
             s = c.seq
             s.cached = c.end
             lg = lg[:, :V]  # (K, V'): padding rows of the embedding never count
+            if s.parent is not None:  # a guidance row: keep its logits for its sequence
+                k = max(0, c.end - len(s.prompt) - len(s.out))  # pending tokens now run
+                s.out += s.pending[:k]
+                del s.pending[:k]
+                if c.completes:
+                    s.parent.uncond_logits = lg[-1]
+                    s.t_first = s.t_first or time.perf_counter()
+                continue
             d = deltas.setdefault(s.id, Delta(s.id, [], ""))
             p_len, forced_from = len(s.prompt), len(s.prompt) + len(s.out)
             logp = (
@@ -632,6 +689,10 @@ class Engine:
             if self.prefix is not None and not s.ready and c.start < p_len:
                 self.prefix.insert(s.prompt, self.cache, c.row, c.start, min(c.end, p_len))
         if to_sample:
+            for i, s in enumerate(to_sample):
+                if s.uncond is not None:  # classifier-free guidance: uncond + g (cond - uncond)
+                    u, g = s.uncond_logits, s.params.guidance_scale
+                    rows[i] = u + g * (rows[i] - u)
             z = torch.stack(rows)  # (N, V')
             tokens = sample_tokens(to_sample, z, self.eos_token_ids).tolist()
             need_lp = [i for i, s in enumerate(to_sample) if s.logprobs is not None]
@@ -674,6 +735,8 @@ class Engine:
         """Append token t to sequence s and to its delta d (ignored once s has finished)."""
         if s.finish_reason is not None:
             return
+        if s.uncond is not None:
+            s.uncond.pending.append(t)  # the unconditional row is fed the same tokens
         d.text += s.emit(t, sampled, self.eos_token_ids, lp, top)
         d.token_ids.append(t)
         d.sampled_mask.append(int(sampled))

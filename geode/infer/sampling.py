@@ -1,6 +1,8 @@
 """Sampling parameters and the per-step logits pipeline.
 
 Order of operations on one step's logits (float32), per sequence:
+  0. classifier-free guidance when guidance_scale != 1 (the engine combines the sequence's
+     logits with its unconditional row's: uncond + g * (cond - uncond)),
   1. custom logits processors (constrained decoding),
   2. penalties: repetition (prompt + output), presence and frequency (output only),
   3. min_new_tokens: end-of-sequence / stop ids masked until enough tokens exist,
@@ -50,6 +52,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same for every prompt token (the first has none)
     skip_special_tokens: bool = True  # leave special tokens out of the text
     logits_processors: Sequence[LogitsProcessor] = field(default_factory=tuple)
+    # classifier-free guidance (Ho & Salimans 2022, eq. 6; Sanchez et al. 2023 for LMs):
+    # logits = uncond + g * (cond - uncond), uncond from Request.guidance_prompt; 1 = off
+    guidance_scale: float = 1.0
 
     @property
     def greedy(self) -> bool:
@@ -96,6 +101,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not is_num(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
                 raise bad(name, "must be in [-2, 2]")
+        if not is_num(self.guidance_scale):
+            raise bad("guidance_scale", "must be a finite number (1 = off)")
         if self.seed is not None and not is_int(self.seed):
             raise bad("seed", "must be an integer or None")
         for name in ("logprobs", "prompt_logprobs"):

@@ -111,8 +111,9 @@ class Scheduler:
                 continue  # rides on its leader's prefill
             if s.ready:
                 n = min(s.total - s.cached, self.prefill_chunk)  # 1, or forced tokens
-                plan.chunks.append(Chunk(s, row, s.cached, s.cached + n))
-                budget -= n
+                if n:  # (a guidance row waits while its sequence prefills)
+                    plan.chunks.append(Chunk(s, row, s.cached, s.cached + n))
+                    budget -= n
             else:
                 prefilling.append((row, s))
         for row, s in prefilling:
@@ -125,24 +126,44 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch:
             if budget <= 0 and (plan.admitted or any(not c.seq.ready for c in plan.chunks)):
                 break
-            s = self.waiting.popleft()
-            row = len(self.running)
-            self.running.append(s)
-            plan.admitted.append(s)
+            s = self.waiting[0]
+            if s.uncond is not None and len(self.running) + 2 > self.max_batch:
+                break  # a guided sequence needs a second row for its unconditional prompt
+            self.waiting.popleft()
             key = tuple(s.prompt)
             lead = leaders.get(key)
-            if lead is not None and _can_follow(s, lead):
-                s.leader = lead
-                lead.followers.append(s)
-                continue
-            if self.on_admit is not None:
-                self.on_admit(s)
-            if not s.pending and s.prompt_logprobs is None:
-                leaders.setdefault(key, s)
-            c = self._chunk(s, row, budget)
-            plan.chunks.append(c)
-            budget -= c.size
+            for t in (s.uncond, s) if s.uncond is not None else (s,):
+                row = len(self.running)
+                self.running.append(t)
+                plan.admitted.append(t)
+                if t is s and lead is not None and _can_follow(s, lead):
+                    s.leader = lead
+                    lead.followers.append(s)
+                    break
+                if self.on_admit is not None:
+                    self.on_admit(t)
+                if t.uncond is None and t.parent is None and t.prompt_logprobs is None:
+                    leaders.setdefault(key, t)
+                c = self._chunk(t, row, budget)
+                plan.chunks.append(c)
+                budget -= c.size
+        self._sync_guidance(plan)
         return plan
+
+    @staticmethod
+    def _sync_guidance(plan: StepPlan) -> None:
+        """A guided sequence samples only in a step that completes its unconditional row too
+        (its chunk stops one token short, or waits, until then)."""
+        ends = {c.seq.id: c.end for c in plan.chunks}
+        keep = []
+        for c in plan.chunks:
+            u = c.seq.uncond
+            if u is not None and c.completes and ends.get(u.id, u.cached) < u.total:
+                c.end -= 1
+                if c.end == c.start:
+                    continue
+            keep.append(c)
+        plan.chunks = keep
 
     def drop_waiting(self, seq_id: str) -> bool:
         """Remove a waiting sequence; False if none has that id."""
@@ -157,6 +178,7 @@ def _can_follow(s: Sequence, lead: Sequence) -> bool:
     """s may share lead's prefill: same prompt, nothing else fed, no prompt logprobs wanted."""
     return (
         not s.pending
+        and s.uncond is None
         and s.cached == 0
         and s.params.prompt_logprobs is None
         and lead.params.prompt_logprobs is None

@@ -42,7 +42,8 @@ class Request:
 
     `Request([2, 45, 7], max_new_tokens=16, temperature=0)`; keyword arguments are the fields of
     `SamplingParams` (or pass `params=`). `add_bos`: prepend <bos> to a text prompt (unless it
-    already starts with it).
+    already starts with it). `guidance_prompt`: the unconditional prompt of classifier-free
+    guidance (text or ids; default [<bos>]), used when `guidance_scale` != 1.
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class Request:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         add_bos: bool = True,
+        guidance_prompt: str | Seq[int] | None = None,
         **sampling: Any,
     ):
         unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
@@ -62,6 +64,7 @@ class Request:
         self.params = params if params is not None else SamplingParams(**sampling)
         self.request_id = request_id
         self.add_bos = add_bos
+        self.guidance_prompt = guidance_prompt
 
     def __repr__(self) -> str:
         p = self.prompt if isinstance(self.prompt, str) else f"<{len(self.prompt)} ids>"
@@ -176,6 +179,11 @@ class Sequence:
         self.leader: Sequence | None = None  # same prompt admitted together: shares its prefill
         self.followers: list[Sequence] = []
         self.prefix_handle: Any = None  # a prefix-cache match to restore into the row
+        # classifier-free guidance: the hidden unconditional row (fed the same output tokens,
+        # never sampled nor reported) and its latest next-token logits (V,)
+        self.uncond: Sequence | None = None
+        self.parent: Sequence | None = None  # set on the hidden row: the guided sequence
+        self.uncond_logits: torch.Tensor | None = None
         self.t_add = time.perf_counter()
         self.t_first: float | None = None
 

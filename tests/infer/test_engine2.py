@@ -25,12 +25,12 @@ def test_sixteen_prompts_prefilled_in_one_step_equal_one_at_a_time(model, native
     """16 prompts of 3..18 tokens (shorter and longer than the window) prefill in ONE step (one
     runner call natively, length groups in torch); tokens equal and (prompt) logprobs close to
     running each prompt alone."""
-    reqs = [_greedy(_prompt(n, n), 4, logprobs=0, prompt_logprobs=0) for n in range(3, 19)]
+    reqs = [_greedy(_prompt(n, n), 3, logprobs=0, prompt_logprobs=0) for n in range(3, 19)]
     alone_eng = Engine(model, native=native)
     alone = [alone_eng.generate(r)[0] for r in reqs]
     eng = Engine(model, native=native, max_batch=16)
     batched = eng.generate(reqs)
-    assert eng.stats["steps"] == 4  # one prefill step (first tokens) + 3 decode steps
+    assert eng.stats["steps"] == 3  # one prefill step (first tokens) + 2 decode steps
     assert eng.stats["prefill_tokens"] == sum(range(3, 19))
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
     for a, b in zip(alone, batched, strict=True):
@@ -38,7 +38,7 @@ def test_sixteen_prompts_prefilled_in_one_step_equal_one_at_a_time(model, native
         pa, pb = a.prompt_logprobs[1:], b.prompt_logprobs[1:]
         assert b.prompt_logprobs[0] is None and len(pb) == len(b.prompt_token_ids) - 1
         assert max(abs(x - y) for x, y in zip(pa, pb, strict=True)) < 1e-4
-        assert b.sampled_mask == [1] * 4
+        assert b.sampled_mask == [1] * 3
 
 
 def test_long_prompt_is_chunked_while_a_stream_keeps_decoding(model):
@@ -165,3 +165,36 @@ def test_free_cache_and_encode_prompt(model):
     assert encode_prompt(tok, "ab") == [2, 3, 4]
     assert encode_prompt(tok, "ab", add_bos=False) == [3, 4]
     assert encode_prompt(tok, "<bos>ab") == [2, 3, 4]  # never twice
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_classifier_free_guidance_equals_both_forwards_by_hand(model, native):
+    """guidance_scale g: each token is argmax(u + g (c - u)) with c the model's logits after the
+    prompt + output and u after the unconditional prompt + output (default [<bos>]); a plain
+    request batched beside the guided ones is unchanged, and guidance rows are never reported."""
+    prompt, plain = _prompt(8, 7), _greedy(_prompt(5, 8), 6)
+
+    def by_hand(uncond: list[int], g: float) -> list[int]:
+        out = []
+        with torch.no_grad():
+            for _ in range(6):
+                c = model(torch.tensor([prompt + out]))[0, -1].float()
+                u = model(torch.tensor([uncond + out]))[0, -1].float()
+                out.append(int((u + g * (c - u)).argmax()))
+        return out
+
+    reqs = [
+        _greedy(prompt, 6, guidance_scale=3.0),
+        plain,
+        Request(prompt, temperature=0, max_new_tokens=6, ignore_eos=True, guidance_scale=0.5,
+                guidance_prompt=[2, 40, 41, 42, 43, 44, 45]),
+    ]  # fmt: skip
+    eng = Engine(model, native=native)
+    got = eng.generate(reqs)
+    assert got[0].token_ids == by_hand([2], 3.0)
+    assert got[2].token_ids == by_hand([2, 40, 41, 42, 43, 44, 45], 0.5)
+    assert got[1].token_ids == Engine(model, native=native).generate(plain)[0].token_ids
+    unguided = Engine(model, native=native).generate(_greedy(prompt, 6))[0].token_ids
+    assert got[0].token_ids != unguided and not eng.running  # guidance changed the output
+    with pytest.raises(RequestError, match="guidance_scale"):
+        eng.add_request(_greedy(prompt, 2, guidance_scale=float("nan")))
