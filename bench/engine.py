@@ -5,11 +5,10 @@ Parts (select with --parts, default all):
            engine, the 16 requests added at once; transformers: `generate(max_new_tokens=1)` on
            the (16, 64) batch). Prompt tokens/s of each, the ratio (target >= 2x).
   grpo     GRPO-shaped rollouts: 16 prompts x 8 samples x 128 new tokens, temperature 1, no
-           top-k/top-p, eos ignored (every sample has 128 tokens). geode: each prompt added once
-           and forked into 8 samples (`engine.fork`, one prefill per prompt) when the engine has
-           it, else 8 requests per prompt; transformers: `generate(do_sample=True,
-           num_return_sequences=8)` on the 16 prompts. Generated tokens/s including the prefill,
-           the ratio (target >= 4x).
+           top-k/top-p, eos ignored (every sample has 128 tokens). geode: the 128 requests added
+           at once (the engine prefills each prompt once for its 8 samples: `positions_run`
+           reported); transformers: `generate(do_sample=True, num_return_sequences=8)` on the
+           16 prompts. Generated tokens/s including the prefill, the ratio (target >= 4x).
   prefix   time to first token of a request whose prompt is a shared 2,000-token system prompt
            plus 16 tokens of its own: cold (an engine without a prefix cache) against warm (an
            engine with `prefix_cache_bytes`, after one request with the same system prompt and
@@ -64,13 +63,11 @@ def _hf_generate(ref, prompts: list[list[int]], **kwargs) -> float:
     return time.perf_counter() - t
 
 
-def _run_engine(engine: Engine, requests: list[Request], samples: int = 1) -> float:
-    """Seconds until every request (each forked into `samples` when > 1) has finished."""
+def _run_engine(engine: Engine, requests: list[Request]) -> float:
+    """Seconds until every request has finished."""
     t = time.perf_counter()
     for r in requests:
-        rid = engine.add_request(r)
-        if samples > 1:
-            engine.fork(rid, samples - 1)
+        engine.add_request(r)
     while engine.has_unfinished():
         engine.step()
     return time.perf_counter() - t
@@ -105,12 +102,13 @@ def part_grpo(args, state) -> None:
     P, S, N, T = args.grpo_prompts, 8, args.grpo_new_tokens, 64
     prompts = _prompts(P, T, model.config.vocab_size, seed=2)
     eng = Engine(copy.deepcopy(model), max_batch=P * S, seed=0)
-    forks = hasattr(eng, "fork")
     kw = dict(temperature=1.0, max_new_tokens=N, ignore_eos=True)
 
     def geode_run() -> dict:
-        reqs = [Request(p, **kw) for p in prompts for _ in range(1 if forks else S)]
-        return {"s": _run_engine(eng, reqs, samples=S if forks else 1)}
+        reqs = [Request(p, **kw) for p in prompts for _ in range(S)]
+        before = eng.stats["positions_run"]
+        s = _run_engine(eng, reqs)
+        return {"s": s, "positions_run": eng.stats["positions_run"] - before}
 
     def hf_run() -> dict:
         return {"s": _hf_generate(ref, prompts, do_sample=True, num_return_sequences=S,
@@ -124,7 +122,7 @@ def part_grpo(args, state) -> None:
     for impl, r in res.items():
         emit(bench="engine_grpo", impl=impl, model=state["name"], prompts=P, samples=S,
              prompt_len=T, new_tokens=N, seconds=r["s"], tokens_per_s=tokens / r["s"],
-             forked=forks if impl == "geode" else None)  # fmt: skip
+             positions_run=r.get("positions_run"))  # fmt: skip
     emit(bench="engine_grpo", metric="geode_over_transformers",
          ratio=res["transformers"]["s"] / res["geode"]["s"], target=4.0)  # fmt: skip
 

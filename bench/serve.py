@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -239,6 +240,9 @@ def main() -> None:
         )
         return
 
+    load = os.getloadavg()
+    print(f"# {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+          flush=True)  # fmt: skip
     rows = []
     env_threads = ["env", f"OMP_NUM_THREADS={args.threads}"]
     preset = "gemma3-270m" if args.real else args.preset
@@ -311,6 +315,8 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=30)
     table(rows, args.concurrency)
+    load = os.getloadavg()
+    print(f"\nload average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 def table(rows: list[dict], concurrency: list[int]) -> None:
