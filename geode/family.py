@@ -249,7 +249,10 @@ _GEMMA4_DEFAULTS: dict[str, Any] = {
     "use_double_wide_mlp": False, "global_head_dim": 512,
 }  # fmt: skip
 # Gemma 4 options geode does not implement: refused by name when set (never ignored).
-_GEMMA4_REFUSED = {"use_bidirectional_attention": (None,)}
+_GEMMA4_REFUSED = {
+    "use_bidirectional_attention": (None,),  # vision tokens / all tokens bidirectional
+    "attention_dropout": (None, 0, 0.0),  # geode has no dropout
+}
 
 
 def _gemma4_rope(c: dict[str, Any], source: str) -> dict[str, float]:
@@ -426,7 +429,7 @@ _RG_DEFAULTS: dict[str, Any] = {
 }  # fmt: skip
 _RG_IGNORED = {
     "w_init_variance_scale", "final_w_init_variance_scale", "rope_theta",
-    "partial_rotary_factor", "embeddings_scale_by_sqrt_dim", "block_types",
+    "partial_rotary_factor", "embeddings_scale_by_sqrt_dim", "block_types", "_block_types",
     "attention_window_size", "logits_soft_cap", "lru_width", "conv1d_width",
 }  # fmt: skip
 
@@ -439,6 +442,12 @@ def _recurrent_from_hf(config: dict[str, Any], source: str) -> ModelConfig:
             "(transformers always scales the embedding by its bfloat16 sqrt(hidden_size))"
         )
     c = {**_RG_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    if "block_types" not in config and config.get("_block_types"):
+        c["block_types"] = config["_block_types"]  # google/recurrentgemma-2b's config.json
+    if c.get("attention_dropout") not in (None, 0, 0.0):
+        raise ConfigError(
+            f"{source}: attention_dropout={c['attention_dropout']!r} is not implemented (no dropout)"
+        )
     rope = c.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise ConfigError(

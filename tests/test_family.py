@@ -228,6 +228,7 @@ def test_published_config_form_reads_global_head_dim_and_kv_heads():
         ({"enable_moe_block": True, "num_experts": 2}, "enable_moe_block is True but top_k_experts is not set"),
         ({"rope_parameters": {FULL: {"rope_type": "yarn", "rope_theta": 1.0}}}, "'yarn' is not supported"),
         ({"num_kv_shared_layers": 6}, "num_kv_shared_layers must be in"),
+        ({"attention_dropout": 0.1}, "attention_dropout=0.1 is not implemented"),
     ],
 )  # fmt: skip
 def test_gemma4_bad_options_are_refused_by_name(change, message, tmp_path):
@@ -298,3 +299,61 @@ def test_geode_info_prints_active_parameters_and_the_constant_recurrent_state(ca
     assert s["state_bytes_constant"] == state_bytes(get_preset("recurrentgemma-2b"), 0) > 0
     assert main(["info", "recurrentgemma-2b"]) == 0
     assert "recurrent state" in capsys.readouterr().out
+
+
+# config.json of google/recurrentgemma-2b and the text_config of google/gemma-4-26B-A4B, as
+# published (fields transformers' defaults supply left out as there).
+RG_2B_JSON = {
+    "_block_types": ["recurrent", "recurrent", "attention"], "attention_bias": False,
+    "attention_dropout": 0.0, "attention_window_size": 2048, "conv1d_width": 4,
+    "embeddings_scale_by_sqrt_dim": True, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2560, "intermediate_size": 15360, "logits_soft_cap": 30.0, "lru_width": 2560,
+    "model_type": "recurrent_gemma", "num_attention_heads": 10, "num_hidden_layers": 26,
+    "num_key_value_heads": 1, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0, "vocab_size": 256000,
+}  # fmt: skip
+G4_26B_JSON = {
+    "model_type": "gemma4",
+    "text_config": {
+        "attention_k_eq_v": True, "enable_moe_block": True, "final_logit_softcapping": 30.0,
+        "global_head_dim": 512, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 2816, "hidden_size_per_layer_input": 0, "intermediate_size": 2112,
+        "layer_types": ([SLIDING] * 5 + [FULL]) * 5, "max_position_embeddings": 262144,
+        "moe_intermediate_size": 704, "num_attention_heads": 16, "num_experts": 128,
+        "num_global_key_value_heads": 2, "num_hidden_layers": 30, "num_key_value_heads": 8,
+        "num_kv_shared_layers": 0, "rms_norm_eps": 1e-06, "sliding_window": 1024,
+        "rope_parameters": {
+            FULL: {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+            SLIDING: {"rope_theta": 10000.0, "rope_type": "default"},
+        },
+        "tie_word_embeddings": True, "top_k_experts": 8, "vocab_size": 262144,
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "preset,published", [("recurrentgemma-2b", RG_2B_JSON), ("gemma4-26b-a4b", G4_26B_JSON)]
+)
+def test_published_config_json_reads_as_the_preset(preset, published):
+    assert ModelConfig.from_hf(published).replace(name=preset) == get_preset(preset)
+
+
+@pytest.mark.parametrize("name", ["gemma4-nano-moe", "gemma4-nano-ple", "recurrentgemma-nano"])
+def test_every_parameter_gets_a_gradient_and_moe_layers_report_routing(name):
+    small = {  # three layers: a producer of each kind and one kv-shared consumer where used
+        "gemma4-nano-moe": (SLIDING, SLIDING, FULL),
+        "gemma4-nano-ple": (SLIDING, FULL, FULL),
+        "recurrentgemma-nano": (RECURRENT, RECURRENT, SLIDING),
+    }
+    cfg = get_preset(name)
+    shared = min(cfg.num_kv_shared_layers, 1)
+    cfg = cfg.replace(num_hidden_layers=3, layer_types=small[name], num_kv_shared_layers=shared)
+    model = geode.build_model(cfg, seed=0).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    if cfg.enable_moe_block:
+        logits, load = model.layers[0].routing
+        assert logits.shape == (14, cfg.num_experts) and load.sum().item() == pytest.approx(1.0)
