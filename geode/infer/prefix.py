@@ -22,6 +22,7 @@ until the blocks' bytes fit `max_bytes`, so every cached block's prefix stays ca
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -81,14 +82,13 @@ class PrefixCache:
         return {**self._counts, "bytes": self._bytes, "blocks": len(self._blocks)}
 
     # ------------------------------------------------------------------ lookup
-    def _chain(self, tokens: list[int], n_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
-        """(name, tokens) of the first n_blocks blocks of `tokens`."""
-        out, parent, b = [], None, self.block
+    def _chain(self, tokens: list[int], n_blocks: int) -> Iterator[tuple[int, tuple[int, ...]]]:
+        """(name, tokens) of the first n_blocks blocks of `tokens`, lazily (lookups stop early)."""
+        parent, b = None, self.block
         for j in range(n_blocks):
             toks = tuple(tokens[j * b : (j + 1) * b])
             parent = hash((parent, toks))
-            out.append((parent, toks))
-        return out
+            yield parent, toks
 
     def _get(self, name: int, parent: int | None, toks: tuple[int, ...]) -> _Block | None:
         """The cached block of that name and content (a hash collision is a miss)."""
