@@ -194,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
                 ),
                 "metrics": r.metrics,
             }
+            if engine.speculator is not None:
+                out["speculative"] = speculative_stats(engine, r.request_id)
             print(json.dumps(out))
             continue
         if not args.stream:
@@ -204,6 +206,19 @@ def run(args: argparse.Namespace) -> int:
             where = f"prompt {i + 1}: " if len(results) > 1 else ""
             print(f"geode generate: {where}{explain_empty(r, tok)}", file=sys.stderr)
     return 0
+
+
+def speculative_stats(engine, request_id: str) -> dict:
+    """A request's drafting: the draft, target runs with drafts, drafted and accepted tokens."""
+    st = engine.speculator.request_stats(request_id) or {}
+    drafted, accepted = st.get("draft_tokens", 0), st.get("accepted_tokens", 0)
+    return {
+        "draft": repr(engine.speculator.drafter),
+        "rounds": st.get("rounds", 0),
+        "draft_tokens": drafted,
+        "accepted_tokens": accepted,
+        "acceptance_rate": accepted / drafted if drafted else None,
+    }
 
 
 def _piece(tok, token_id: int) -> str:
