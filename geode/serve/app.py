@@ -194,8 +194,8 @@ def create_app(
     to stop the process). max_batch: sequences decoded together; max_queue: requests waiting
     beyond that before 429 (which request runs when is the engine scheduler's choice);
     prefix_cache_bytes: the engine's prefix cache (keys and values of recent prompts' blocks,
-    reused by requests sharing a prefix; 0 = off); max_body_bytes: larger request bodies are 413s; dtype ("float32", "bfloat16")
-    and quant ("int8", "int4"): how the weights are held.
+    reused by requests sharing a prefix; 0 = off); max_body_bytes: larger request bodies are
+    413s; dtype ("float32", "bfloat16") and quant ("int8", "int4"): how the weights are held.
     """
     if model_name is None:
         model_name = Path(source).name if isinstance(source, (str, os.PathLike)) else "geode"

@@ -153,7 +153,7 @@ class Scheduler:
     def retry_after(self) -> int:
         """Seconds a rejected client should wait (a rough estimate of the queue's drain time)."""
         per_request = self._step_time * 64  # a typical request: tens of decode steps
-        batches = (len(self.waiting) + 1) / max(1, self.engine.max_batch)
+        batches = (self.queue_depth + 1) / max(1, self.engine.max_batch)
         return max(1, min(60, math.ceil(batches * per_request)))
 
     def submit(self, request: Request) -> Handle:
