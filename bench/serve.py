@@ -138,14 +138,20 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
         "stream": True,
         "ignore_eos": True,
     }
-    t0 = time.perf_counter()
-    times = []
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                times.append(time.perf_counter())
-    return {"t0": t0, "times": times}
+    for attempt in range(3):
+        t0 = time.perf_counter()
+        times = []
+        try:
+            async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        times.append(time.perf_counter())
+            return {"t0": t0, "times": times}
+        except httpx.RemoteProtocolError:  # a kept-alive connection the server had just closed
+            if times or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def load(url: str, concurrency: int, n_requests: int, max_tokens: int) -> dict:
