@@ -1239,43 +1239,6 @@ static inline const float* cache_vec(const void* base, int kind, long off, int D
   return tmp;
 }
 
-// s[j] = scale * q . k[j] for j < n: eight keys at a time in eight accumulators, reduced
-// together by one 8 x 8 transpose (fewer shuffles than eight horizontal sums).
-static void scores8(const float* q, const float* const* k, int n, int D, float scale, float* s) {
-  const int D8 = D & ~7;
-  int j0 = 0;
-  for (; j0 + 8 <= n; j0 += 8) {
-    const float *k0 = k[j0], *k1 = k[j0 + 1], *k2 = k[j0 + 2], *k3 = k[j0 + 3];
-    const float *k4 = k[j0 + 4], *k5 = k[j0 + 5], *k6 = k[j0 + 6], *k7 = k[j0 + 7];
-    __m256 r0 = _mm256_setzero_ps(), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0;
-    for (int d = 0; d < D8; d += 8) {
-      __m256 qv = _mm256_loadu_ps(q + d);
-      r0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), r0);
-      r1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), r1);
-      r2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), r2);
-      r3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), r3);
-      r4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k4 + d), r4);
-      r5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k5 + d), r5);
-      r6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k6 + d), r6);
-      r7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k7 + d), r7);
-    }
-    __m256 r[8] = {r0, r1, r2, r3, r4, r5, r6, r7};
-    transpose8(r);
-    __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(r[0], r[1]), _mm256_add_ps(r[2], r[3])),
-                             _mm256_add_ps(_mm256_add_ps(r[4], r[5]), _mm256_add_ps(r[6], r[7])));
-    if (D8 < D) {  // head_dim % 8 tail
-      float tail[8];
-      for (int j = 0; j < 8; j++) {
-        tail[j] = 0;
-        for (int d = D8; d < D; d++) tail[j] += q[d] * k[j0 + j][d];
-      }
-      t = _mm256_add_ps(t, _mm256_loadu_ps(tail));
-    }
-    _mm256_storeu_ps(s + j0, _mm256_mul_ps(t, _mm256_set1_ps(scale)));
-  }
-  for (; j0 < n; j0++) s[j0] = dot_f32(q, k[j0], D) * scale;
-}
-
 // Attention of a run (geode_run): tokens grouped in segments, one per cache row, with consecutive
 // positions continuing what the row holds. A query block is up to `qb` consecutive tokens of one
 // segment; an item is (query block, kv head).
@@ -1306,11 +1269,51 @@ typedef struct {
 //   - the segment's own new keys (workspace) at positions <= the block's last position,
 // each query at position p seeing only keys p' <= p with p - p' < window on a local layer (the
 // mask of `attention_mask`). The cache is written after all items of the layer ran.
+// acc rows r < nr (row stride D) += sum_j p[j * 16 + r] v_j, 16 columns at a time in registers
+// (each value load feeds up to 12 FMAs), the D % 16 tail in scalar code.
+static inline __attribute__((always_inline)) void pv_tile_nr(int n, const float* p,
+                                                             const float* const* vj, float* acc,
+                                                             int D, const int NR) {
+  int d = 0;
+  for (; d + 16 <= D; d += 16) {
+    __m256 c[6][2];
+    for (int r = 0; r < NR; r++)
+      c[r][0] = _mm256_loadu_ps(acc + (long)r * D + d), c[r][1] = _mm256_loadu_ps(acc + (long)r * D + d + 8);
+    for (int j = 0; j < n; j++) {
+      __m256 x0 = _mm256_loadu_ps(vj[j] + d), x1 = _mm256_loadu_ps(vj[j] + d + 8);
+      for (int r = 0; r < NR; r++) {
+        __m256 b = _mm256_broadcast_ss(p + j * 16 + r);
+        c[r][0] = _mm256_fmadd_ps(b, x0, c[r][0]);
+        c[r][1] = _mm256_fmadd_ps(b, x1, c[r][1]);
+      }
+    }
+    for (int r = 0; r < NR; r++)
+      _mm256_storeu_ps(acc + (long)r * D + d, c[r][0]), _mm256_storeu_ps(acc + (long)r * D + d + 8, c[r][1]);
+  }
+  for (; d < D; d++)
+    for (int r = 0; r < NR; r++) {
+      float s = acc[(long)r * D + d];
+      for (int j = 0; j < n; j++) s += p[j * 16 + r] * vj[j][d];
+      acc[(long)r * D + d] = s;
+    }
+}
+
+static void pv_tile(int n, const float* p, const float* const* vj, float* acc, int D, int nr) {
+  switch (nr) {
+    case 1: pv_tile_nr(n, p, vj, acc, D, 1); break;
+    case 2: pv_tile_nr(n, p, vj, acc, D, 2); break;
+    case 3: pv_tile_nr(n, p, vj, acc, D, 3); break;
+    case 4: pv_tile_nr(n, p, vj, acc, D, 4); break;
+    case 5: pv_tile_nr(n, p, vj, acc, D, 5); break;
+    default: pv_tile_nr(n, p, vj, acc, D, 6); break;
+  }
+}
+
 static void attend_block(const attn_args* a, int qa, int qn, int g) {
   const geode_model* m = a->m;
   const geode_layer* L = a->L;
   const int D = m->head_dim, H = m->heads, Hkv = m->kv_heads, G = H / Hkv, W = L->window;
-  const int NQ = qn * G, seg = a->seg_of[qa], s0 = a->seg_start[seg];
+  const int NQ = qn * G, NB = (NQ + 15) / 16, seg = a->seg_of[qa], s0 = a->seg_start[seg];
   const long row = a->rows[qa], p0 = a->pos[s0], pmin = a->pos[qa];
   const int64_t* tab;
   long lo, hi;
@@ -1323,25 +1326,31 @@ static void attend_block(const attn_args* a, int qa, int qn, int g) {
     else lo = 0, hi = L->slots;
   }
   const long base = (row * Hkv + g) * (long)L->slots * D;
-  float acc[ATT_MAX_ACC], mx[ATT_MAX_Q], l[ATT_MAX_Q], s[ATT_MAX_Q][ATT_BLOCK];
+  // query heads i = token * G + head, in blocks of 16 lanes: qT (D, 16) per block, scaled
+  float acc[ATT_MAX_ACC], qT[ATT_MAX_Q / 16][256 * 16], S[ATT_BLOCK * 16];
+  float mx[ATT_MAX_Q], l[ATT_MAX_Q], qpos[ATT_MAX_Q];
   float kb[ATT_BLOCK * 256], vb[ATT_BLOCK * 256];  // bf16 cache: the block widened (D <= 256)
-  const float* qh[ATT_MAX_Q];  // query vector of each query head
-  long qp[ATT_MAX_Q];          // its position
-  for (int i = 0; i < NQ; i++) {
-    mx[i] = -INFINITY, l[i] = 0;
-    qh[i] = a->q + ((long)(qa + i / G) * H + (long)g * G + i % G) * D;
-    qp[i] = a->pos[qa + i / G];
+  for (int i = 0; i < NB * 16; i++) {
+    mx[i] = -1e30f, l[i] = 0;
+    qpos[i] = i < NQ ? (float)a->pos[qa + i / G] : -1.0f;  // padding lanes see no key
+    float* col = qT[i / 16] + i % 16;
+    if (i < NQ) {
+      const float* q = a->q + ((long)(qa + i / G) * H + (long)g * G + i % G) * D;
+      for (int d = 0; d < D; d++) col[d * 16] = q[d] * m->attn_scale;
+    } else {
+      for (int d = 0; d < D; d++) col[d * 16] = 0;
+    }
   }
   memset(acc, 0, sizeof(float) * NQ * D);
-  // the segment's new keys visible to the block: positions in [max(p0, pmin - W + 1), pmax]
   long first_new = W && pmin - W + 1 > p0 ? pmin - W + 1 : p0;
   int j_new = s0 + (int)(first_new - p0), j_end = qa + qn;
   long slot = lo;
   const long oldest = W ? pmin - W : -1;  // old keys must be newer than this
+  const __m256 neg = _mm256_set1_ps(-1e30f), wv = _mm256_set1_ps((float)W);
   while (slot < hi || j_new < j_end) {
     const float* kj[ATT_BLOCK];
     const float* vj[ATT_BLOCK];
-    long kp[ATT_BLOCK];
+    float kp[ATT_BLOCK];
     int n = 0;
     for (; slot < hi && n < ATT_BLOCK; slot++) {
       int64_t t = tab[slot];
@@ -1349,77 +1358,62 @@ static void attend_block(const attn_args* a, int qa, int qn, int g) {
         long off = base + slot * D;
         kj[n] = cache_vec(L->k_cache, m->cache_kind, off, D, kb + (m->cache_kind ? (long)n * D : 0));
         vj[n] = cache_vec(L->v_cache, m->cache_kind, off, D, vb + (m->cache_kind ? (long)n * D : 0));
-        kp[n++] = t;
+        kp[n++] = (float)t;
       }
     }
     if (slot >= hi)
       for (; j_new < j_end && n < ATT_BLOCK; j_new++) {
         kj[n] = a->knew + ((long)j_new * Hkv + g) * D;
         vj[n] = a->qkv + (long)j_new * a->nqkv + (long)(H + Hkv + g) * D;
-        kp[n++] = a->pos[j_new];
+        kp[n++] = (float)a->pos[j_new];
       }
     if (!n) continue;
-    for (int i = 0; i < NQ; i++) scores8(qh[i], kj, n, D, m->attn_scale, s[i]);
-    for (int i = 0; i < NQ; i++) {
-      float* si = s[i];
-      const long p = qp[i];
-      if (m->attn_softcap > 0) softcap_inplace(si, n, m->attn_softcap);
-      float bm = -INFINITY;
-      for (int j = 0; j < n; j++) {
-        if (kp[j] > p || (W && p - kp[j] >= W)) si[j] = -INFINITY;  // masked
-        else bm = si[j] > bm ? si[j] : bm;
+    for (int bq = 0; bq < NB; bq++) {
+      // S (n, 16) = keys . queries: the GEMM micro-kernel, six keys per call
+      for (int j0 = 0; j0 < n; j0 += GEMM_NR) {
+        int nr = n - j0 < GEMM_NR ? n - j0 : GEMM_NR;
+        gemm_micro_nr(nr, D, kj + j0, qT[bq], S + j0 * 16, 1, 0);
       }
-      for (int j = n; j < ((n + 7) & ~7); j++) si[j] = -INFINITY;
-      if (bm == -INFINITY) {  // nothing visible to this query in the block
-        for (int j = 0; j < n; j++) si[j] = 0;
-        continue;
-      }
-      float nm = bm > mx[i] ? bm : mx[i];
-      if (nm > mx[i] && l[i] > 0) {  // rescale what was accumulated under the old maximum
-        float corr = expf(mx[i] - nm);
-        l[i] *= corr;
-        float* ah = acc + (long)i * D;
-        for (int d = 0; d < D; d++) ah[d] *= corr;
-      }
-      mx[i] = nm;
-      __m256 nmv = _mm256_set1_ps(nm);
-      for (int j = 0; j < n; j += 8)
-        _mm256_storeu_ps(si + j, exp256(_mm256_sub_ps(_mm256_loadu_ps(si + j), nmv)));
-      float sum = 0;
-      for (int j = 0; j < n; j++) {
-        if (kp[j] > p || (W && p - kp[j] >= W)) si[j] = 0;  // exp256 clamps: exactly 0 here
-        sum += si[j];
-      }
-      l[i] += sum;
-    }
-    // acc[i] += sum_j p[i][j] v_j, 32 columns at a time held in registers
-    int d = 0;
-    for (; d + 32 <= D; d += 32)
-      for (int h = 0; h < NQ; h += 2) {  // two query heads share each value load
-        const int h1 = h + 1 < NQ ? h + 1 : h;  // odd count: the last one twice, stored once
-        float *ah = acc + (long)h * D + d, *bh = acc + (long)h1 * D + d;
-        __m256 a0 = _mm256_loadu_ps(ah), a1 = _mm256_loadu_ps(ah + 8);
-        __m256 a2 = _mm256_loadu_ps(ah + 16), a3 = _mm256_loadu_ps(ah + 24);
-        __m256 b0 = _mm256_loadu_ps(bh), b1 = _mm256_loadu_ps(bh + 8);
-        __m256 b2 = _mm256_loadu_ps(bh + 16), b3 = _mm256_loadu_ps(bh + 24);
+      if (m->attn_softcap > 0) softcap_inplace(S, (long)n * 16, m->attn_softcap);
+      // online softmax per lane (query head), masked keys excluded
+      for (int h8 = 0; h8 < 16; h8 += 8) {
+        const int i0 = bq * 16 + h8;
+        __m256 qp = _mm256_loadu_ps(qpos + i0), bm = neg;
         for (int j = 0; j < n; j++) {
-          __m256 pa = _mm256_set1_ps(s[h][j]), pb = _mm256_set1_ps(s[h1][j]);
-          const float* v = vj[j] + d;
-          __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
-          __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
-          a0 = _mm256_fmadd_ps(pa, v0, a0), a1 = _mm256_fmadd_ps(pa, v1, a1);
-          a2 = _mm256_fmadd_ps(pa, v2, a2), a3 = _mm256_fmadd_ps(pa, v3, a3);
-          b0 = _mm256_fmadd_ps(pb, v0, b0), b1 = _mm256_fmadd_ps(pb, v1, b1);
-          b2 = _mm256_fmadd_ps(pb, v2, b2), b3 = _mm256_fmadd_ps(pb, v3, b3);
+          __m256 kv = _mm256_set1_ps(kp[j]);
+          __m256 bad = _mm256_cmp_ps(kv, qp, _CMP_GT_OQ);
+          if (W) bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(qp, kv), wv, _CMP_GE_OQ));
+          __m256 s = _mm256_blendv_ps(_mm256_loadu_ps(S + j * 16 + h8), neg, bad);
+          _mm256_storeu_ps(S + j * 16 + h8, s);
+          bm = _mm256_max_ps(bm, s);
         }
-        _mm256_storeu_ps(bh, b0), _mm256_storeu_ps(bh + 8, b1);
-        _mm256_storeu_ps(bh + 16, b2), _mm256_storeu_ps(bh + 24, b3);
-        _mm256_storeu_ps(ah, a0), _mm256_storeu_ps(ah + 8, a1);
-        _mm256_storeu_ps(ah + 16, a2), _mm256_storeu_ps(ah + 24, a3);
+        __m256 old = _mm256_loadu_ps(mx + i0), nm = _mm256_max_ps(old, bm);
+        __m256 corr = exp256(_mm256_sub_ps(old, nm)), sum = _mm256_setzero_ps();
+        _mm256_storeu_ps(mx + i0, nm);
+        for (int j = 0; j < n; j++) {
+          __m256 s = _mm256_loadu_ps(S + j * 16 + h8);
+          __m256 p = _mm256_andnot_ps(_mm256_cmp_ps(s, neg, _CMP_EQ_OQ),
+                                      exp256(_mm256_sub_ps(s, nm)));
+          _mm256_storeu_ps(S + j * 16 + h8, p);
+          sum = _mm256_add_ps(sum, p);
+        }
+        _mm256_storeu_ps(l + i0, _mm256_fmadd_ps(_mm256_loadu_ps(l + i0), corr, sum));
+        float c[8];
+        _mm256_storeu_ps(c, corr);
+        for (int e = 0; e < 8 && i0 + e < NQ; e++)
+          if (c[e] != 1.0f) {
+            float* ah = acc + (long)(i0 + e) * D;
+            for (int d = 0; d < D; d++) ah[d] *= c[e];
+          }
       }
-    if (d < D)
-      for (int j = 0; j < n; j++)
-        for (int i = 0; i < NQ; i++) axpy_f32(s[i][j], vj[j] + d, acc + (long)i * D + d, D - d);
+      // acc[i] += sum_j S[j][i] v_j: tiles of 6 query heads x 16 columns in registers
+      for (int t0 = 0; t0 < 16 && bq * 16 + t0 < NQ; t0 += 6) {
+        const int i0 = bq * 16 + t0;
+        int nr = 16 - t0 < 6 ? 16 - t0 : 6;
+        if (NQ - i0 < nr) nr = NQ - i0;
+        pv_tile(n, S + t0, vj, acc + (long)i0 * D, D, nr);
+      }
+    }
   }
   for (int i = 0; i < NQ; i++) {
     float* o = a->out + ((long)(qa + i / G) * H + (long)g * G + i % G) * D;

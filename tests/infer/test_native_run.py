@@ -35,9 +35,9 @@ SCHEDULE = [
 ]
 
 
-def _model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def _model(dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
     """A tiny random model with random (1 + w) norm weights too."""
-    model = geode.build_model(geode.ModelConfig(**TINY), seed=0)
+    model = geode.build_model(geode.ModelConfig(**{**TINY, **overrides}), seed=0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -94,13 +94,18 @@ def _assert_caches_equal(a: HybridCache, b: HybridCache, tol: float) -> None:
             assert diff[valid].max() <= tol
 
 
-@pytest.mark.parametrize("slack", [0, 3])
-def test_run_equals_torch_float32(slack):
-    """Ragged rows, chunks longer than the ring (R = 5 + slack), decode mixed with prefill."""
-    pairs, caches = _run_both(_model(), slack=slack)
+@pytest.mark.parametrize(
+    "slack,overrides",
+    [(0, {}), (3, {}),
+     (2, dict(num_key_value_heads=1, head_dim=24, attn_logit_softcapping=2.0))],
+)  # fmt: skip
+def test_run_equals_torch_float32(slack, overrides):
+    """Ragged rows, chunks longer than the ring (R = 5 + slack), decode mixed with prefill; GQA
+    4:1 with a head_dim that leaves vector tails and an attention soft-cap that bites."""
+    pairs, caches = _run_both(_model(**overrides), slack=slack)
     assert max((a - b).abs().max().item() for a, b in pairs) <= 1e-4
     assert caches[1].ring == 5 + slack
-    _assert_caches_equal(*caches, 1e-5)
+    _assert_caches_equal(*caches, 1e-4)
 
 
 @pytest.mark.parametrize("mode,group", [("int8", 0), ("int4", 32), ("int4", 64)])
@@ -130,7 +135,7 @@ def test_run_splits_long_calls(monkeypatch):
     monkeypatch.setattr(native, "RUN_MAX_TOKENS", 4)
     pairs, caches = _run_both(_model(), schedule=SCHEDULE[:2])
     assert max((a - b).abs().max().item() for a, b in pairs) <= 1e-4
-    _assert_caches_equal(*caches, 1e-5)
+    _assert_caches_equal(*caches, 1e-4)
 
 
 def test_runner_padded_batch_and_select():
