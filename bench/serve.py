@@ -246,8 +246,8 @@ def main() -> None:
         )
         return
 
-    load = os.getloadavg()
-    print(f"# {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+    avg = os.getloadavg()
+    print(f"# {os.cpu_count()} CPUs, load average {avg[0]:.2f} {avg[1]:.2f} {avg[2]:.2f}",
           flush=True)  # fmt: skip
     rows = []
     env_threads = ["env", f"OMP_NUM_THREADS={args.threads}"]
@@ -321,8 +321,8 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=30)
     table(rows, args.concurrency)
-    load = os.getloadavg()
-    print(f"\nload average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    avg = os.getloadavg()
+    print(f"\nload average at the end: {avg[0]:.2f} {avg[1]:.2f} {avg[2]:.2f}")
 
 
 def table(rows: list[dict], concurrency: list[int]) -> None:
