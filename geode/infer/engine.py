@@ -309,10 +309,10 @@ class Engine:
             raise RequestError(f"fork: {n} copies need {n} free rows, the engine has {free}")
         src = self.running.index(seq)
         self._ensure_cache(len(self.running), extra_rows=n)
+        self.cache.fork(src, n, len(self.running))
         ids = []
         for _ in range(n):
             child = seq.clone(self._new_id(), self._new_generator(), self.tokenizer)
-            self._copy_row(src, len(self.running))
             self.running.append(child)
             ids.append(child.id)
         self._settle()
@@ -516,8 +516,8 @@ class Engine:
             self.cache.reset_rows(i)
 
     def _copy_row(self, src: int, dst: int) -> None:
-        """Cache row dst becomes a copy of row src (fork, shared prefill)."""
-        self.cache.move_row(src, dst)  # a copy; the source row is unchanged
+        """Cache row dst becomes a copy of row src (a shared prefill's follower)."""
+        self.cache.fork(src, 1, dst)
 
     def _swap_rows(self, a: int, b: int) -> None:
         """Exchange two running sequences and their cache rows."""
