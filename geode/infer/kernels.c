@@ -1,8 +1,10 @@
 // geode CPU decode kernels, AVX2 + FMA + F16C, float32 activations:
 //   - y = x W^T for few rows of x (decode batches), weights in the Hugging Face (out, in)
-//     row-major layout, threads over output rows; a register-blocked path for 6..64 rows;
+//     row-major layout, threads over output rows; a register-blocked GEMM from 6 rows on
+//     (slabs of GEMM_SLAB rows per pass over the weights);
 //   - Gemma's RMSNorm and QK-norm + RoPE;
-//   - geode_decode_step: the whole decoder for one new token of B sequences in one call.
+//   - geode_run: the whole decoder for flattened new tokens of several cache rows in one call
+//     (prefill chunks and decode tokens mixed; geode_decode_step: one token per row).
 //
 // Weight formats (one call may take several weights that share the same x, e.g. q/k/v):
 //   f32   W (N, K) float

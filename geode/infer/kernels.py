@@ -2,8 +2,8 @@
 
 `gemv(kind, x, specs)` computes x W_i^T for several weights W_i sharing x (M <= 16 rows, float32),
 reading each weight byte once: the memory-bound shape of decoding (6 rows and more take a
-register-blocked GEMM path in the same call). `geode_decode_step` (used by native.py) runs the
-whole decoder for one token of B sequences in one call. Weights stay in the Hugging
+register-blocked GEMM path in the same call). `geode_run` (used by native.py) runs the whole
+decoder for flattened new tokens of several cache rows in one call. Weights stay in the Hugging
 Face (out, in) layout; formats: "f32", "bf16", "i8" (per-row scale), "i4" (group-wise scale/min).
 Without a compiler or AVX2/FMA, `available()` is False and callers use torch ops.
 

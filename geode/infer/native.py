@@ -1,21 +1,26 @@
-"""Native decode step: the whole decoder stack for one new token of B sequences in one C call.
+"""Native runner: the whole decoder stack for the new tokens of several sequences in one C call.
 
 `NativeDecoder.build(model)` collects, once, pointers to every weight (in the kernel formats of
 kernels.WeightSpec: float32, bfloat16, int8, int4), norm, RoPE table and the model's constants
-into a C struct (`geode_model` in kernels.c); `step(ids, pos, cache)` binds the engine's
-`HybridCache` buffers (when the cache object changes) and calls `geode_decode_step`, which
-returns float32 logits (B, V). Python does O(1) work per step.
+into a C struct (`geode_model` in kernels.c); `run(rows, ids, pos, cache, want)` binds the
+engine's `HybridCache` buffers (when the cache object changes) and calls `geode_run` over
+flattened tokens (token i -> cache row rows[i] at position pos[i]; prefill chunks of any length
+and decode tokens of other rows in one call), which returns float32 logits of the tokens in
+`want` only. `step(ids, pos, cache)` is the one-token-per-row case. `NativeRunner` is the
+engine's `Runner` entry over it: run(rows, ids[B, T], positions[B, T], cache, select).
 
-Per layer the C step does what geode/model does for one token: input RMSNorm, fused q/k/v
-projection, QK-norm, RoPE (local / global base frequency and linear scaling: the model's own
-inverse-frequency tables), cache write (global layers: slot p; local layers: ring slot p mod R,
-and the cache's slot-position tables), attention over the row's valid slots (the same mask as
-`attention_mask`: cached, not in the future, inside the sliding window of a local layer),
+Per layer the C run does what geode/model does: input RMSNorm, fused q/k/v projection (a
+register-blocked GEMM over all tokens from 6 of them, any weight format), QK-norm, RoPE (local /
+global base frequency and linear scaling: the model's own inverse-frequency tables), attention
+of each token over its row's cached positions before the call and the call's own keys up to its
+position (the same mask as `attention_mask`: not in the future, inside the sliding window of a
+local layer), then the cache write (global layers: slot p; local layers: the last R tokens of a
+row, ring slot p mod R, R = W + slack; slot-position tables after the last layer),
 o-projection, post-attention norm, residual, pre-FF norm, gate/up, gelu(gate) * up, down,
 post-FF norm, residual; then the final norm, the head (tied embedding, lm_head or an installed
-quantized head) and final logit soft-capping. Activations stay float32 in C (a bfloat16
-model's torch path rounds them to bfloat16 after every op; the C step rounds only the scaled
-embedding and the stored keys/values, which are in the model dtype).
+quantized head) and final logit soft-capping for the wanted tokens. Activations stay float32 in
+C (a bfloat16 model's torch path rounds them to bfloat16 after every op; the C run rounds only
+the scaled embedding and the stored keys/values, which are in the model dtype).
 
 Anything else (GPU, other dtypes or module types, biases, kernels unavailable) is not
 supported: `build` returns None with the reason in `NativeDecoder.why_not(model)`, and the
