@@ -304,7 +304,10 @@ def main() -> None:
             proc = start_server(command(port), port)
             url = f"http://127.0.0.1:{port}"
             try:
-                asyncio.run(load(url, 2, 2, 8))  # warm-up
+                # warm-up at the largest concurrency: one-time work for a large batch (weight
+                # packing, cache growth) happens before the measurements
+                top = max(args.concurrency)
+                asyncio.run(load(url, top, top, 8))
                 for c in args.concurrency:
                     m = asyncio.run(load(url, c, max(c, args.min_requests), args.max_tokens))
                     row = {
