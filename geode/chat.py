@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import Any
 
 from .tokenizer import (
@@ -57,6 +59,7 @@ CONTENT_TYPE_ERROR = "Invalid content type"
 
 ROLES = ("system", "user", "assistant", "model", "tool")
 IMAGE_PART_TYPES = ("image", "image_url")  # the template knows "image"; image_url is OpenAI's
+VIDEO_PART_TYPES = ("video", "video_url")  # render_multimodal only (video_url as vLLM's)
 
 
 class ChatFormatError(ValueError):
@@ -131,8 +134,13 @@ def _parts(content: Sequence[Any], i: int) -> list[Mapping[str, Any]]:
     return list(content)
 
 
-def _content(msg: Mapping[str, Any], i: int) -> str:
-    """A user/model turn's content as the template renders it (trimmed text, image tokens)."""
+# A media hook: (part, message index, part index) -> the text the part renders to.
+MediaHook = Callable[[Mapping[str, Any], int, int], str]
+
+
+def _content(msg: Mapping[str, Any], i: int, media: MediaHook | None = None) -> str:
+    """A user/model turn's content as the template renders it (trimmed text, image tokens);
+    `media` renders image and video parts instead (`render_multimodal`)."""
     content = msg.get("content")
     if content is None and msg.get("tool_calls"):
         return ""
@@ -143,15 +151,18 @@ def _content(msg: Mapping[str, Any], i: int) -> str:
         for j, part in enumerate(_parts(content, i)):
             kind = part["type"]
             if kind in IMAGE_PART_TYPES:
-                out.append(START_OF_IMAGE)
+                out.append(START_OF_IMAGE if media is None else media(part, i, j))
+            elif kind in VIDEO_PART_TYPES and media is not None:
+                out.append(media(part, i, j))
             elif kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise ChatFormatError(f"message {i}, part {j}: text part without a 'text' str")
                 out.append(part["text"].strip())
             else:
+                video = " (video parts need render_multimodal)" if kind in VIDEO_PART_TYPES else ""
                 raise ChatFormatError(
                     f"message {i}, part {j}: unsupported part type {kind!r} "
-                    f"(expected 'text' or one of {IMAGE_PART_TYPES})"
+                    f"(expected 'text' or one of {IMAGE_PART_TYPES}){video}"
                 )
         return "".join(out)
     raise ChatFormatError(f"{CONTENT_TYPE_ERROR}: message {i} content is {type(content).__name__}")
@@ -224,14 +235,16 @@ def render_tool_call(call: ToolCall) -> str:
     return START_OF_TOOL_CALL + _dumps(obj) + END_OF_TOOL_CALL
 
 
-def _model_body(msg: Mapping[str, Any], i: int) -> list[tuple[str, str]]:
+def _model_body(
+    msg: Mapping[str, Any], i: int, media: MediaHook | None = None
+) -> list[tuple[str, str]]:
     """A model turn's body as ("assistant", thinking + content) and ("tool_call", call) parts."""
     thinking = msg.get("thinking", msg.get("reasoning_content"))
     if thinking is not None and not isinstance(thinking, str):
         raise ChatFormatError(f"message {i}: 'thinking' must be a str")
     thinking = (thinking or "").strip()
     out = START_OF_THINKING + thinking + END_OF_THINKING if thinking else ""
-    parts = [("assistant", out + _content(msg, i))]
+    parts = [("assistant", out + _content(msg, i, media))]
     calls = msg.get("tool_calls") or []
     if not isinstance(calls, (list, tuple)):
         raise ChatFormatError(f"message {i}: tool_calls must be a list")
@@ -286,6 +299,18 @@ def render_parts(
     closing `<end_of_turn>`), "tool_call" for its tool calls, and "prompt" for everything
     else (turn headers, user, system and tool-result text): SFT trains on the model's spans.
     """
+    return _spans(messages, add_generation_prompt, tools, bos, think, None)
+
+
+def _spans(
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool,
+    tools: Sequence[Any] | None,
+    bos: bool,
+    think: bool,
+    media: MediaHook | None,
+) -> list[tuple[str, str]]:
+    """`render_parts` with image and video parts rendered by `media` (None: `<start_of_image>`)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ChatFormatError(f"messages must be a list of dicts, got {type(messages).__name__}")
     if not messages:
@@ -317,13 +342,13 @@ def render_parts(
         if role == "tool":
             turn_role, body = "user", [("prompt", _tool_results(group, names))]
         elif role in ("assistant", "model"):
-            turn_role, body = "model", _model_body(msg, i)
+            turn_role, body = "model", _model_body(msg, i, media)
             for j, c in enumerate(msg.get("tool_calls") or []):
                 call = _tool_call(c, i, j)
                 if call.id is not None:
                     names[call.id] = call.name
         else:
-            turn_role, body = role, [("prompt", _content(msg, i))]
+            turn_role, body = role, [("prompt", _content(msg, i, media))]
         out.append(("prompt", START_OF_TURN + turn_role + "\n" + (prefix if k == 0 else "")))
         out.extend(body)
         if turn_role == "model":
@@ -333,6 +358,155 @@ def render_parts(
     if add_generation_prompt:
         out.append(("prompt", START_OF_TURN + "model\n" + (START_OF_THINKING if think else "")))
     return [(kind, text) for kind, text in out if text]
+
+
+# ---- images and video -----------------------------------------------------------------------
+
+
+@dataclass
+class MultimodalPrompt:
+    """A rendered prompt with its images (`render_multimodal`): text pieces and, per image and
+    pan & scan crop, its count of `<image_soft_token>`s; `images` in the order of those."""
+
+    parts: list[str | int]
+    images: list[Any]  # PIL images: each image part's, each sampled video frame
+    num_crops: list[int]  # pan & scan crops following each image (0 for video frames)
+    pan_and_scan: list[bool]  # per image: processed with pan & scan (never for video frames)
+
+    @property
+    def text(self) -> str:
+        """The expanded prompt text (transformers' Gemma3Processor's `text`)."""
+        from .image import parts_text
+
+        return parts_text(self.parts)
+
+    def token_ids(self, tokenizer: Any, image_token_index: int | None = None) -> list[int]:
+        """The prompt's token ids, soft tokens as the config's `image_token_index`."""
+        return tokenizer.encode_with_images(self.parts, image_token_index=image_token_index)
+
+    def process(self, size: int = 896) -> Any:
+        """`geode.image.ProcessedImages` of the images: pixel_values (N, 3, size, size), each
+        image then its crops, in the order of the soft tokens."""
+        import torch
+
+        from .image import ProcessedImages, process_images
+
+        done = [
+            process_images([image], size, do_pan_and_scan=pan)
+            for image, pan in zip(self.images, self.pan_and_scan, strict=True)
+        ]
+        crops = [n for d in done for n in d.num_crops]
+        assert crops == self.num_crops, (crops, self.num_crops)  # pan & scan decided at render
+        pixels = [d.pixel_values for d in done] or [torch.empty(0, 3, size, size)]
+        return ProcessedImages(torch.cat(pixels), crops)
+
+
+def _media_ref(part: Mapping[str, Any], where: str, keys: tuple[str, ...]) -> Any:
+    """What an image/video part points at: `<type>_url.url` (OpenAI) or the first of `keys`."""
+    kind = part["type"]
+    if kind.endswith("_url"):
+        ref = part.get(kind)
+        ref = ref.get("url") if isinstance(ref, Mapping) else ref
+    else:
+        ref = next((part[k] for k in keys if part.get(k) is not None), None)
+    if ref is None:
+        shape = f"{{'{kind}': {{'url': ...}}}}" if kind.endswith("_url") else f"one of {keys}"
+        raise ChatFormatError(f"{where}: a {kind!r} part without its data (expected {shape})")
+    return str(ref) if isinstance(ref, PathLike) else ref
+
+
+def _part_image(part: Mapping[str, Any], where: str, image_dir: Any) -> Any:
+    """The PIL image of an image part (a PIL image, bytes, a data: URL or an allowed file)."""
+    from PIL import Image
+
+    from .image import load_image, media_source
+
+    ref = _media_ref(part, where, ("image", "path", "url"))
+    if isinstance(ref, Image.Image):
+        return ref
+    if isinstance(ref, bytes | bytearray):
+        return load_image(bytes(ref), name=where)
+    if not isinstance(ref, str):
+        raise ChatFormatError(f"{where}: image must be a PIL image, bytes or a str, got {ref!r}")
+    return load_image(media_source(ref, image_dir, f"{where}: image"), name=f"{where}: image")
+
+
+def _part_video(
+    part: Mapping[str, Any], where: str, image_dir: Any, fps: float, max_frames: int | None
+) -> Any:
+    """The sampled frames (`geode.video.Video`) of a video part (bytes, data: URL or a file)."""
+    from .video import VideoError, load_video
+
+    ref = _media_ref(part, where, ("video", "path", "url"))
+    if not isinstance(ref, str | bytes | bytearray):
+        raise ChatFormatError(f"{where}: video must be bytes or a str, got {type(ref).__name__}")
+    if isinstance(ref, str):
+        from .image import media_source
+
+        ref = media_source(ref, image_dir, f"{where}: video", VideoError)
+    return load_video(ref, part.get("fps", fps), max_frames, name=f"{where}: video")
+
+
+def render_multimodal(
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = True,
+    tools: Sequence[Any] | None = None,
+    bos: bool = True,
+    *,
+    think: bool = False,
+    mm_tokens_per_image: int = 256,
+    do_pan_and_scan: bool = False,
+    image_dir: str | PathLike | None = None,
+    video_fps: float = 1.0,
+    max_video_frames: int | None = 32,
+) -> MultimodalPrompt:
+    """`render` with the images: each image part becomes Gemma 3's image sequence
+    (`geode.image.image_parts`, with pan & scan crops when `do_pan_and_scan`), each video part
+    its frames sampled at `video_fps` (a part's own "fps" wins), each frame "mm:ss " then its
+    image sequence, frames joined by spaces (`geode.video`). Image parts: `{"type":
+    "image_url", "image_url": {"url": "data:image/png;base64,..."}}` or `{"type": "image",
+    "image" | "path" | "url": ...}` (a PIL image, bytes, a data: URL or a file); video parts:
+    `video_url` / `video` the same way. Files are read only inside `image_dir` (None: none);
+    http(s) URLs are not fetched. Markers typed in text (`<start_of_image>`) are not images.
+    """
+    from .image import image_parts, merge_parts, pan_and_scan_boxes
+    from .video import timestamp_text
+
+    sentinel = f"\ue000{uuid.uuid4().hex}\ue000"  # stands for one media part in the text
+    media: list[list[str | int]] = []
+    images: list[Any] = []
+    num_crops: list[int] = []
+    pan: list[bool] = []
+
+    def hook(part: Mapping[str, Any], i: int, j: int) -> str:
+        where = f"message {i}, part {j}"
+        if part["type"] in IMAGE_PART_TYPES:
+            image = _part_image(part, where, image_dir)
+            crops = len(pan_and_scan_boxes(image.width, image.height)) if do_pan_and_scan else 0
+            images.append(image)
+            num_crops.append(crops)
+            pan.append(do_pan_and_scan)
+            media.append(image_parts(mm_tokens_per_image, crops))
+        else:
+            video = _part_video(part, where, image_dir, video_fps, max_video_frames)
+            seq: list[str | int] = []
+            for k, (frame, t) in enumerate(zip(video.frames, video.timestamps, strict=True)):
+                seq += [f"{' ' if k else ''}{timestamp_text(t)} "]
+                seq += image_parts(mm_tokens_per_image)
+                images.append(frame)
+                num_crops.append(0)
+                pan.append(False)
+            media.append(seq)
+        return sentinel
+
+    spans = _spans(messages, add_generation_prompt, tools, bos, think, hook)
+    pieces = "".join(text for _, text in spans).split(sentinel)
+    if len(pieces) != len(media) + 1:  # the sentinel cannot be typed (a fresh uuid4)
+        raise ChatFormatError("the message text collides with the media placeholder")
+    parts: list[str | int] = [pieces[0]]
+    for seq, rest in zip(media, pieces[1:], strict=True):
+        parts += [*seq, rest]
+    return MultimodalPrompt(merge_parts(parts), images, num_crops, pan)
 
 
 # ---- parsing --------------------------------------------------------------------------------
@@ -471,10 +645,12 @@ def parse(text: str, *, in_thinking: bool = False) -> ParsedOutput:
 __all__ = [
     "ALTERNATION_ERROR",
     "ChatFormatError",
+    "MultimodalPrompt",
     "ParsedOutput",
     "ToolCall",
     "parse",
     "render",
+    "render_multimodal",
     "render_parts",
     "render_tool_call",
     "render_tools",

@@ -10,9 +10,12 @@ one per crop, with Gemma3Processor's wording).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +76,48 @@ def load_image(source: bytes | str | os.PathLike, name: str | None = None) -> Im
         ) from None
     except Exception as e:  # noqa: BLE001 -- Pillow's decoders raise many types on bad bytes
         raise ImageError(f"{label}: corrupt or truncated image data ({e})") from None
+
+
+_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
+
+
+def media_source(
+    ref: str, allowed_dir: str | os.PathLike | None, what: str = "image", error: type = ImageError
+) -> bytes | Path:
+    """The bytes of a `data:...;base64,` URL, or the path of a local file (a plain path or a
+    `file://` URL) inside `allowed_dir`; nothing is fetched from the network. `error` (default
+    `ImageError`) is raised naming `what` for http(s) URLs, corrupt data URLs, files outside
+    `allowed_dir` (or any file when it is None) and missing files."""
+    if not isinstance(ref, str) or not ref:
+        raise error(f"{what}: expected a data: URL or a file path, got {ref!r}")
+    short = ref if len(ref) <= 60 else ref[:57] + "..."
+    scheme = ref.split(":", 1)[0].lower() if ":" in ref else ""
+    if scheme in ("http", "https"):
+        raise error(f"{what} {short}: not fetched: no network (send a data: URL instead)")
+    if scheme == "data":
+        m = _DATA_URL.match(ref)
+        if not m:
+            raise error(f"{what}: corrupt data: URL {short!r} (expected data:<type>;base64,<data>)")
+        try:
+            data = base64.b64decode(ref[m.end() :], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise error(f"{what}: corrupt data: URL {short!r}: bad base64 ({e})") from None
+        if not data:
+            raise error(f"{what}: corrupt data: URL {short!r}: no data")
+        return data
+    if scheme == "file":
+        ref = ref[len("file://") :] if ref.lower().startswith("file://") else ref[5:]
+    elif scheme and len(scheme) > 1:  # (a one-letter scheme is a Windows drive)
+        raise error(f"{what} {short}: unsupported URL scheme {scheme!r} (data: or a local file)")
+    if allowed_dir is None:
+        raise error(f"{what} {short}: local files are not allowed here (no allowed directory)")
+    root = Path(allowed_dir).resolve()
+    path = (root / ref).resolve()  # an absolute ref stays absolute; symlinks are followed
+    if not path.is_relative_to(root):
+        raise error(f"{what} {short}: outside the allowed directory {root}")
+    if not path.is_file():
+        raise error(f"{what} {short}: no such file in {root}")
+    return path
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -183,17 +228,41 @@ def _check_options(size: int, min_crop: int, max_crops: int) -> None:
             raise ImageError(f"{label} must be a positive integer, got {value!r}")
 
 
+def image_parts(mm_tokens_per_image: int = 256, num_crops: int = 0) -> list[str | int]:
+    """`image_sequence` as text pieces and soft-token counts: an int n stands for a run of n
+    `<image_soft_token>`s (so a tokenizer can map it to the model's image id, see
+    `Tokenizer.encode_with_images`)."""
+    full: list[str | int] = [f"\n\n{BOI_TOKEN}", mm_tokens_per_image, f"{EOI_TOKEN}\n\n"]
+    if not num_crops:
+        return full
+    out: list[str | int] = ["Here is the original image ", *full]
+    out.append(" and here are some crops to help you see better ")
+    for k in range(num_crops):
+        out += [" ", *full] if k else full
+    return merge_parts(out)
+
+
+def merge_parts(parts: Sequence[str | int]) -> list[str | int]:
+    """Adjacent text pieces joined, empty ones dropped (soft-token counts kept as they are)."""
+    out: list[str | int] = []
+    for p in parts:
+        if isinstance(p, str) and out and isinstance(out[-1], str):
+            out[-1] += p
+        elif p != "":
+            out.append(p)
+    return out
+
+
+def parts_text(parts: Sequence[str | int]) -> str:
+    """The prompt text of `image_parts`-style pieces: n -> n x `<image_soft_token>`."""
+    return "".join(p if isinstance(p, str) else IMAGE_TOKEN * p for p in parts)
+
+
 def image_sequence(mm_tokens_per_image: int = 256, num_crops: int = 0) -> str:
     """The text one image becomes: "\\n\\n<start_of_image>" + n x "<image_soft_token>" +
     "<end_of_image>\\n\\n", and with pan & scan crops Gemma3Processor's wording around the
     original's sequence followed by one sequence per crop."""
-    full = f"\n\n{BOI_TOKEN}{IMAGE_TOKEN * mm_tokens_per_image}{EOI_TOKEN}\n\n"
-    if not num_crops:
-        return full
-    crops = " ".join([full] * num_crops)
-    return (
-        f"Here is the original image {full} and here are some crops to help you see better {crops}"
-    )
+    return parts_text(image_parts(mm_tokens_per_image, num_crops))
 
 
 def expand_image_tokens(text: str, num_crops: Sequence[int], mm_tokens_per_image: int = 256) -> str:

@@ -40,6 +40,9 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 START_OF_IMAGE, END_OF_IMAGE = "<start_of_image>", "<end_of_image>"
 IMAGE_SOFT_TOKEN = "<image_soft_token>"
+# Gemma3Config.image_token_index: the id of <image_soft_token>, one past tokenizer.model's
+# 262,144 pieces (HF's tokenizer.json adds it as token 262144).
+IMAGE_TOKEN_INDEX = 262144
 # geode's thinking and tool tokens (Gemma 3 has none; see docs/tokenizer.md).
 START_OF_THINKING, END_OF_THINKING = "<start_of_thinking>", "<end_of_thinking>"
 START_OF_TOOLS, END_OF_TOOLS = "<start_of_tools>", "<end_of_tools>"
@@ -453,6 +456,53 @@ class Tokenizer:
                 ids.append(seg)
             elif seg:
                 ids.extend(self._vocab.encode(seg))
+        return self._wrap(ids, add_bos, add_eos)
+
+    def image_token_id(self, image_token_index: int | None = None) -> int:
+        """The id `<image_soft_token>` encodes to: the config's `image_token_index` (default:
+        the vocabulary's piece, else Gemma 3's 262144); an error if the vocabulary gives the
+        piece another id."""
+        own = self._vocab.piece_id(IMAGE_SOFT_TOKEN)
+        if image_token_index is None:
+            return IMAGE_TOKEN_INDEX if own is None else own
+        if own is not None and own != image_token_index:
+            raise ValueError(
+                f"image_token_index {image_token_index} differs from the tokenizer's "
+                f"{IMAGE_SOFT_TOKEN} id {own} ({self.path or 'tokenizer'})"
+            )
+        return image_token_index
+
+    def encode_with_images(
+        self,
+        parts: Sequence[str | int],
+        add_bos: bool = False,
+        add_eos: bool = False,
+        *,
+        image_token_index: int | None = None,
+    ) -> list[int]:
+        """Token ids of a prompt given as text pieces and image soft-token counts (from
+        `geode.image.image_parts` / `geode.chat.render_multimodal`): an int n becomes n x the
+        image id (`image_token_id`), where tokenizing n x `<image_soft_token>` would give 7
+        pieces each with `tokenizer.model`. Text pieces are encoded as `encode` does; one that
+        yields the image id itself (text typed with `<image_soft_token>` in it, under a
+        tokenizer.json that has the token) is an error: only images make soft tokens."""
+        image_id = self.image_token_id(image_token_index)
+        ids: list[int] = []
+        for k, part in enumerate(parts):
+            if isinstance(part, str):
+                piece = self.encode(part)
+                if image_id in piece:
+                    raise ValueError(
+                        f"prompt text piece {k} holds {IMAGE_SOFT_TOKEN} (id {image_id}) typed "
+                        "as text; only image parts may produce image soft tokens"
+                    )
+                ids += piece
+            elif isinstance(part, int) and not isinstance(part, bool) and part > 0:
+                ids += [image_id] * part
+            else:
+                raise ValueError(
+                    f"prompt part {k}: expected text or a positive count, got {part!r}"
+                )
         return self._wrap(ids, add_bos, add_eos)
 
     def encode_batch(

@@ -18,9 +18,11 @@ from geode.chat import (
     ToolCall,
     parse,
     render,
+    render_multimodal,
     render_tools,
 )
 from geode.tokenizer import SPECIAL_TOKENS
+from tests.test_tokenizer_json import real_tokenizer_json  # noqa: F401 (a fixture used below)
 
 TEMPLATE = Path(__file__).resolve().parents[1].parent / "shared/fixtures/gemma3_chat_template.jinja"
 
@@ -391,3 +393,224 @@ def test_parse_flags_malformed_output() -> None:
 
     out = parse("fine answer<end_of_turn><eos>")
     assert out.content == "fine answer" and out.ok
+
+
+# ---- images and video: render_multimodal (issue #18 item 5) ---------------------------------
+
+
+def _png(image: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_url(data: bytes, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def _noise(w: int, h: int, seed: int) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def real_pair(real_hf: Path, real_tokenizer_json: Path):  # noqa: F811
+    """(geode's tokenizer.model tokenizer of the real Gemma 3 270M, transformers' tokenizer of
+    the same vocabulary with <image_soft_token> added as id 262144, as HF's tokenizer.json has)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from geode.tokenizer import load_tokenizer
+
+    hf = PreTrainedTokenizerFast(
+        tokenizer_file=str(real_tokenizer_json / "tokenizer.json"),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={  # the missing image token is added: id 262144
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+    )
+    assert hf.image_token_id == 262144 and hf.boi_token_id == 255999
+    return load_tokenizer(real_hf), hf
+
+
+@pytest.mark.parametrize("pas", [False, True], ids=["plain", "pan-and-scan"])
+def test_multimodal_prompt_equals_gemma3_processor(reference, real_pair, tmp_path, pas) -> None:
+    """Template + Gemma3Processor (real 270M vocabulary, <image_soft_token> = 262144) against
+    render_multimodal + encode_with_images + process: token ids and pixels equal."""
+    from transformers import Gemma3Processor
+
+    from tests.test_vision import PAS, _hf_processor
+
+    tok, hf = real_pair
+    wide, square, tall = _noise(600, 280, 1), _noise(90, 90, 2), _noise(300, 800, 3)
+    wide.save(tmp_path / "wide.png")
+    msgs = [
+        {"role": "system", "content": "Answer briefly."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare "},
+                {"type": "image", "path": "wide.png"},
+                {"type": "text", "text": " and\n"},
+                {"type": "image_url", "image_url": {"url": _data_url(_png(square))}},
+            ],
+        },
+        {"role": "assistant", "content": "The first is wider."},
+        {"role": "user", "content": [{"type": "image", "image": tall}, {"type": "text", "text": "And this?"}]},
+    ]  # fmt: skip
+    got = render_multimodal(msgs, do_pan_and_scan=pas, image_dir=tmp_path)
+    as_template = [
+        {**m, "content": [{"type": "image"} if p["type"] != "text" else p for p in m["content"]]}
+        if isinstance(m["content"], list)
+        else m
+        for m in msgs
+    ]
+    text = reference(as_template)
+    processor = Gemma3Processor(_hf_processor(64), hf, image_seq_length=256)
+    want = processor(
+        text=[text],
+        images=[[wide, square, tall]],
+        do_pan_and_scan=pas,
+        return_tensors="np",
+        add_special_tokens=False,
+        **PAS,
+    )
+    ids = got.token_ids(tok, image_token_index=262144)
+    assert ids == want["input_ids"][0].tolist()
+    assert ids.count(262144) == 256 * (3 + sum(got.num_crops))
+    assert got.text.replace("<image_soft_token>", "") == processor.tokenizer.decode(
+        want["input_ids"][0], skip_special_tokens=False
+    ).replace("<image_soft_token>", "")
+    pixels = got.process(64)
+    assert got.num_crops == pixels.num_crops == ([2, 0, 3] if pas else [0, 0, 0])
+    assert pixels.pixel_values.numpy().tobytes() == want["pixel_values"].tobytes()
+
+
+def test_text_only_and_typed_markers(real_pair) -> None:
+    """Text-only messages render as `render` does; image markers typed in text stay text."""
+    from geode.chat import render_multimodal
+
+    tok, _ = real_pair
+    for seed in range(20):
+        msgs = random_conversation(random.Random(seed))
+        msgs = [{**m, "content": random_str(random.Random(k))} for k, m in enumerate(msgs)]
+        got = render_multimodal(msgs)
+        assert got.parts == [render(msgs)] and got.images == [] and got.text == render(msgs)
+    typed = [{"role": "user", "content": "see <start_of_image><image_soft_token><end_of_image>"}]
+    got = render_multimodal(typed)
+    assert got.images == [] and got.num_crops == []
+    ids = got.token_ids(tok)
+    assert 262144 not in ids and ids == tok.encode(render(typed))
+    assert ids.count(255999) == 1  # one id, not expanded into an image sequence
+
+
+def test_json_tokenizer_image_token() -> None:
+    """A tokenizer.json with <image_soft_token>: its id is the image id; typed, it is an error."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    from geode.tokenizer import Tokenizer, TokenizerJsonVocab
+
+    vocab = {p: i for i, p in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "\u2581", *"abc"])}
+    vocab |= {f"<0x{b:02X}>": len(vocab) + b for b in range(256)}
+    tk = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback()])
+    tk.add_special_tokens(["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
+    tok = Tokenizer(TokenizerJsonVocab(tk.to_str()))
+    soft = tok.piece_to_id("<image_soft_token>")
+    boi, eoi = tok.piece_to_id("<start_of_image>"), tok.piece_to_id("<end_of_image>")
+    assert tok.image_token_id() == soft
+    assert tok.encode_with_images(["a<start_of_image>", 2, "<end_of_image>b"]) == [
+        tok.encode("a")[0], boi, soft, soft, eoi, tok.encode("b")[0]
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="piece 0 holds <image_soft_token>.*typed as text"):
+        tok.encode_with_images(["a<image_soft_token>"])
+    with pytest.raises(ValueError, match=f"image_token_index 7 differs .* id {soft}"):
+        tok.image_token_id(7)
+    with pytest.raises(ValueError, match="part 1: expected text or a positive count, got 0"):
+        tok.encode_with_images(["a", 0])
+
+
+def test_media_errors_are_clear(tmp_path) -> None:
+    from geode.image import ImageError
+
+    inside = tmp_path / "allowed"
+    inside.mkdir()
+    _noise(8, 8, 0).save(tmp_path / "secret.png")
+    (inside / "link.png").symlink_to(tmp_path / "secret.png")
+    png = _png(_noise(8, 8, 1))
+
+    def render_one(part: dict, **kw: Any) -> Any:
+        return render_multimodal([{"role": "user", "content": [part]}], **kw)
+
+    def url(u: str) -> dict:
+        return {"type": "image_url", "image_url": {"url": u}}
+
+    cases = [
+        (url("https://example.com/cat.png"), "part 0: image https://.*not fetched: no network"),
+        (url("http://example.com/cat.png"), "not fetched: no network"),
+        (url("data:image/png;base64,%%%"), "corrupt data: URL .*bad base64"),
+        (url("data:image/png,rawbytes"), r"corrupt data: URL .*expected data:<type>;base64"),
+        (url(_data_url(b"not an image")), "not an image in a supported format"),
+        (url(_data_url(png[: len(png) // 2])), "corrupt or truncated image data"),
+        (url("ftp://host/cat.png"), "unsupported URL scheme 'ftp'"),
+        ({"type": "image", "path": "../secret.png"}, "outside the allowed directory"),
+        ({"type": "image", "path": str(tmp_path / "secret.png")}, "outside the allowed directory"),
+        ({"type": "image", "path": "link.png"}, "outside the allowed directory"),
+        ({"type": "image", "path": "missing.png"}, "missing.png: no such file in"),
+        ({"type": "image", "url": "file://" + str(inside / "x.png")}, "no such file"),
+        ({"type": "image"}, ChatFormatError),
+        ({"type": "image_url", "image_url": {}}, ChatFormatError),
+    ]
+    for part, match in cases:
+        err, pattern = (match, None) if isinstance(match, type) else (ImageError, match)
+        with pytest.raises(err, match=pattern):
+            render_one(part, image_dir=inside)
+    with pytest.raises(ImageError, match="local files are not allowed here"):
+        render_one({"type": "image", "path": str(tmp_path / "secret.png")})
+    (inside / "ok.png").write_bytes(png)
+    assert len(render_one({"type": "image", "url": "file://" + str(inside / "ok.png")}, image_dir=inside).images) == 1  # fmt: skip
+    with pytest.raises(ChatFormatError, match="video parts need render_multimodal"):
+        render([{"role": "user", "content": [{"type": "video", "path": "clip.mp4"}]}])
+
+
+def test_video_part_renders_frames_with_timestamps(tmp_path) -> None:
+    """A video part: its sampled frames, each "mm:ss " + the image sequence, joined by spaces."""
+    import numpy as np
+
+    from geode.image import image_sequence
+    from geode.video import load_video
+    from tests.test_video import write_video
+
+    write_video(tmp_path / "clip.mp4", frames=30, rate=10)  # 3 s
+    msgs = [
+        {"role": "user", "content": [
+            {"type": "video", "path": "clip.mp4", "fps": 2},
+            {"type": "text", "text": "What changes?"},
+        ]},
+    ]  # fmt: skip
+    got = render_multimodal(msgs, image_dir=tmp_path, mm_tokens_per_image=4)
+    video = load_video(tmp_path / "clip.mp4", fps=2)
+    assert video.indices == [0, 5, 10, 15, 20, 25] and len(got.images) == 6
+    frames = " ".join(f"00:0{int(t)} {image_sequence(4)}" for t in video.timestamps)
+    assert frames.startswith("00:00 \n\n<start_of_image>") and "00:02 " in frames
+    assert got.text == render([{"role": "user", "content": "X"}]).replace(
+        "X", frames + "What changes?"
+    )
+    for image, frame in zip(got.images, video.frames, strict=True):
+        assert np.array_equal(np.asarray(image), np.asarray(frame))
+    assert got.process(16).pixel_values.shape == (6, 3, 16, 16)
+    url = {"type": "video_url", "video_url": {"url": _data_url((tmp_path / "clip.mp4").read_bytes(), "video/mp4")}}  # fmt: skip
+    again = render_multimodal([{"role": "user", "content": [url]}], video_fps=1, max_video_frames=2)
+    assert len(again.images) == 2 and "00:01 " in again.text
