@@ -15,6 +15,7 @@ TASKS: dict[str, str] = {
     "niah": "longctx:NeedleInHaystack",
     "mrcr": "longctx:MRCR",
     "tasks": "synthetic:SyntheticTasks",
+    "shapes": "shapes:Shapes",
 }
 
 
