@@ -233,10 +233,11 @@ class ModelConfig:
             # Published multimodal configs omit text defaults that Gemma3TextConfig supplies.
             return cls.from_hf(text, source=f"{source}:text_config")
         if model_type not in HF_TEXT_MODEL_TYPES:
-            raise ConfigError(
-                f"{source}: unknown model_type {model_type!r}; geode reads "
-                f"{HF_TEXT_MODEL_TYPES + HF_MULTIMODAL_MODEL_TYPES}"
-            )
+            from .family import FAMILY_SPECS
+
+            known = [t for f in FAMILY_SPECS.values() for t in f.hf_text_model_types]
+            known += [t for f in FAMILY_SPECS.values() for t in f.hf_wrapper_model_types]
+            raise ConfigError(f"{source}: unknown model_type {model_type!r}; geode reads {known}")
         hf_defaults = _HF_GEMMA3_TEXT_DEFAULTS
         c = {**hf_defaults, **{k: v for k, v in config.items() if v is not None or k in _NULLABLE}}
         global_theta, local_theta, factor = _read_rope(c, source)

@@ -193,29 +193,48 @@ class Attention(nn.Module):
         return torch.matmul(probs, v)
 
 
-def _no_cache(family: str, cache: KVCache | None) -> None:
-    """Refuse a KV cache in a family whose cache states the engine does not build yet."""
-    if cache is not None:
-        raise NotImplementedError(
-            f"{family}: decoding through a KV cache is not built yet (issue #17 item 5, the "
-            "engine's per-layer states); run the full-sequence forward without a cache"
-        )
+class _FullSequenceAttention(Attention):
+    """An attention mixer of another family: the cache-free forward around its own `qkv`.
+
+    Subclasses set the fields `_attend` reads and implement `qkv`; decoding through a cache
+    raises until the engine builds these families' states (issue #17 item 5).
+    """
+
+    family = ""
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+        causal_default: bool = False,
+        shared: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden); `shared`: Gemma 4's producer layer -> (k, v)."""
+        if cache is not None:
+            raise NotImplementedError(
+                f"{self.family}: decoding through a KV cache is not built yet (issue #17 item "
+                "5, the engine's per-layer states); run the full-sequence forward without one"
+            )
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin, shared)  # (B, H, T, D), (B, Hkv, T, D) x 2
+        mask = None
+        if not (causal_default and (self.window is None or T <= self.window)):
+            mask = _memo_mask(positions, positions, self.window, segment_ids)
+        out = self._attend(q, k, v, mask)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shared: dict | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, hidden) -> q (B, H, T, D), k and v (B, Hkv, T, D), positions applied."""
+        raise NotImplementedError
 
 
-def _mask(
-    positions: torch.Tensor,
-    window: int | None,
-    segment_ids: torch.Tensor | None,
-    causal_default: bool,
-    T: int,
-) -> torch.Tensor | None:
-    """The cache-free mask of `Attention.forward`: None (plain causal kernel) when it can be."""
-    if causal_default and (window is None or T <= window):
-        return None
-    return _memo_mask(positions, positions, window, segment_ids)
-
-
-class Gemma4Attention(Attention):
+class Gemma4Attention(_FullSequenceAttention):
     """Gemma 4 self-attention (transformers' Gemma4TextAttention).
 
     Scale-weighted q/k norms and a scale-free v_norm, scores scaled by 1 (the norms set the
@@ -257,19 +276,13 @@ class Gemma4Attention(Attention):
             self.v_proj = None if k_eq_v else nn.Linear(h, self.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, h, bias=bias)
 
-    def forward(  # type: ignore[override]
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache | None = None,
-        segment_ids: torch.Tensor | None = None,
-        causal_default: bool = False,
-        shared: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ) -> torch.Tensor:
-        """x (B, T, hidden) -> (B, T, hidden); `shared` maps producer layer -> (k, v)."""
-        _no_cache("gemma4", cache)
+    family = "gemma4"
+
+    def qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shared: dict | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q normed and rotated; k/v computed (and stored in `shared` for later layers) or
+        taken from the producer layer's entry in `shared`."""
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, hd))  # (B, T, H, D)
@@ -278,18 +291,17 @@ class Gemma4Attention(Attention):
             if shared is None or self.source not in shared:
                 raise RuntimeError(f"layer {self.layer}: k/v of layer {self.source} not computed")
             k, v = shared[self.source]  # (B, Hkv, T, D) each, normed and rotated
-        else:
-            kx = self.k_proj(x).view(B, T, self.num_kv_heads, hd)
-            vx = kx if self.v_proj is None else self.v_proj(x).view(B, T, self.num_kv_heads, hd)
-            k = apply_rope(self.k_norm(kx).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
-            v = self.v_norm(vx).transpose(1, 2)  # (B, Hkv, T, D)
-            if shared is not None:
-                shared[self.layer] = (k, v)
-        out = self._attend(q, k, v, _mask(positions, self.window, segment_ids, causal_default, T))
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * hd))
+            return q, k, v
+        kx = self.k_proj(x).view(B, T, self.num_kv_heads, hd)
+        vx = kx if self.v_proj is None else self.v_proj(x).view(B, T, self.num_kv_heads, hd)
+        k = apply_rope(self.k_norm(kx).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+        v = self.v_norm(vx).transpose(1, 2)  # (B, Hkv, T, D)
+        if shared is not None:
+            shared[self.layer] = (k, v)
+        return q, k, v
 
 
-class LocalAttention(Attention):
+class LocalAttention(_FullSequenceAttention):
     """RecurrentGemma's local multi-query attention (transformers' RecurrentGemmaAttention).
 
     No q/k norms, scores scaled by head_dim^-1/2, RoPE on the first half of each head only,
@@ -312,24 +324,15 @@ class LocalAttention(Attention):
         self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, h, bias=True)
 
-    def forward(  # type: ignore[override]
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache | None = None,
-        segment_ids: torch.Tensor | None = None,
-        causal_default: bool = False,
-        shared: dict | None = None,
-    ) -> torch.Tensor:
-        """x (B, T, hidden), cos/sin (B, T, D/2) -> (B, T, hidden)."""
-        _no_cache("recurrent_gemma", cache)
+    family = "recurrent_gemma"
+
+    def qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shared: dict | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v with RoPE on the first cos.shape[-1] (= D/2) dims of q and k."""
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.q_proj(x).view(B, T, self.num_heads, hd).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, hd).transpose(1, 2)
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        out = self._attend(q, k, v, _mask(positions, self.window, segment_ids, causal_default, T))
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * hd))
+        return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
