@@ -11,10 +11,13 @@ token only (llama-bench -p computes the same); decode of --new-tokens single tok
 context (llama-bench -n). geode runs `NativeRunner.run` (the engine's native runner) on
 --threads kernel threads. Each rep runs every geode row once and then llama-bench once (-r 1)
 per GGUF, interleaved; the table gives medians and the median of the per-rep ratios.
-llama.cpp rows are skipped with a message when --llama-bench is absent (build: DESIGN.md "How we
-measure").
+--cpu-time: both sides on one thread, tokens per CPU-second (geode: process time; llama.cpp: the
+children's CPU time of `-r 2` minus `-r 1`), which a machine shared with other jobs disturbs far
+less than wall-clock rates. llama.cpp rows are skipped with a message when --llama-bench is
+absent (build: DESIGN.md "How we measure").
 
 usage: python bench/prefill.py [--llama-bench PATH] [--models nano,real] [--reps 5] [--threads 2]
+                               [--cpu-time]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -87,8 +91,12 @@ def real_files(workdir: Path) -> tuple[torch.nn.Module, dict[str, Path]]:
     return geode.load_model(files["hf"], dtype=torch.float32).eval(), files
 
 
-def geode_once(runner: NativeRunner, model, prompts: list[int], new: int, threads: int) -> dict:
-    """tokens/s of one prefill per prompt length and of `new` decode steps (fresh caches)."""
+def geode_once(
+    runner: NativeRunner, model, prompts: list[int], new: int, threads: int, cpu: bool = False
+) -> dict:
+    """tokens/s of one prefill per prompt length and of `new` decode steps (fresh caches);
+    cpu: tokens per CPU-second of this process instead (time.process_time)."""
+    clock = time.process_time if cpu else time.perf_counter
     cfg, out = model.config, {}
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode(), kernels.decode_threads(threads):
@@ -96,15 +104,35 @@ def geode_once(runner: NativeRunner, model, prompts: list[int], new: int, thread
             cache = HybridCache(cfg, 1, P + 8, model.dtype)
             ids = torch.randint(3, cfg.vocab_size, (1, P), generator=g)
             pos = torch.arange(P)[None]
-            t = time.perf_counter()
+            t = clock()
             runner.run([0], ids, pos, cache, select=torch.tensor([[P - 1]]))
-            out[f"pp{P}"] = P / (time.perf_counter() - t)
+            out[f"pp{P}"] = P / (clock() - t)
         cache = HybridCache(cfg, 1, new + 8, model.dtype)
         toks = torch.randint(3, cfg.vocab_size, (new,), generator=g).tolist()
-        t = time.perf_counter()
+        t = clock()
         for i, tok in enumerate(toks):
             runner.run([0], torch.tensor([[tok]]), torch.tensor([[i]]), cache)
-        out[f"tg{new}"] = new / (time.perf_counter() - t)
+        out[f"tg{new}"] = new / (clock() - t)
+    return out
+
+
+def llama_cpu(exe: Path, gguf: Path, prompts: list[int], new: int) -> dict:
+    """llama-bench on 1 thread, tokens per CPU-second: the CPU time of `-r 2` minus `-r 1` per
+    test (loading and warm-up cancel), from the children's rusage."""
+
+    def cpu(test: list[str], reps: int) -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cmd = [str(exe), "-m", str(gguf), "-t", "1", *test, "-r", str(reps), "-o", "json"]
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+    tests = {f"pp{P}": ["-p", str(P), "-n", "0"] for P in prompts}
+    tests[f"tg{new}"] = ["-p", "0", "-n", str(new)]
+    out = {}
+    for key, test in tests.items():
+        n = int(test[1]) or int(test[3])
+        out[key] = n / max(cpu(test, 2) - cpu(test, 1), 1e-9)
     return out
 
 
@@ -136,12 +164,14 @@ def run_model(label: str, base, files: dict[str, Path], dtypes: list[str], exe: 
     for rep in range(args.reps):
         for name, (r, m) in runners.items():
             res.setdefault(("geode", name), []).append(
-                geode_once(r, m, prompts, args.new_tokens, args.threads)
+                geode_once(r, m, prompts, args.new_tokens, args.threads, args.cpu_time)
             )
             if exe is not None:
-                kind = LLAMA_OF[name]
+                gguf = files[LLAMA_OF[name]]
                 res.setdefault(("llama.cpp", name), []).append(
-                    llama_once(exe, files[kind], prompts, args.new_tokens, args.threads)
+                    llama_cpu(exe, gguf, prompts, args.new_tokens)
+                    if args.cpu_time
+                    else llama_once(exe, gguf, prompts, args.new_tokens, args.threads)
                 )
         print(
             f"# {label}: rep {rep + 1}/{args.reps} done, load {os.getloadavg()[0]:.1f}", flush=True
@@ -150,7 +180,9 @@ def run_model(label: str, base, files: dict[str, Path], dtypes: list[str], exe: 
         g, ll = res[("geode", name)], res.get(("llama.cpp", name))
         for test in g[0]:
             row = dict(bench="prefill", model=label, geode=name, llama=LLAMA_OF[name], test=test,
-                       geode_tok_s=statistics.median(x[test] for x in g), reps=len(g))  # fmt: skip
+                       geode_tok_s=statistics.median(x[test] for x in g), reps=len(g),
+                       unit="tokens per CPU-second, 1 thread" if args.cpu_time else
+                       f"tokens/s, {args.threads} threads")  # fmt: skip
             if ll:
                 row["llama_tok_s"] = statistics.median(x[test] for x in ll)
                 row["ratio"] = statistics.median(a[test] / b[test] for a, b in zip(g, ll))
@@ -160,8 +192,9 @@ def run_model(label: str, base, files: dict[str, Path], dtypes: list[str], exe: 
 
 def table() -> None:
     """Side-by-side table of the emitted rows."""
-    print("\n| model | geode / llama.cpp | test | geode tok/s | llama.cpp tok/s | ratio (median of "
-          "reps) | worst rep |")  # fmt: skip
+    unit = next((r["unit"] for r in ROWS if "unit" in r), "")
+    print(f"\n{unit}\n\n| model | geode / llama.cpp | test | geode | llama.cpp | ratio (median "
+          "of reps) | worst rep |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in ROWS:
         if r.get("bench") != "prefill":
@@ -187,11 +220,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "geode-bench")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="both sides on 1 thread, tokens per CPU-second (a ratio that a loaded machine "
+        "disturbs less than wall-clock rates)",
+    )
     args = ap.parse_args()
     for flag, value in (("--nano-dtypes", args.nano_dtypes), ("--real-dtypes", args.real_dtypes)):
         bad = sorted(set(value.split(",")) - set(LLAMA_OF))
         if bad:
             ap.error(f"{flag}: unknown {bad}; choose from {sorted(LLAMA_OF)}")
+    if args.cpu_time:
+        args.threads = 1
     torch.set_num_threads(args.threads)
     exe = Path(args.llama_bench).expanduser() if args.llama_bench else None
     if exe is None or not exe.is_file():
