@@ -472,6 +472,8 @@ def render_multimodal(
     from .image import image_parts, merge_parts, pan_and_scan_boxes
     from .video import timestamp_text
 
+    if not isinstance(mm_tokens_per_image, int) or mm_tokens_per_image < 1:
+        raise ChatFormatError(f"mm_tokens_per_image must be >= 1, got {mm_tokens_per_image!r}")
     sentinel = f"\ue000{uuid.uuid4().hex}\ue000"  # stands for one media part in the text
     media: list[list[str | int]] = []
     images: list[Any] = []

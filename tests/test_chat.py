@@ -502,6 +502,9 @@ def test_text_only_and_typed_markers(real_pair) -> None:
     from geode.chat import render_multimodal
 
     tok, _ = real_pair
+    assert tok.encode("<start_of_image><end_of_image>") == [255999, 256000]  # single ids
+    assert len(tok.encode("<image_soft_token>")) == 7  # not a piece of tokenizer.model
+    assert tok.image_token_id() == 262144 == tok.encode_with_images([1])[0]
     for seed in range(20):
         msgs = random_conversation(random.Random(seed))
         msgs = [{**m, "content": random_str(random.Random(k))} for k, m in enumerate(msgs)]

@@ -82,7 +82,13 @@ class Backend:
 
     def prompt_tokens(self, prompt: Prompt) -> int:
         """Tokens the backend sends for `prompt` (<bos> and chat template included)."""
-        text = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)
+        if isinstance(prompt, str):
+            text = prompt
+        else:  # message contents: str, or OpenAI parts (their text is counted)
+            text = "".join(
+                c if isinstance(c, str) else "".join(p.get("text", "") for p in c or ())
+                for c in (m.get("content") for m in prompt)
+            )
         return self.count_tokens(text) + 1
 
     @property
