@@ -201,7 +201,7 @@ def test_gemma4_multimodal_checkpoint_layout_loads(tmp_path):
     loaded = geode.load_model(tmp_path / "mm")
     ids = torch.randint(0, 4096, (1, 9))
     with torch.no_grad():
-        assert (loaded(ids) - model(ids)).abs().max().item() <= 1e-6
+        assert (loaded(ids) - model(ids)).abs().max().item() <= 1e-5  # same weights, new memory
 
 
 def test_published_config_form_reads_global_head_dim_and_kv_heads():
