@@ -437,6 +437,9 @@ def _part_video(
     """The sampled frames (`geode.video.Video`) of a video part (bytes, data: URL or a file)."""
     from .video import VideoError, load_video
 
+    rate = part.get("fps", fps)
+    if not isinstance(rate, int | float) or isinstance(rate, bool):
+        raise ChatFormatError(f"{where}: a video part's fps must be a number, got {rate!r}")
     ref = _media_ref(part, where, ("video", "path", "url"))
     if not isinstance(ref, str | bytes | bytearray):
         raise ChatFormatError(f"{where}: video must be bytes or a str, got {type(ref).__name__}")
@@ -444,7 +447,7 @@ def _part_video(
         from .image import media_source
 
         ref = media_source(ref, image_dir, f"{where}: video", VideoError)
-    return load_video(ref, part.get("fps", fps), max_frames, name=f"{where}: video")
+    return load_video(ref, rate, max_frames, name=f"{where}: video")
 
 
 def render_multimodal(

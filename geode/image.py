@@ -48,23 +48,32 @@ class ProcessedImages:
     num_crops: list[int]  # per input image, the pan & scan crops that follow it (0: none)
 
 
+def open_source(
+    source: bytes | str | os.PathLike,
+    name: str | None,
+    what: str = "image",
+    error: type = ImageError,
+) -> tuple[str, io.BytesIO | Path]:
+    """(the name errors use, a file object or path) for media bytes or a file path; `error`
+    for empty data, a missing file or another type."""
+    if isinstance(source, bytes | bytearray):
+        label = name or what
+        if not source:
+            raise error(f"{label}: empty {what} data")
+        return label, io.BytesIO(source)
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        label = name or str(path)
+        if not path.is_file():
+            raise error(f"{label}: no such {what} file")
+        return label, path
+    raise error(f"{name or what}: expected bytes or a path, got {type(source).__name__}")
+
+
 def load_image(source: bytes | str | os.PathLike, name: str | None = None) -> Image.Image:
     """Decode an image file or its bytes, upright (EXIF orientation) and RGB, as transformers'
     `load_image` does; `name` (default: the path, or "image") is named in errors."""
-    if isinstance(source, bytes | bytearray):
-        label = name or "image"
-        if not source:
-            raise ImageError(f"{label}: empty image data")
-        fp: io.BytesIO | Path = io.BytesIO(source)
-    elif isinstance(source, str | os.PathLike):
-        fp = Path(source)
-        label = name or str(fp)
-        if not fp.is_file():
-            raise ImageError(f"{label}: no such image file")
-    else:
-        raise ImageError(
-            f"{name or 'image'}: expected bytes or a path, got {type(source).__name__}"
-        )
+    label, fp = open_source(source, name)
     try:
         with Image.open(fp, formats=FORMATS) as img:
             img.load()  # decode now: truncated or corrupt data fails here, not later

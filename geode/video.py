@@ -17,11 +17,10 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image
 
-from .image import ImageError
+from .image import ImageError, open_source
 
 DEFAULT_FPS = 1.0  # frames sampled per second of video
 DEFAULT_MAX_FRAMES = 32  # 32 frames x 256 soft tokens = 8,192 tokens with Gemma 3
@@ -97,32 +96,20 @@ def load_video(
     `max_frames`; `name` (default: the path, or "video") is named in errors."""
     import av
 
-    if isinstance(source, bytes | bytearray):
-        label = name or "video"
-        head = bytes(source[:192])
-        fp: io.BytesIO | str = io.BytesIO(source)
-    elif isinstance(source, str | os.PathLike):
-        path = Path(source)
-        label = name or str(path)
-        if not path.is_file():
-            raise VideoError(f"{label}: no such video file")
-        with open(path, "rb") as f:
-            head = f.read(192)
-        fp = str(path)
-    else:
-        raise VideoError(
-            f"{name or 'video'}: expected bytes or a path, got {type(source).__name__}"
-        )
+    label, fp = open_source(source, name, "video", VideoError)
     sample_indices(1, 1.0, fps, max_frames)  # the options' errors, before any decoding
-    if not head:
-        raise VideoError(f"{label}: empty video file")
+    if isinstance(fp, io.BytesIO):
+        head = fp.getvalue()[:192]
+    else:
+        with open(fp, "rb") as f:
+            head = f.read(192)
     if not _signature_ok(head):
         raise VideoError(
             f"{label}: not a video in a supported container (MP4/MOV, Matroska/WebM, AVI, GIF, "
             "MPEG-TS, Ogg)"
         )
     try:
-        with av.open(fp, "r") as container:
+        with av.open(fp if isinstance(fp, io.BytesIO) else str(fp), "r") as container:
             if container.format.name not in _FORMATS:
                 raise VideoError(f"{label}: container {container.format.name!r} is not supported")
             if not container.streams.video:

@@ -584,6 +584,8 @@ def test_media_errors_are_clear(tmp_path) -> None:
         render_one({"type": "image", "path": str(tmp_path / "secret.png")})
     (inside / "ok.png").write_bytes(png)
     assert len(render_one({"type": "image", "url": "file://" + str(inside / "ok.png")}, image_dir=inside).images) == 1  # fmt: skip
+    with pytest.raises(ChatFormatError, match="part 0: a video part's fps must be a number"):
+        render_one({"type": "video", "path": "clip.mp4", "fps": "2"}, image_dir=inside)
     with pytest.raises(ChatFormatError, match="video parts need render_multimodal"):
         render([{"role": "user", "content": [{"type": "video", "path": "clip.mp4"}]}])
 

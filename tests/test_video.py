@@ -90,7 +90,7 @@ def test_bad_videos_are_clear_errors(tmp_path) -> None:
     good = write_video(None, frames=10, rate=10)
     with pytest.raises(VideoError, match="missing.mp4: no such video file"):
         load_video(tmp_path / "missing.mp4")
-    with pytest.raises(VideoError, match="upload: empty video file"):
+    with pytest.raises(VideoError, match="upload: empty video data"):
         load_video(b"", name="upload")
     with pytest.raises(VideoError, match="video: not a video in a supported container"):
         load_video(b"hello, this is text and no video at all")
