@@ -587,8 +587,8 @@ register_preset(
 
 
 # Gemma 4 (text decoders). Sources: the `text_config` of each checkpoint's config.json
-# (google/gemma-4-E2B, google/gemma-4-26B-A4B, google/gemma-4-31B; transformers 5.25's
-# Gemma4TextConfig for omitted fields). Scores are scaled by 1 (q/k norms), full layers have
+# (google/gemma-4-E2B, -E4B, -26B-A4B, -31B; transformers 5.25's Gemma4TextConfig for
+# omitted fields). Scores are scaled by 1 (q/k norms), full layers have
 # a 512-wide head and proportional RoPE rotating 1/4 of it (base 1M), local layers base 10k.
 _GEMMA4 = dict(
     family="gemma4", vocab_size=262_144, head_dim=256, global_head_dim=512,
@@ -614,7 +614,23 @@ register_preset(
     ),  # fmt: skip
 )
 register_preset(
-    "gemma4-26b-a4b",  # 25.2B total, 3.8B active per token (model card; incl. vision tower)
+    "gemma4-e4b",  # 8B with embeddings and encoders, 4.5B "effective" (model card)
+    ModelConfig(
+        **_GEMMA4,
+        hidden_size=2560,
+        intermediate_size=10_240,
+        num_hidden_layers=42,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        sliding_window=512,
+        max_position_embeddings=131_072,
+        num_kv_shared_layers=18,
+        hidden_size_per_layer_input=256,
+        vocab_size_per_layer_input=262_144,
+    ),  # fmt: skip
+)
+register_preset(
+    "gemma4-26b-a4b",  # 25.2B total, 3.8B active per token (model card)
     ModelConfig(
         **_GEMMA4,
         hidden_size=2816,
@@ -633,7 +649,7 @@ register_preset(
     ),  # fmt: skip
 )
 register_preset(
-    "gemma4-31b",  # 30.7B (model card; incl. vision tower)
+    "gemma4-31b",  # 30.7B (model card)
     ModelConfig(
         **_GEMMA4,
         hidden_size=5376,
