@@ -21,9 +21,11 @@ tool declarations, tool calls, tool results and thinking sections:
     <start_of_turn>model
     2+3 = 5<end_of_turn>
 
-`parse` turns a model's raw output back into content, thinking and tool calls; it never
-raises on malformed output but lists what failed in `ParsedOutput.errors`.
-See docs/tokenizer.md for the full description.
+`render_multimodal` renders the same text with the images: image parts become Gemma 3's image
+sequence and video parts their timestamped frames, returned with the images in order for the
+processor (docs/vision.md). `parse` turns a model's raw output back into content, thinking and
+tool calls; it never raises on malformed output but lists what failed in
+`ParsedOutput.errors`. See docs/tokenizer.md for the full description.
 """
 
 from __future__ import annotations
