@@ -42,7 +42,7 @@ def load_for_inference(
             config = get_preset(str(source))
         except KeyError:
             raise FileNotFoundError(
-                f"{source!r} is neither a checkpoint directory, a .gguf file nor a preset name"
+                f"{source!r} is neither a checkpoint directory nor a preset name (nor a .gguf file)"
             ) from None
         model = build_model(config, dtype=parse_dtype(dtype), device=device, seed=seed)
     if tokenizer is not None:
