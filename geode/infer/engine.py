@@ -693,7 +693,7 @@ class Engine:
                 if s.uncond is not None:  # classifier-free guidance: uncond + g (cond - uncond)
                     u, g = s.uncond_logits, s.params.guidance_scale
                     rows[i] = u + g * (rows[i] - u)
-            z = torch.stack(rows)  # (N, V')
+            z = _stack_rows(rows)  # (N, V')
             tokens = sample_tokens(to_sample, z, self.eos_token_ids).tolist()
             need_lp = [i for i, s in enumerate(to_sample) if s.logprobs is not None]
             logp = z[need_lp].log_softmax(-1) if need_lp else None
@@ -788,3 +788,26 @@ class Engine:
                 self._emit(s, d, t, True, lp, top)
             deltas.append(self._close(d, s))
         return deltas
+
+
+def _stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack of equal (V,) rows, as a strided view when they lie evenly spaced in one
+    tensor (a decode step's logits: no copy of B x V floats)."""
+    r0 = rows[0]
+    if len(rows) == 1:
+        return r0[None]
+    es, step = r0.element_size(), rows[1].data_ptr() - r0.data_ptr()
+    even = (
+        step > 0
+        and step % es == 0
+        and all(
+            r.shape == r0.shape
+            and r.stride() == r0.stride()
+            and r.untyped_storage().data_ptr() == r0.untyped_storage().data_ptr()
+            and r.data_ptr() == r0.data_ptr() + i * step
+            for i, r in enumerate(rows)
+        )
+    )
+    if even and step // es >= r0.shape[0] * r0.stride(0):  # rows do not overlap
+        return r0.as_strided((len(rows), r0.shape[0]), (step // es, r0.stride(0)))
+    return torch.stack(rows)
