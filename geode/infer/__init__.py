@@ -1,7 +1,7 @@
 """Inference: hybrid KV cache, the generation engine, sampling and weight-only quantization."""
 
 from .cache import HybridCache, kv_cache_bytes
-from .engine import Delta, Engine, Request, Result
+from .engine import Delta, Engine, Request, Result, encode_prompt
 from .sampling import RequestError, SamplingParams
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "RequestError",
     "Result",
     "SamplingParams",
+    "encode_prompt",
     "kv_cache_bytes",
 ]
