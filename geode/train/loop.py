@@ -6,6 +6,7 @@ G = M * A * W):
     batch   <- loader.next_batch()                    this rank's G/W rows (B, T+1)
     for each micro-batch (gradient sync on the last only):
         sum, n, metrics = objective.loss_sum(model, micro-batch)   (objectives/, autocast inside)
+        sum += coef * aux * n                          MoE models only (objectives/router.py)
         sum.backward()
     N <- all-reduce(sum of n)                          e.g. trained targets in the global batch
     grads *= W / N                                     DDP/FSDP averaged over W -> global mean
@@ -63,6 +64,7 @@ from .loss import loss_terms
 from .memory import check_fits, estimate_bytes
 from .metrics import MetricsLog, plot_curves, read_metrics
 from .objectives import build_objective, objective_class, objective_kind
+from .objectives.router import RouterTerm, resolve_aux_coef
 from .optim import build_optimizer, lr_at, set_lr
 from .recipe import TrainRecipe, check_recipe, micro_batch_and_accumulation, recipe_dict
 from .state import (
@@ -199,6 +201,8 @@ class Trainer:
         model = objective_class(objective_kind(recipe)).prepare_model(self, model)
         self.raw_model = model
         self.model = wrap_model(model, info, self.parallel)
+        # MoE: the load-balancing term every objective gets, and the router metrics
+        self.router = RouterTerm.for_model(model, self.config, resolve_aux_coef(recipe))
         self.optimizer = build_optimizer(self.model, recipe.optim)
 
         # ---- loop state
@@ -418,7 +422,11 @@ class Trainer:
         for i in range(n_micro):
             mb = batch.rows(slice(i * self.micro, (i + 1) * self.micro)).to(self.info.device)
             with grad_sync(self.model, self.parallel, i == n_micro - 1):
+                if self.router is not None:
+                    self.router.clear()
                 total, n, metrics = self.objective.loss_sum(self.model, mb)
+                if self.router is not None:
+                    total = self.router.add(total, n)  # + coef * aux * n (objectives/router.py)
                 total.backward()
             normalizer += float(n)
             for k, v in metrics.items():
@@ -449,6 +457,8 @@ class Trainer:
         report = self.objective.report(
             {k: float(v) for k, v in zip(keys, stats[2:])}, n_global, training=True
         )
+        if self.router is not None:
+            report.update(self.router.report(n_global, self.info))
         rec: dict[str, Any] = {
             "kind": "train",
             "step": step,

@@ -144,6 +144,9 @@ class ObjectiveSection:
 
     kind: str = ""  # a registered kind ("ntp", "sft", "distill", ...); empty: distill or ntp
     options: dict[str, Any] = field(default_factory=dict)  # checked by the objective's Options
+    # MoE models: weight of the Switch load-balancing loss added to every objective (transformers'
+    # name); unset: the checkpoint config's value, else 0.01 (objectives/router.py)
+    router_aux_loss_coef: float | None = None
 
 
 @dataclass
@@ -269,8 +272,10 @@ def check_recipe(recipe: TrainRecipe, where: str = "recipe", world_size: int | N
         "optim.weight_decay",
         "optim.grad_clip",
         "train.z_loss",
+        "objective.router_aux_loss_coef",
     ]:
-        if _get(recipe, name) < 0:
+        value = _get(recipe, name)
+        if value is not None and value < 0:
             fail(name, "must be >= 0")
     o = recipe.optim
     if not o.lr > 0:
