@@ -1,7 +1,8 @@
 """Checkpoints in the Hugging Face layout: config.json + (sharded) safetensors, read and written.
 
-Reads `Gemma3ForCausalLM` checkpoints and the language-model part of
-`Gemma3ForConditionalGeneration` ones, under both key layouts in circulation, and the other
+Reads `Gemma3ForCausalLM` checkpoints and `Gemma3ForConditionalGeneration` ones (with the
+vision tower and projector, or their language-model part alone with `vision=False`), under
+both key layouts in circulation, and writes both (`layout=`); reads the other
 family members' (`Gemma4ForCausalLM`, the text part of `Gemma4ForConditionalGeneration`,
 `RecurrentGemmaForCausalLM`) through their spec's tensor-name map (geode/family.py), without
 transformers installed. Every tensor is validated (present, expected, right shape, finite)
@@ -28,6 +29,7 @@ from .config import ConfigError, ModelConfig
 from .family import get_family
 from .fileio import fsync_dir, swap_dir_into_place
 from .model.transformer import FLOAT16_REFUSAL, Transformer, check_dtype
+from .model.vision import HF_MULTIMODAL_MODEL_TYPE, VISION_LAYOUTS, VisionConfig, hf_vision_keys
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -39,7 +41,12 @@ TEXT_PREFIXES = (
     "model.",  # Gemma3ForCausalLM
 )
 LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
-# Multimodal parts the text decoder does not use (the vision issue loads them).
+# Where a written Gemma3ForConditionalGeneration keeps its decoder and LM head, by layout.
+MULTIMODAL_TEXT = {
+    "published": ("language_model.model.", "language_model.lm_head.weight"),
+    "model": ("model.language_model.", "lm_head.weight"),
+}
+# Multimodal parts the text decoder does not use (Gemma 3's vision parts load with vision=True).
 NON_TEXT_PREFIXES = (
     "vision_tower.",
     "multi_modal_projector.",
@@ -204,15 +211,50 @@ def _index_tensors(files: list[Path]) -> dict[str, TensorEntry]:
     return table
 
 
+def read_vision_config(path: str | os.PathLike) -> VisionConfig | None:
+    """The VisionConfig of a Gemma3ForConditionalGeneration checkpoint directory, else None."""
+    cfg_file = Path(path) / CONFIG_FILE
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: cannot read ({e})") from None
+    if not isinstance(raw, dict) or raw.get("model_type") != HF_MULTIMODAL_MODEL_TYPE:
+        return None
+    if raw.get("vision_config") is None:
+        return None
+    try:
+        return VisionConfig.from_hf(raw, source=str(cfg_file))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _vision_keys(stored: dict[str, TensorEntry]) -> dict[str, str]:
+    """Stored vision key -> geode name (any layout); bad keys are CheckpointErrors naming them."""
+    try:
+        return hf_vision_keys(stored)
+    except ValueError as e:
+        key = next((k for k in stored if repr(k) in str(e)), None)
+        where = f"{stored[key].file}: " if key is not None else ""
+        raise CheckpointError(f"{where}{e}") from None
+
+
 def _map_keys(
-    stored: dict[str, TensorEntry], config: ModelConfig, heads: Collection[str] = ()
+    stored: dict[str, TensorEntry],
+    config: ModelConfig,
+    heads: Collection[str] = (),
+    vision_keys: Mapping[str, str] | None = None,
 ) -> dict[str, tuple[str, TensorEntry]]:
     """geode parameter name -> (stored name, entry); unknown tensors are errors, except the
-    `heads` (tensors outside the decoder, e.g. a reward model's `score.weight`)."""
+    `heads` (tensors outside the decoder, e.g. a reward model's `score.weight`).
+    `vision_keys` (stored -> geode name): the vision tensors to load; other vision tensors
+    are skipped."""
     tied = config.tie_word_embeddings
     spec = get_family(config.family)
     mapped: dict[str, tuple[str, TensorEntry]] = {}
     for key, entry in stored.items():
+        if vision_keys and key in vision_keys:
+            mapped[vision_keys[key]] = (key, entry)
+            continue
         if key.startswith(NON_TEXT_PREFIXES) or key in heads:
             continue
         if key in LM_HEAD_KEYS:
@@ -245,11 +287,15 @@ def load_model(
     allow_float16: bool = False,
     check_finite: bool = True,
     heads: Collection[str] = (),
+    vision: bool | None = None,
 ) -> Transformer:
     """Load a HF-layout checkpoint directory (or a .gguf file) into a geode model (eval mode).
 
     dtype: None keeps the stored dtype; float16 is refused unless `allow_float16`.
     heads: stored tensors outside the decoder to leave for the caller (`load_heads`).
+    vision: a Gemma3ForConditionalGeneration checkpoint loads its vision tower and projector
+    (the model then takes `pixel_values`) when None and it stores them, or when True (then
+    they must be there); False loads the text decoder alone.
     Peak memory stays near one copy of the weights: the model is built on the meta device
     and each tensor is read from the memory-mapped file and converted one at a time.
     """
@@ -266,10 +312,19 @@ def load_model(
 
         return load_quantized(root, config, dtype, device, check_finite)
     stored = _index_tensors(_weight_files(root))
-    mapped = _map_keys(stored, config, heads)
+    vision_config = read_vision_config(root) if vision is not False else None
+    if vision and vision_config is None:
+        raise CheckpointError(
+            f"{root / CONFIG_FILE}: vision=True, but this is not a Gemma3ForConditionalGeneration "
+            "config (model_type 'gemma3' with a vision_config)"
+        )
+    vision_keys = _vision_keys(stored) if vision_config is not None else {}
+    if vision is None and not vision_keys:
+        vision_config = None  # a multimodal config over the language model's tensors only
+    mapped = _map_keys(stored, config, heads, vision_keys)
 
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, vision_config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     where = ", ".join(sorted({e.file.name for e in stored.values()}))
     missing = [n for n in expected if n not in mapped]
@@ -353,6 +408,7 @@ def save_model(
     files: Mapping[str, str | os.PathLike] | None = None,
     heads: Mapping[str, torch.Tensor] | None = None,
     hf_config: Mapping[str, Any] | None = None,
+    layout: str = "published",
 ) -> Path:
     """Write `model` as a HF checkpoint directory of its family, atomically.
 
@@ -364,16 +420,24 @@ def save_model(
     at `path` is replaced only once the new one is complete. `heads` are tensors stored
     under their own names beside the decoder's, `hf_config` updates config.json (a reward
     model: `score.weight`, architectures = [Gemma3TextForSequenceClassification]).
+    A model with a vision tower is written as `Gemma3ForConditionalGeneration` (a full
+    `Gemma3Config`) in the key `layout` "published" (`language_model.model.*`,
+    `vision_tower.*`, as google/gemma-3-* ship) or "model" (`model.language_model.*`).
     """
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root}: exists and is not a directory")
     config = model.config
     quantized = getattr(model, "quantization", None) is not None  # geode.infer.quant.quantize
+    vision = getattr(model, "vision", None)
+    if quantized and vision is not None:
+        raise CheckpointError("saving a quantized model with a vision tower is not supported")
     if quantized:  # compressed-tensors layout (geode/infer/quant.py)
         from .infer.quant import quantized_state
 
         state = quantized_state(model)
+    elif vision is not None:
+        state = _multimodal_state(model, layout)
     else:
         state = {}
         spec = get_family(config.family)
@@ -388,7 +452,7 @@ def save_model(
     tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        hf = config.to_hf()
+        hf = config.to_hf() if vision is None else multimodal_hf_config(model)
         dtype_name = str(model.dtype).removeprefix("torch.")
         hf["dtype"] = dtype_name
         hf.update(hf_config or {})
@@ -424,6 +488,37 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def multimodal_hf_config(model: Transformer) -> dict[str, Any]:
+    """The full `Gemma3Config` dict of a model with a vision tower (transformers loads it)."""
+    assert model.vision is not None
+    text = model.config.to_hf()
+    text.pop("architectures", None)
+    return {
+        "architectures": [get_family(model.config.family).vision_architecture],
+        "model_type": HF_MULTIMODAL_MODEL_TYPE,
+        "text_config": text,
+        **model.vision.to_hf(),
+        "initializer_range": model.config.initializer_range,
+        "tie_word_embeddings": model.config.tie_word_embeddings,
+    }
+
+
+def _multimodal_state(model: Transformer, layout: str) -> dict[str, torch.Tensor]:
+    """Stored key -> tensor of a Gemma3ForConditionalGeneration in the `layout`."""
+    if layout not in MULTIMODAL_TEXT:
+        raise ValueError(f"unknown key layout {layout!r}; use one of {list(VISION_LAYOUTS)}")
+    text_prefix, head_key = MULTIMODAL_TEXT[layout]
+    named = model.state_dict()
+    vision = hf_vision_keys(
+        [n for n in named if n.startswith(("vision_tower.", "multi_modal_projector."))], to=layout
+    )
+    state = {}
+    for name, tensor in named.items():
+        key = vision.get(name) or (head_key if name == "lm_head.weight" else text_prefix + name)
+        state[key] = tensor.detach().to("cpu").contiguous()
+    return state
 
 
 def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

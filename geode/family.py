@@ -42,6 +42,9 @@ class FamilySpec:
     sandwich_norms: bool  # post-attention and post-feed-forward norms (Gemma 2/3/4)
     runner_paths: tuple[str, ...]
     new_state: Callable[..., Any] | None = None  # engine cache/state factory (None: not yet)
+    # HF architecture of the family's VLM whose SigLIP tower + projector geode builds
+    # (`Transformer(config, vision)`, geode/model/vision.py); None: text decoder only.
+    vision_architecture: str | None = None
 
     def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
         """Modules FSDP2 shards one by one (then the root): every decoder layer, experts inside."""
@@ -614,6 +617,7 @@ register_family(
         sandwich_norms=True,
         runner_paths=RUNNER_PATHS,
         new_state=None,  # the engine's HybridCache (geode.infer.cache), built by the runner
+        vision_architecture="Gemma3ForConditionalGeneration",
     )
 )
 register_family(

@@ -75,7 +75,9 @@ def _geode_parts(vision: VisionConfig, state: dict[str, torch.Tensor], text_hidd
 def test_tower_and_projector_match_transformers(hf_saved):
     ref, path = hf_saved
     vision = VisionConfig.from_hf(json.loads((path / "config.json").read_text()))
-    assert vision == get_vision_preset("nano-vision").replace(name="")
+    assert vision == get_vision_preset("nano-vision").replace(
+        name="", image_token_index=IMAGE_ID, boi_token_index=BOI_ID, eoi_token_index=EOI_ID
+    )
     state = load_file(path / "model.safetensors")
     tower, projector = _geode_parts(vision, state, ref.config.text_config.hidden_size)
     pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1

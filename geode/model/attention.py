@@ -42,14 +42,25 @@ def attention_mask(
     window: int | None,
     q_seg: torch.Tensor | None = None,
     k_seg: torch.Tensor | None = None,
+    q_img: torch.Tensor | None = None,
+    k_img: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask (B, 1, T, S): key j is visible to query i iff it is a real key, not in the
     future, within the last `window` positions (the query's own included), and in the same
     document when segment ids are given. Padding queries (position < 0) see every key so that
-    their rows stay finite (an all-masked row would be NaN and poison later layers)."""
+    their rows stay finite (an all-masked row would be NaN and poison later layers).
+
+    Image group ids q_img (B, T), k_img (B, S) (`image_group_ids`: the image index, -1 for
+    text) make one image's tokens see each other, later ones included (Gemma 3's
+    bidirectional image attention): (causal or same image >= 0) and, on local layers, within
+    the window (transformers' AND(sliding_window, OR(causal, blockwise)))."""
     q = q_pos[:, :, None]  # (B, T, 1)
     k = k_pos[:, None, :]  # (B, 1, S)
-    mask = (k >= 0) & (k <= q)
+    visible = k <= q
+    if q_img is not None and k_img is not None:
+        same = q_img[:, :, None] == k_img[:, None, :]  # (B, T, S)
+        visible = visible | (same & (q_img[:, :, None] >= 0))
+    mask = (k >= 0) & visible
     if window is not None:
         mask &= q - k < window
     if q_seg is not None and k_seg is not None:
@@ -68,8 +79,11 @@ def _memo_mask(
     k_pos: torch.Tensor,
     window: int | None,
     seg: torch.Tensor | None = None,
+    img: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`attention_mask`, reused across the layers of one forward pass.
+
+    `img` (B, T): the queries' image group ids; the keys' are `key_image_groups`.
 
     A cache may return the same key-position tensor to every layer of a kind (local/global),
     and without a cache every layer of a kind sees the same positions and segments, so the
@@ -78,19 +92,39 @@ def _memo_mask(
     since (version counters; inference tensors have none), and the same window.
     """
     if torch.compiler.is_compiling():  # a compiled layer fuses the mask into its graph
-        return attention_mask(q_pos, k_pos, window, seg, seg)
+        return attention_mask(q_pos, k_pos, window, seg, seg, *_image_pair(q_pos, k_pos, img))
     memo = getattr(_MASK_MEMO, "masks", None)
     if memo is None:
         memo = _MASK_MEMO.masks = {}
-    tensors = (q_pos, k_pos, seg)
+    tensors = (q_pos, k_pos, seg, img)
     versions = tuple(None if t is None or torch.is_inference(t) else t._version for t in tensors)
     key = (*(None if t is None else id(t) for t in tensors), window)
     hit = memo.get(key)
     if hit is not None and all(a is b for a, b in zip(hit[0], tensors)) and hit[1] == versions:
         return hit[2]
-    mask = attention_mask(q_pos, k_pos, window, seg, seg)
+    mask = attention_mask(q_pos, k_pos, window, seg, seg, *_image_pair(q_pos, k_pos, img))
     memo[key] = (tensors, versions, mask)
     return mask
+
+
+def _image_pair(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, img: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(query, key) image group ids for `attention_mask`, or (None, None) without images."""
+    if img is None:
+        return None, None
+    return img, img if k_pos is q_pos else key_image_groups(q_pos, k_pos, img)
+
+
+def key_image_groups(q_pos: torch.Tensor, k_pos: torch.Tensor, q_img: torch.Tensor) -> torch.Tensor:
+    """Image group ids of cached keys (B, S): a key at the position of one of this pass's
+    tokens (q_pos (B, T), groups q_img (B, T)) takes its group; earlier keys are -1.
+
+    The cache keeps positions, not groups, so at prefill the bidirectional rule holds among
+    the chunk's own tokens: an image must lie inside one prefill chunk."""
+    hit = (k_pos[:, :, None] == q_pos[:, None, :]) & (k_pos[:, :, None] >= 0)  # (B, S, T)
+    groups = (hit * (q_img[:, None, :] + 1)).sum(-1) - 1  # (B, S); positions are unique
+    return torch.where(hit.any(-1), groups, torch.full_like(groups, -1))
 
 
 def clear_mask_memo() -> None:
@@ -129,11 +163,14 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
         causal_default: bool = False,
+        image_groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, hidden), cos/sin (B, T, D), positions (B, T) -> (B, T, hidden).
 
         `causal_default` says positions are 0..T-1 in every row with no cache and no
         segments, so the plain causal kernel can be used when the window covers T.
+        `image_groups` (B, T): image group ids, bidirectional within an image (see
+        `attention_mask`); None: no images.
         """
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)  # (B, T, H*D), (B, T, Hkv*D), (B, T, Hkv*D)
@@ -143,9 +180,11 @@ class Attention(nn.Module):
         mask = None
         if cache is not None:
             k, v, k_pos = cache.update(self.layer, k, v, positions)  # (B, Hkv, S, D), (B, S)
-            mask = _memo_mask(positions, k_pos, self.window)
-        elif not (causal_default and (self.window is None or T <= self.window)):
-            mask = _memo_mask(positions, positions, self.window, segment_ids)
+            mask = _memo_mask(positions, k_pos, self.window, None, image_groups)
+        elif image_groups is not None or not (
+            causal_default and (self.window is None or T <= self.window)
+        ):
+            mask = _memo_mask(positions, positions, self.window, segment_ids, image_groups)
         out = self._attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 

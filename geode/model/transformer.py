@@ -22,6 +22,13 @@ from .layers import (
 )
 from .moe import Experts, MoEBlock, Router
 from .recurrent import RGLRU, RecurrentMixer
+from .vision import (
+    MultiModalProjector,
+    SiglipVisionTower,
+    VisionConfig,
+    image_group_ids,
+    place_image_features,
+)
 
 # Layer parts by name (litgpt-style): the family spec and the config pick them.
 NORMS: dict[str, type[nn.Module]] = {"RMSNorm": RMSNorm, "ScaleRMSNorm": ScaleRMSNorm}
@@ -124,11 +131,16 @@ class DecoderLayer(nn.Module):
         causal_default: bool,
         shared: dict | None = None,
         per_layer_input: torch.Tensor | None = None,
+        image_groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, hidden) -> (B, T, hidden); `shared`: Gemma 4's k/v of producer layers,
-        `per_layer_input` (B, T, p): Gemma 4's per-layer input of this layer."""
+        `per_layer_input` (B, T, p): Gemma 4's per-layer input of this layer;
+        `image_groups` (B, T): Gemma 3's image group ids (bidirectional within an image)."""
         args = (self.input_layernorm(x), cos, sin, positions, cache, segment_ids, causal_default)
-        a = self.self_attn(*args) if shared is None else self.self_attn(*args, shared=shared)
+        extra = {} if image_groups is None else {"image_groups": image_groups}
+        if shared is not None:
+            extra["shared"] = shared
+        a = self.self_attn(*args, **extra)
         if self.post_attention_layernorm is not None:
             a = self.post_attention_layernorm(a)
         x = x + a
@@ -155,11 +167,27 @@ class Transformer(nn.Module):
 
     Gemma 3's module names equal the Hugging Face `Gemma3ForCausalLM` names without the
     `model.` prefix; the other families' names map through their spec's `key_to_hf`.
+
+    With a `vision` config (Gemma 3 only) the model is also `Gemma3ForConditionalGeneration`:
+    it holds the SigLIP `vision_tower` and the `multi_modal_projector` (geode/model/vision.py),
+    and `forward(input_ids, pixel_values=...)` puts each image's soft tokens on its
+    placeholders with bidirectional attention among them. It stays a `Transformer`, so a
+    text-only caller (the engine's runners) uses it unchanged.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, vision: VisionConfig | None = None):
         super().__init__()
         self.config = config
+        self.vision = vision
+        self.vision_tower: SiglipVisionTower | None = None
+        self.multi_modal_projector: MultiModalProjector | None = None
+        if vision is not None:
+            if fam.get_family(config.family).vision_architecture is None:
+                raise ValueError(
+                    f"family {config.family!r} has no vision tower geode builds (Gemma 3 has)"
+                )
+            self.vision_tower = SiglipVisionTower(vision)
+            self.multi_modal_projector = MultiModalProjector(vision, config.hidden_size)
         h = config.hidden_size
         scale_dtype = {"gemma4": torch.float32, "recurrent_gemma": torch.bfloat16}
         self.embed_tokens = ScaledEmbedding(
@@ -221,6 +249,9 @@ class Transformer(nn.Module):
                 module.down_proj.normal_(0.0, std, generator=generator)
             elif isinstance(module, RGLRU | nn.Conv1d):
                 continue
+        if self.vision_tower is not None and self.multi_modal_projector is not None:
+            self.vision_tower.init_weights(generator, std)
+            self.multi_modal_projector.init_weights(generator, std)
         self.embed_tokens.weight[self.config.pad_token_id].zero_()
         if self.embed_tokens_per_layer is not None:
             self.embed_tokens_per_layer.weight[self.config.pad_token_id].zero_()
@@ -234,6 +265,8 @@ class Transformer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         embeds: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) [or embeds (B, T, hidden)] -> logits (B, T, V) in the model dtype.
 
@@ -242,8 +275,13 @@ class Transformer(nn.Module):
         segment_ids (B, T): document ids; attention never crosses documents.
         rows (B, T) bool: return only those positions' logits, (N, V) in row-major order (a
         loss on a few positions, e.g. SFT's assistant tokens, skips the others' LM head).
+        pixel_values (N, C, S, S): the images of the image placeholder runs of input_ids, in
+        order (a model with a vision tower); image_groups (B, T): image group ids for a caller
+        passing embeds with soft tokens already placed (see `hidden`).
         """
-        h = self.hidden(input_ids, positions, cache, segment_ids, embeds)  # (B, T, hidden)
+        h = self.hidden(
+            input_ids, positions, cache, segment_ids, embeds, pixel_values, image_groups
+        )  # (B, T, hidden)
         return self.logits(h if rows is None else h[rows])
 
     def hidden(
@@ -253,11 +291,27 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
         embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states (B, T, hidden); `logits` turns any subset into scores."""
+        """Final-norm hidden states (B, T, hidden); `logits` turns any subset into scores.
+
+        With pixel_values the image placeholders' embeddings are the images' soft tokens and
+        each image's tokens attend to each other (`image_group_ids`); with a cache, one
+        image must lie inside this call's tokens (the cache keeps no group ids).
+        """
         if (input_ids is None) == (embeds is None):
             raise ValueError("pass exactly one of input_ids or embeds")
         x = self.embed_tokens(input_ids) if embeds is None else embeds  # (B, T, hidden)
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids (the image placeholders)")
+            token = self.image_token_id
+            x = place_image_features(x, input_ids, self.image_features(pixel_values), token)
+            if image_groups is None:
+                image_groups = image_group_ids(input_ids, token)  # (B, T)
+        if image_groups is not None and not bool((image_groups >= 0).any()):
+            image_groups = None  # no image: the text model's masks exactly
         B, T, _ = x.shape
         causal_default = cache is None and plain_causal(positions, segment_ids, T)
         if positions is None:
@@ -276,13 +330,38 @@ class Transformer(nn.Module):
                 args = (x, cos, sin, positions, cache, segment_ids, causal_default)
                 if not gemma3:
                     args += (shared, None if ple is None else ple[:, :, i])
+                kw = {} if image_groups is None else {"image_groups": image_groups}
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                    x = checkpoint(layer, *args, use_reentrant=False)
+                    x = checkpoint(layer, *args, use_reentrant=False, **kw)
                 else:
-                    x = layer(*args)
+                    x = layer(*args, **kw)
         finally:
             clear_mask_memo()
         return self.norm(x)
+
+    @property
+    def image_token_id(self) -> int:
+        """The image placeholder id (`image_token_index`); a text-only model has none."""
+        if self.vision is None:
+            raise ValueError(
+                "this model has no vision tower (a text-only checkpoint, or loaded with "
+                "vision=False): it cannot take pixel_values"
+            )
+        return self.vision.image_token_index
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (N, C, S, S) -> soft tokens (N, mm_tokens_per_image, hidden)."""
+        assert self.vision_tower is not None and self.multi_modal_projector is not None
+        _ = self.image_token_id  # the clear error for a text-only model
+        c = self.vision
+        want = (c.num_channels, c.image_size, c.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+            raise ValueError(
+                f"pixel_values must be (N_images, {want[0]}, {want[1]}, {want[2]}), got "
+                f"{tuple(pixel_values.shape)}"
+            )
+        px = pixel_values.to(self.vision_tower.vision_model.embeddings.patch_embedding.weight)
+        return self.multi_modal_projector(self.vision_tower(px))
 
     def per_layer_inputs(self, input_ids: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         """Gemma 4's per-layer inputs (B, T, L, p): (norm(proj(x) / sqrt(d)) + emb(ids)) / sqrt(2).
@@ -352,10 +431,12 @@ def build_model(
     device: torch.device | str | None = None,
     seed: int | None = None,
     allow_float16: bool = False,
+    vision: VisionConfig | None = None,
 ) -> Transformer:
-    """A freshly initialised model (training from scratch, tests, benchmarks)."""
+    """A freshly initialised model (training from scratch, tests, benchmarks); with `vision`
+    a Gemma 3 VLM (tower and projector)."""
     check_dtype(dtype, allow_float16)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    model = Transformer(config)
+    model = Transformer(config, vision)
     model.init_weights(generator)
     return model.to(device=device, dtype=dtype)

@@ -48,6 +48,10 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6  # LayerNorms of the tower and the projector's RMSNorm
     hidden_act: str = "gelu_pytorch_tanh"  # GeLU with the tanh approximation
     mm_tokens_per_image: int = 256  # soft tokens per image after pooling (a square number)
+    # Gemma3Config's special token ids (its defaults: Gemma 3's vocabulary)
+    image_token_index: int = 262144  # <image_soft_token>: the placeholders the soft tokens replace
+    boi_token_index: int = 255999  # <start_of_image>
+    eoi_token_index: int = 256000  # <end_of_image>
     name: str = ""  # preset or checkpoint name, informational
     extra: dict[str, Any] = field(default_factory=dict)  # unrecognised HF fields kept verbatim
 
@@ -62,6 +66,11 @@ class VisionConfig:
             "num_attention_heads",
             "mm_tokens_per_image",
         )
+        tokens = ("image_token_index", "boi_token_index", "eoi_token_index")
+        for name in tokens:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"VisionConfig.{name} must be a token id >= 0, got {value!r}")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -125,12 +134,14 @@ class VisionConfig:
         if not isinstance(config, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
         mm_tokens = 256
+        wrapper: dict[str, Any] = {}  # the Gemma3Config's own token ids, when given
         if config.get("model_type") == HF_MULTIMODAL_MODEL_TYPE:
             vision = config.get("vision_config")
             if not isinstance(vision, dict):
                 raise ConfigError(f"{source}: model_type 'gemma3' needs a 'vision_config' object")
             if config.get("mm_tokens_per_image") is not None:
                 mm_tokens = config["mm_tokens_per_image"]
+            wrapper = {k: config[k] for k in _WRAPPER_TOKENS if config.get(k) is not None}
             source = f"{source}:vision_config"
         else:
             vision = config
@@ -159,13 +170,15 @@ class VisionConfig:
                 c[name] = c[name][0]
         try:
             fields = {name: c[name] for name in _SIGLIP_FIELDS}
-            return cls(**fields, mm_tokens_per_image=mm_tokens, extra=extra)
+            return cls(**fields, **wrapper, mm_tokens_per_image=mm_tokens, extra=extra)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
-        """The vision fields of a HF `Gemma3Config`: `vision_config` and `mm_tokens_per_image`."""
+        """The vision fields of a HF `Gemma3Config`: `vision_config`, `mm_tokens_per_image` and
+        the image token ids."""
         return {
+            **{name: getattr(self, name) for name in _WRAPPER_TOKENS},
             "vision_config": {
                 "model_type": HF_VISION_MODEL_TYPE,
                 **{name: getattr(self, name) for name in _SIGLIP_FIELDS},
@@ -191,6 +204,7 @@ _HF_SIGLIP_VISION_DEFAULTS: dict[str, Any] = {
     "attention_dropout": 0.0,
     "vision_use_head": True,  # the pooling head; Gemma 3 never runs it (its weights are skipped)
 }
+_WRAPPER_TOKENS = ("image_token_index", "boi_token_index", "eoi_token_index")
 _SIGLIP_FIELDS = tuple(
     k for k in _HF_SIGLIP_VISION_DEFAULTS if k not in ("attention_dropout", "vision_use_head")
 )
