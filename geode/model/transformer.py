@@ -312,6 +312,8 @@ class Transformer(nn.Module):
                 image_groups = image_group_ids(input_ids, token)  # (B, T)
         if image_groups is not None and not bool((image_groups >= 0).any()):
             image_groups = None  # no image: the text model's masks exactly
+        if image_groups is not None and self.config.family != "gemma3":
+            raise ValueError(f"image_groups: the {self.config.family} mask has no image term")
         B, T, _ = x.shape
         causal_default = cache is None and plain_causal(positions, segment_ids, T)
         if positions is None:
