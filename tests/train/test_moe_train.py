@@ -81,6 +81,19 @@ def test_aux_term_is_coef_times_switch_loss_and_its_gradient_reaches_the_router(
     assert rep["router_load_max"] == pytest.approx(max(want_max), abs=1e-6)
 
 
+def test_train_step_backpropagates_the_term_and_logs_the_objective_loss(tmp_path):
+    """Same seed and batch, coefficient 0.5 vs 0: equal logged loss and aux loss (before the
+    update), different gradients."""
+    path = moe_recipe(tmp_path)
+    recs = []
+    for coef in (0.5, 0.0):
+        recipe = load_train_recipe(path, [f"objective.router_aux_loss_coef={coef}"])
+        recs.append(Trainer(recipe, out=tmp_path / f"c{coef}").train_step())
+    on, off = recs
+    assert on["loss"] == off["loss"] and on["router_aux_loss"] == off["router_aux_loss"]
+    assert abs(on["grad_norm"] - off["grad_norm"]) > 1e-6 * off["grad_norm"]
+
+
 def test_aux_coef_from_recipe_checkpoint_or_switch_default(tmp_path):
     path = moe_recipe(tmp_path)
     recipe = load_train_recipe(path)
