@@ -88,9 +88,9 @@ class RouterTerm:
         return cls(layers, config.num_experts, config.top_k_experts, coef)
 
     def reset(self) -> None:
-        """Forget the step's sums (counts (L, E) and the normalizer-weighted aux)."""
-        self.counts = torch.zeros(len(self.layers), self.num_experts, dtype=torch.float64)
-        self.aux_sum = 0.0
+        """Forget the step's sums: [normalizer-weighted aux, counts (L*E)], on the model's device
+        (read once per step in `report`, so micro-batches add no device-to-host sync)."""
+        self.sums: torch.Tensor | None = None
 
     def clear(self) -> None:
         """Drop the layers' last routing, so a forward pass that skipped them is caught."""
@@ -118,20 +118,19 @@ class RouterTerm:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.coef > 0):
             aux = self.aux_loss()
         with torch.no_grad():
-            for i, (logits, load) in enumerate(routings):
-                slots = logits.shape[0] * self.top_k  # token-expert assignments
-                self.counts[i] += (load.double().cpu() * slots).round()  # (E,)
-        self.aux_sum += float(aux.detach()) * normalizer
+            slots = routings[0][0].shape[0] * self.top_k  # token-expert assignments per layer
+            counts = (torch.stack([r[1] for r in routings]).double() * slots).round()  # (L, E)
+            step = torch.cat([aux.detach().double().reshape(1) * normalizer, counts.reshape(-1)])
+            self.sums = step if self.sums is None else self.sums + step
         self.clear()  # the next forward pass sets them again
         return total + self.coef * normalizer * aux if self.coef > 0 else total
 
     def report(self, normalizer: float, info: DistInfo) -> dict[str, Any]:
         """Step metrics (all ranks summed; collective): aux loss and load summaries."""
-        stats = torch.cat(
-            [torch.tensor([self.aux_sum], dtype=torch.float64), self.counts.reshape(-1)]
-        )
+        size = 1 + len(self.layers) * self.num_experts
+        stats = torch.zeros(size, dtype=torch.float64) if self.sums is None else self.sums.cpu()
         all_reduce_sum(stats, info)
-        counts = stats[1:].reshape(self.counts.shape)  # (L, E)
+        counts = stats[1:].reshape(len(self.layers), self.num_experts)  # (L, E)
         self.reset()
         load = counts / counts.sum(-1, keepdim=True).clamp(min=1)  # (L, E) fractions
         entropy = -torch.where(load > 0, load * load.log(), torch.zeros_like(load)).sum(-1)
