@@ -4,7 +4,7 @@
 //     (slabs of GEMM_SLAB rows per pass over the weights);
 //   - Gemma's RMSNorm and QK-norm + RoPE;
 //   - geode_run: the whole decoder for flattened new tokens of several cache rows in one call
-//     (prefill chunks and decode tokens mixed; geode_decode_step: one token per row).
+//     (prefill chunks and decode tokens mixed; a decode step is one token per row).
 //
 // Weight formats (one call may take several weights that share the same x, e.g. q/k/v):
 //   f32   W (N, K) float
@@ -1169,7 +1169,6 @@ static long work_layout(const geode_model* m, int N, float* base, step_work* w) 
 }
 
 long geode_run_workspace(const geode_model* m, int N) { return work_layout(m, N, 0, 0); }
-long geode_decode_workspace(const geode_model* m, int B) { return work_layout(m, B, 0, 0); }
 
 static inline __m256 load_w8(const void* w, int kind, long k) {  // 8 norm weights as float
   return kind ? load_bf16((const uint16_t*)w + k) : _mm256_loadu_ps((const float*)w + k);
@@ -1464,7 +1463,7 @@ static void act_rows(const void* p, long r0, long r1) {
   }
 }
 
-// Seconds spent per phase of geode_decode_step since the last geode_decode_profile call:
+// Seconds spent per phase of geode_run since the last geode_decode_profile call:
 // 0 embedding + RoPE tables, 1 norms / QK-norm / RoPE / cache writes / residuals, 2 q/k/v,
 // 3 attention, 4 o, 5 gate/up, 6 activation, 7 down, 8 head + soft-cap.
 #define NPHASE 9
@@ -1690,16 +1689,6 @@ int geode_run(const geode_model* m, int N, const int32_t* rows, const int64_t* i
   PHASE(8);
   atomic_fetch_add(&phase_calls, 1);
   return rc ? -4 : 0;
-}
-
-// Decode one token for rows row0 .. row0+B-1 of the cache: ids, pos (B,) -> logits (B, vocab)
-// (geode_run with one token per row). work: geode_decode_workspace(m, B) floats.
-int geode_decode_step(const geode_model* m, int B, int row0, const int64_t* ids,
-                      const int64_t* pos, float* logits, float* work, int nthreads) {
-  if (B < 1 || B > 4096 || row0 < 0 || row0 + B > m->rows) return -1;
-  int32_t rows[4096], want[4096];
-  for (int b = 0; b < B; b++) rows[b] = row0 + b, want[b] = b;
-  return geode_run(m, B, rows, ids, pos, B, want, logits, work, nthreads);
 }
 
 // ---------------------------------------------------------------- greedy sampling

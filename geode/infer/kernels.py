@@ -28,7 +28,7 @@ import torch
 
 KINDS = {"f32": 0, "bf16": 1, "i8": 2, "i4": 3}
 MAX_ROWS = 16  # x rows the per-module decode path sends to the kernels (torch's GEMM above)
-GEMV_MAX_ROWS = 64  # x rows one gemv or decode-step call takes (6 and more: register-blocked GEMM)
+GEMV_MAX_ROWS = 64  # x rows one gemv call takes (6 and more: register-blocked GEMM)
 GEMM_MIN_ROWS = 6  # x rows from which the C side runs the register-blocked GEMM (kernels.c)
 MAX_WEIGHTS = 8
 _SOURCE = Path(__file__).with_name("kernels.c")
@@ -85,10 +85,6 @@ def _build() -> ctypes.CDLL:
         "geode_norm_rope": (None, [Int, Int, Int, P, Int, P, F, P, P, P]),
         # rows, hq, hk, d, q, ldq, k, ldk, scale_q, scale_k, eps, cos, sin, out_q, out_k
         "geode_qk_norm_rope": (None, [Int, Int, Int, Int, P, Int, P, Int, P, P, F, P, P, P, P]),
-        # model, B -> workspace floats
-        "geode_decode_workspace": (ctypes.c_long, [P, Int]),
-        # model, B, row0, ids, pos, logits, work, threads
-        "geode_decode_step": (ctypes.c_int, [P, Int, Int, P, P, P, P, Int]),
         # model, N -> workspace floats of a run of N tokens
         "geode_run_workspace": (ctypes.c_long, [P, Int]),
         # model, N, rows (int32), ids, pos (int64), nwant, want (int32), logits, work, threads

@@ -46,7 +46,6 @@ from ..model.transformer import DecoderLayer, Transformer
 from . import kernels
 
 _FLOAT_KINDS = {torch.float32: 0, torch.bfloat16: 1}
-MAX_ROWS = kernels.GEMV_MAX_ROWS  # rows per C call, the C side's limit (larger batches are split)
 _MAXW = kernels.MAX_WEIGHTS
 RUN_MAX_TOKENS = 512  # tokens per geode_run call (its workspace grows with them)
 
@@ -207,7 +206,7 @@ def _head_spec(model: Transformer) -> kernels.WeightSpec:
 
 
 class NativeDecoder:
-    """Pointers to one model's weights for `geode_decode_step`, plus the bound cache."""
+    """Pointers to one model's weights for `geode_run`, plus the bound cache."""
 
     def __init__(self, model: Transformer):
         """Collect everything the C step reads; raises Unsupported (see `why_not`)."""
@@ -429,37 +428,10 @@ class NativeDecoder:
         return any(t._version != v or t.data_ptr() != p for t, v, p in self._packed_versions)
 
     def step(self, ids: list[int], pos: list[int], cache, pack: bool = True) -> torch.Tensor:
-        """Feed token ids[b] at position pos[b] to cache row b; logits (B, V) float32.
-
-        pack: at the first batch of kernels.GEMM_MIN_ROWS or more rows, `pack` the weights.
-        """
-        if cache is not self.cache:
-            self.bind(cache)
+        """Feed token ids[b] at position pos[b] to cache row b; logits (B, V) float32 (`run`
+        with one token per row)."""
         B = len(ids)
-        if pack and B >= kernels.GEMM_MIN_ROWS:
-            self.pack()  # packs once, again only when the weights changed
-        elif self.packed is not None and (self.packed_stale or self._versions_changed()):
-            self._unpack()  # small batches read the rows; stale copies must not linger
-        lib = kernels.load()
-        ptr = ctypes.byref(self.model)
-        logits = torch.empty(B, self.vocab, dtype=torch.float32)
-        threads = kernels._threads[0] or torch.get_num_threads()
-        for r0 in range(0, B, MAX_ROWS):
-            n = min(MAX_ROWS, B - r0)
-            need = lib.geode_decode_workspace(ptr, n)
-            if self.work.numel() < need:
-                self.work = torch.empty(need, dtype=torch.float32)
-            ids_c = (ctypes.c_int64 * n)(*ids[r0 : r0 + n])
-            pos_c = (ctypes.c_int64 * n)(*pos[r0 : r0 + n])
-            rc = lib.geode_decode_step(
-                ptr, n, r0, ids_c, pos_c, logits[r0:].data_ptr(), self.work.data_ptr(), threads
-            )
-            if rc != 0:
-                raise ValueError(
-                    f"native decode step failed ({rc}): ids {ids}, positions {pos}, cache rows "
-                    f"{cache.batch}, capacity {cache.capacity}"
-                )
-        return logits
+        return self.run(range(B), ids, pos, cache, range(B), pack)
 
     def run(
         self,
