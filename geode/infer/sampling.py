@@ -181,6 +181,20 @@ def filter_logits(
     return logits
 
 
+def tempered_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Steps 4-5's distribution: logits (B, V) of sampled (temperature > 0) rows, row b divided
+    by params[b].temperature, then top-k, top-p, min-p (`filter_logits`); its softmax is what
+    the sampler draws from (speculative verification uses the same)."""
+    dev, dt = logits.device, logits.dtype
+    temp = torch.tensor([p.temperature for p in params], device=dev, dtype=dt)  # (B,)
+    return filter_logits(
+        logits / temp[:, None],
+        top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev),
+        top_p=torch.tensor([p.top_p for p in params], device=dev, dtype=dt),
+        min_p=torch.tensor([p.min_p for p in params], device=dev, dtype=dt),
+    )
+
+
 def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw from softmax(logits) (B, V) with one uniform in [0, 1) per row -> (B,).
 
@@ -253,15 +267,7 @@ def sample_tokens(seqs: Sequence, logits: torch.Tensor, eos_ids: frozenset[int])
         tokens[g] = kernels.argmax(z[g])
     sampled = [i for i in range(B) if not seqs[i].params.greedy]
     idx = torch.tensor(sampled, device=z.device)
-    ps = [seqs[i].params for i in sampled]
-    temp = torch.tensor([p.temperature for p in ps], device=z.device, dtype=z.dtype)
-    zs = z[idx] / temp[:, None]
-    zs = filter_logits(
-        zs,
-        top_k=torch.tensor([p.top_k for p in ps], device=z.device),
-        top_p=torch.tensor([p.top_p for p in ps], device=z.device, dtype=z.dtype),
-        min_p=torch.tensor([p.min_p for p in ps], device=z.device, dtype=z.dtype),
-    )
+    zs = tempered_logits(z[idx], [seqs[i].params for i in sampled])
     u = torch.cat([torch.rand(1, generator=seqs[i].gen, dtype=torch.float64) for i in sampled])
     tokens[idx] = sample_from_logits(zs, u.to(z.device))
     return tokens

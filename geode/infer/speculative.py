@@ -35,7 +35,7 @@ import torch
 
 from . import kernels
 from .cache import HybridCache
-from .sampling import SamplingParams, filter_logits, sample_from_logits
+from .sampling import SamplingParams, sample_from_logits, tempered_logits
 
 # ---------------------------------------------------------------------- distributions
 
@@ -50,16 +50,9 @@ def can_speculate(params: SamplingParams, n_out: int) -> bool:
 
 def processed_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits (N, V) float32 of one sampled (temperature > 0) sequence -> the sampler's filtered
-    logits (N, V): divided by the temperature, then top-k, top-p, min-p (sampling.py's order);
-    softmax of the result is the distribution the sampler draws from."""
-    n = logits.shape[0]
-    z = logits / params.temperature
-    return filter_logits(
-        z,
-        top_k=torch.full((n,), params.top_k, dtype=torch.long, device=z.device),
-        top_p=torch.full((n,), params.top_p, dtype=z.dtype, device=z.device),
-        min_p=torch.full((n,), params.min_p, dtype=z.dtype, device=z.device),
-    )
+    logits (N, V) (`sampling.tempered_logits`: temperature, then top-k, top-p, min-p); softmax
+    of the result is the distribution the sampler draws from."""
+    return tempered_logits(logits, [params] * logits.shape[0])
 
 
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> int:
