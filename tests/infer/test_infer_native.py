@@ -14,6 +14,7 @@ import geode
 from geode.infer import Engine, HybridCache, Request, kernels
 from geode.infer.native import NativeDecoder
 from geode.infer.quant import quantize
+from tests.reference import randomize_
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"{kernels.load_error()}")
 
@@ -26,11 +27,7 @@ TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_lay
 def _model(dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
     """A tiny random model with random (1 + w) norm weights too."""
     model = geode.build_model(geode.ModelConfig(**{**TINY, **overrides}), seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "norm" in name else 0.05))
-    return model.to(dtype).eval()
+    return randomize_(model).to(dtype).eval()
 
 
 def _decode_both(model, plens: list[int], steps: int, ring: bool = True, ref=None, pack=True):

@@ -15,6 +15,7 @@ import geode
 from geode.infer import HybridCache, kernels, native
 from geode.infer.native import NativeDecoder, NativeRunner
 from geode.infer.quant import quantize
+from tests.reference import randomize_
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"{kernels.load_error()}")
 
@@ -38,11 +39,7 @@ SCHEDULE = [
 def _model(dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
     """A tiny random model with random (1 + w) norm weights too."""
     model = geode.build_model(geode.ModelConfig(**{**TINY, **overrides}), seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "norm" in name else 0.05))
-    return model.to(dtype).eval()
+    return randomize_(model).to(dtype).eval()
 
 
 def _run_both(model, schedule=SCHEDULE, slack: int = 0, ref=None):

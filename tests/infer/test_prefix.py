@@ -12,6 +12,7 @@ import geode
 from geode.infer import Engine, Request
 from geode.infer.cache import HybridCache
 from geode.infer.prefix import PrefixCache
+from tests.reference import randomize_
 
 # The conftest model's shape (window 5) with random (1 + w) norm weights; the engine test widens
 # the window so that prefill chunks of 64 stay inside the ring.
@@ -179,12 +180,7 @@ def test_engine_reuses_a_shared_1000_token_prefix(native):
     tokens (+ less than one block of rounding) and returns the tokens of a cold run; the prefix
     cache stays within its bytes."""
     cfg = geode.ModelConfig(**{**TINY, "sliding_window": 64, "max_position_embeddings": 1100})
-    model = geode.build_model(cfg, seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "norm" in name else 0.05))
-    model.eval()
+    model = randomize_(geode.build_model(cfg, seed=0)).eval()
     shared = _ids(1000, 20)
     first, second = shared + _ids(20, 21), shared + _ids(37, 22)
     greedy = dict(max_new_tokens=6, temperature=0.0, ignore_eos=True)
