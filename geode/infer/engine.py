@@ -166,8 +166,18 @@ class Engine:
             seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
         )
         self._ids = itertools.count()
-        self.cache: HybridCache | None = None
+        self.cache = None  # the engine's HybridCache (grown on admission), bound to the runner
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+
+    @property
+    def cache(self) -> HybridCache | None:
+        """The KV cache of the running rows (None while idle after `free_cache`)."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: HybridCache | None) -> None:
+        self._cache = cache
+        self.runner.cache = cache  # `runner.run(rows, ids, positions)` runs into it
 
     def _make_runner(self, optimize: bool, native: bool, pack_weights: bool) -> Runner:
         """The native runner where it runs this model, else the torch one (optimized on CPU)."""

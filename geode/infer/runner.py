@@ -1,12 +1,13 @@
 """Runners: the one entry that runs tokens of several cache rows through the model.
 
-    logits = runner.run(rows, ids, positions, cache, select=None)
+    logits = runner.run(rows, ids, positions, cache=None, select=None)
 
 rows (B,) cache rows, ascending; ids, positions (B, T) long, positions -1 = padding (a row's
 real tokens first, at increasing contiguous positions continuing what the row holds); select
 (B, K) long column indices -> logits (B, K, V) float32 of only those positions (a prompt chunk
 needs its last position only: the 262k-column head is never applied to every prompt token);
-without select (B, T, V).
+without select (B, T, V). cache: the HybridCache to run into (None: the runner's `cache`
+attribute, which an Engine keeps bound to its own cache).
 
 `TorchRunner`: the model's own forward (`model.hidden` + `model.logits`) over a `HybridCache`,
 one forward per run of consecutive rows; single-token steps replay CUDA graphs when enabled.
@@ -34,13 +35,14 @@ class Runner(Protocol):
     """What the engine needs from a runner (see the module docstring)."""
 
     ragged: bool
+    cache: HybridCache | None
 
     def run(
         self,
         rows: Sequence[int],
         ids: torch.Tensor,
         positions: torch.Tensor,
-        cache: HybridCache,
+        cache: HybridCache | None = None,
         select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ids (B, T) at positions (B, T) into cache rows; float32 logits (B, K|T, V)."""
@@ -49,6 +51,14 @@ class Runner(Protocol):
     def refresh(self) -> None:
         """The model's tensors may have changed: re-check what was built from them."""
         ...
+
+
+def _bound(runner: Runner, cache: HybridCache | None) -> HybridCache:
+    """The cache a run goes into: the one passed, else the runner's bound `cache`."""
+    cache = cache if cache is not None else runner.cache
+    if cache is None:
+        raise ValueError("no cache: pass cache= or bind one (runner.cache, an Engine does)")
+    return cache
 
 
 def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
@@ -95,6 +105,7 @@ class TorchRunner:
         self.kernel_threads = kernel_threads
         self._graphs: dict[int, Any] = {}
         self._graph_cache: HybridCache | None = None
+        self.cache: HybridCache | None = None  # used when run() is given none
 
     def refresh(self) -> None:
         """Nothing is built from the weights (graphs read them in place)."""
@@ -104,10 +115,11 @@ class TorchRunner:
         rows: Sequence[int],
         ids: torch.Tensor,
         positions: torch.Tensor,
-        cache: HybridCache,
+        cache: HybridCache | None = None,
         select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See the module docstring."""
+        cache = _bound(self, cache)
         rows = list(rows)
         B, T = ids.shape
         if T == 1 and self.cuda_graphs and cache.static and rows == list(range(B)):
@@ -198,6 +210,7 @@ class NativeStepRunner:
         self.pack_weights = pack_weights
         self.native: NativeRunner | None = NativeRunner.build(model)
         self._check = False
+        self.cache: HybridCache | None = None  # used when run() is given none
 
     @property
     def ragged(self) -> bool:
@@ -230,10 +243,11 @@ class NativeStepRunner:
         rows: Sequence[int],
         ids: torch.Tensor,
         positions: torch.Tensor,
-        cache: HybridCache,
+        cache: HybridCache | None = None,
         select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See the module docstring."""
+        cache = _bound(self, cache)
         plan = self._plan(cache)
         if plan is None:
             return self.torch.run(rows, ids, positions, cache, select)

@@ -3,6 +3,8 @@ free_cache and encode_prompt (issue #13), on the tiny random Gemma 3 of conftest
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -165,6 +167,27 @@ def test_free_cache_and_encode_prompt(model):
     assert encode_prompt(tok, "ab") == [2, 3, 4]
     assert encode_prompt(tok, "ab", add_bos=False) == [3, 4]
     assert encode_prompt(tok, "<bos>ab") == [2, 3, 4]  # never twice
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_runner_run_takes_rows_ids_positions(model, native):
+    """Issue #13's runner entry: run(rows, ids[B,T], positions[B,T]) -> logits[B,T,V], into the
+    engine's cache when none is passed; the same as passing a twin cache explicitly."""
+    eng = Engine(model, native=native)
+    eng.generate(_greedy([5, 6, 7], 2))  # the engine now holds a cache (inference tensors)
+    ids, pos = torch.tensor([[2, 9, 4, 11]]), torch.arange(4)[None]
+    with torch.inference_mode():
+        twin = copy.deepcopy(eng.cache)
+        eng.cache.reset_rows(0)
+        twin.reset_rows(0)
+        bound = eng.runner.run([0], ids, pos)  # (1, 4, V)
+        assert bound.shape == (1, 4, model.config.vocab_size)
+        assert eng.cache.length(0) == 4
+        explicit = eng.runner.run([0], ids, pos, twin)
+        torch.testing.assert_close(bound, explicit, atol=1e-5, rtol=0)
+        eng.free_cache()
+        with pytest.raises(ValueError, match="no cache"):
+            eng.runner.run([0], ids, pos)
 
 
 @pytest.mark.parametrize("native", [True, False])
