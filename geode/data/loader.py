@@ -56,6 +56,8 @@ class Batch:
     pair: torch.Tensor | None = None
     weights: torch.Tensor | None = None  # (B,) float per-row weight (None: 1)
     advantages: torch.Tensor | None = None  # (B,) or (B, T) float (policy-gradient rows)
+    # (B, T) int64 model turn of each target in a multi-turn episode, from 1 (0: not the model's)
+    turns: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.loss_mask is None:
