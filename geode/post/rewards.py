@@ -92,8 +92,8 @@ def register_reward(kind: str) -> Callable[[type], type]:
 
 
 def reward_kinds() -> list[str]:
-    """The registered kinds (plugins included once imported)."""
-    return sorted(_REGISTRY)
+    """The kinds a recipe may name: registered ones and those of KNOWN_PLUGINS."""
+    return sorted(set(_REGISTRY) | set(KNOWN_PLUGINS))
 
 
 @dataclass
@@ -582,7 +582,10 @@ def _build_term(spec: RewardSpec, i: int, tokenizer: Any) -> tuple[str, Callable
     if spec.kind not in _REGISTRY and spec.kind in KNOWN_PLUGINS:
         import importlib
 
-        importlib.import_module(KNOWN_PLUGINS[spec.kind])
+        try:
+            importlib.import_module(KNOWN_PLUGINS[spec.kind])
+        except ImportError as e:
+            raise RecipeError(f"{where}: cannot import {KNOWN_PLUGINS[spec.kind]} ({e})") from None
     cls = _REGISTRY.get(spec.kind)
     if cls is None:
         raise RecipeError(f"{where}: unknown reward kind; known: {reward_kinds()}")
