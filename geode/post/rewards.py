@@ -142,6 +142,7 @@ class Term:
         return value
 
     def __call__(self, samples: Sequence[Sample]) -> list[float | Failed]:
+        """One value (or `Failed`) per sample."""
         raise NotImplementedError
 
 
