@@ -79,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=run_sft)
     _register_preference(sub)
+    _register_rl(sub)
 
 
 def run_sft(args: argparse.Namespace) -> int:
@@ -256,4 +257,51 @@ def run_dpo(args: argparse.Namespace) -> int:
     print(
         json.dumps({"policy_vs_start": summary["policy_vs_start"], "judge": summary.get("judge")})
     )
+    return 0
+
+
+# ---- RL: GRPO and variants, WARP, SCoRe, CFG distillation (geode.post.rl) ------------------
+
+_RL_EXAMPLE = """\
+example:
+  geode rl recipes/post/rl-nano.toml --out runs/rl --set model.init=runs/sft/model
+  geode rl recipes/post/rl-nano.toml --set objective.options.loss_type=dapo --set rl.dynamic_sampling=true
+  geode rl recipes/post/rl-nano.toml --set rl.estimator=rloo --set objective.options.beta=0.04
+"""
+
+
+def _register_rl(sub: argparse._SubParsersAction) -> None:
+    """Add the `rl` verb."""
+    p = sub.add_parser(
+        "rl",
+        help="RL with verifiable rewards (GRPO/DAPO/Dr.GRPO/GSPO, RLOO, REINFORCE); WARP, SCoRe, CFG",
+        description="Train a policy with reinforcement learning on rollouts sampled by geode's "
+        "engine on the live weights (a group of samples shares one prefill), scored by the "
+        "[rl] rewards (task verifier, math-verify, unit tests, reward models, format / length / "
+        "thinking terms) and updated through the policy-gradient objective ([objective] kind = "
+        "'rl': loss_type grpo/bnpo/dr_grpo/dapo, clipping, GSPO, KL to a reference with beta > "
+        "0). Logs generation / scoring / update time per step and ends with held-out accuracy "
+        "before and after in OUT/summary.json. A recipe with [warp], [score] or [cfg] runs "
+        "WARP, SCoRe or CFG distillation. See docs/post-training.md.",
+        epilog=_RL_EXAMPLE,
+        formatter_class=_FMT,
+    )
+    _post_common(p, "task prompts with answers", "training prompts", "--set rl.group_size=4")
+    p.set_defaults(func=run_rl, noise=0.0)
+
+
+def run_rl(args: argparse.Namespace) -> int:
+    """Run `geode rl`."""
+    import json
+
+    if args.make_data:  # pair files: their `prompt` and `answer` are the RL prompts
+        return _make_pairs(args)
+    from ..post.rl import rl
+
+    recipe = _load_post(args)
+    with _post_guard():
+        summary = rl(recipe, args.out, args.resume, False if args.no_progress else None)
+    keys = ("heldout_accuracy_before", "heldout_accuracy_after", "mean_reward_mean",
+            "mean_generation_s", "mean_scoring_s", "mean_update_s", "model")  # fmt: skip
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return 0

@@ -56,6 +56,7 @@ class Batch:
     pair: torch.Tensor | None = None
     weights: torch.Tensor | None = None  # (B,) float per-row weight (None: 1)
     advantages: torch.Tensor | None = None  # (B,) or (B, T) float (policy-gradient rows)
+    old_logps: torch.Tensor | None = None  # (B, T) float log p of targets under the rollout policy
     # (B, T) int64 model turn of each target in a multi-turn episode, from 1 (0: not the model's)
     turns: torch.Tensor | None = None
 

@@ -2,6 +2,7 @@
 
     geode reward RECIPE   [objective] kind = "reward"   (+ [warm] or --warm M: WARM)
     geode dpo RECIPE      [objective] kind = "dpo"      (+ [online]: OAIF)
+    geode rl RECIPE       [objective] kind = "rl"       + [rl] (rollouts, rewards, advantages)
 
 `data.path` is the training pairs JSONL and `data.eval_path` the held-out one (one pair per
 line, geode.post.prefdata); with `[pairs] generate = N` the files are written from the
@@ -69,17 +70,31 @@ class OnlineSection:
 
 
 @dataclass
-class ScoreSection:
-    """SCoRe (geode.post.score; Kumar et al. 2024, arXiv:2409.12917, sec. 5) and its baselines."""
+class RLSection:
+    """`geode rl`: rollouts on the engine, rewards, advantages (geode.post.rl; issue #19).
 
-    method: str = "score"  # "score" | "star" | "pair_sft" (same sampled budget and steps)
-    stage1_steps: int = 10  # Stage I optimizer steps (0: SCoRe without Stage I)
-    stage2_steps: int = 20  # Stage II optimizer steps
-    alpha: float = 10.0  # shaping bonus alpha (r2 - r1) on attempt 2 (Stage II)
-    beta1: float = 0.01  # KL weight on both attempts (Stage II)
-    beta2: float = 0.1  # KL weight on attempt 1 (Stage I)
-    instruction: str = ""  # the correction instruction; empty: geode.post.env's
-    loss_type: str = "grpo"  # "grpo" (per-sequence token mean) | "dapo" (per token)
+    Prompts: `prompts` (JSONL with `prompt` and optional `answer`), else data.path when it is a
+    file, else `generate` problems of the task family with [pairs]'s difficulty and seed.
+    """
+
+    prompts: str = ""  # JSONL prompts (`prompt`: messages or text, `answer`)
+    generate: int = 1000  # generated training problems when there is no prompts file
+    group_size: int = 8  # samples per prompt (a group shares one prefill)
+    prompts_per_step: int = 0  # groups per rollout batch; 0: global_batch_size / group_size
+    max_new_tokens: int = 64  # sampled tokens per model turn at most (then: truncated)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    estimator: str = "grpo"  # advantages: "grpo" | "rloo" | "reinforce" (geode.post.policy)
+    scale: str = "group"  # divide by the reward std of the "group" | "batch" | "none"
+    num_iterations: int = 1  # optimizer steps per rollout batch (ratio vs the rollout policy)
+    dynamic_sampling: bool = False  # drop groups with all-equal rewards, sample more prompts
+    max_resample: int = 4  # extra rollout rounds per batch at most (dynamic sampling)
+    mask_truncated: bool = False  # no loss on episodes cut at max_new_tokens
+    rewards: list[dict[str, Any]] = field(default_factory=lambda: [{"kind": "synth"}])
+    failed_reward: float = 0.0  # the reward of a sample whose reward failed
+    thinking_budgets: list[int] = field(default_factory=list)  # one drawn per group; []: none
+    eval_prompts: int = 64  # held-out prompts of the accuracy before / after
+    eval_max_new_tokens: int = 64
 
 
 @dataclass
@@ -89,7 +104,7 @@ class PostRecipe(TrainRecipe):
     pairs: PairsSection = field(default_factory=PairsSection)
     warm: WarmSection = field(default_factory=WarmSection)
     online: OnlineSection | None = None  # present: OAIF (geode dpo)
-    score: ScoreSection | None = None  # present: SCoRe self-correction (geode rl)
+    rl: RLSection | None = None  # present: RL (geode rl)
 
 
 def load_post_recipe(
@@ -101,12 +116,43 @@ def load_post_recipe(
         recipe = load_recipe(PostRecipe, apply_overrides(data, overrides or []))
     except RecipeError as e:
         raise RecipeError(f"{where}: {e}") from None
+    if recipe.rl is not None and not recipe.data.path:  # prompts come from [rl]
+        recipe.data.path = recipe.rl.prompts or "generated"
     check_recipe(recipe, where=where)
-    if recipe.batch.global_batch_size % 2 or (recipe.batch.micro_batch_size or 2) % 2:
+    if recipe.rl is not None:
+        check_rl(recipe.rl, recipe.batch.global_batch_size, where)
+    elif recipe.batch.global_batch_size % 2 or (recipe.batch.micro_batch_size or 2) % 2:
         raise RecipeError(f"{where}: batch sizes count sequences, two per pair: use even sizes")
     if not 0.0 <= recipe.pairs.noise <= 1.0:
         raise RecipeError(f"{where}: pairs.noise = {recipe.pairs.noise}: must be in [0, 1]")
     return recipe
+
+
+def check_rl(rl: RLSection, global_batch_size: int, where: str) -> None:
+    """Ranges and combinations of [rl] (a RecipeError naming the field)."""
+    for name in ("group_size", "max_new_tokens", "num_iterations", "eval_max_new_tokens"):
+        if getattr(rl, name) < 1:
+            raise RecipeError(f"{where}: rl.{name} = {getattr(rl, name)}: must be >= 1")
+    for name in ("prompts_per_step", "max_resample", "eval_prompts", "generate"):
+        if getattr(rl, name) < 0:
+            raise RecipeError(f"{where}: rl.{name} = {getattr(rl, name)}: must be >= 0")
+    if not rl.prompts_per_step and global_batch_size % rl.group_size:
+        raise RecipeError(
+            f"{where}: batch.global_batch_size = {global_batch_size} is not a multiple of "
+            f"rl.group_size = {rl.group_size} (rows are groups of samples)"
+        )
+    if not rl.temperature > 0 or not 0 < rl.top_p <= 1:
+        raise RecipeError(f"{where}: rl.temperature must be > 0 and rl.top_p in (0, 1]")
+    from .policy import ESTIMATORS, SCALES
+
+    if rl.estimator not in ESTIMATORS:
+        raise RecipeError(f"{where}: rl.estimator = {rl.estimator!r}: use one of {ESTIMATORS}")
+    if rl.scale not in SCALES:
+        raise RecipeError(f"{where}: rl.scale = {rl.scale!r}: use one of {SCALES}")
+    if rl.estimator == "rloo" and rl.group_size < 2:
+        raise RecipeError(f"{where}: rl.estimator = 'rloo' needs rl.group_size >= 2")
+    if any(b < 1 for b in rl.thinking_budgets):
+        raise RecipeError(f"{where}: rl.thinking_budgets = {rl.thinking_budgets}: each >= 1")
 
 
 @dataclass

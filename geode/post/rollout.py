@@ -21,6 +21,8 @@ whose rewards are all equal (zero advantage, no gradient) and samples more promp
 from __future__ import annotations
 
 import dataclasses
+import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +30,11 @@ from typing import Any
 import torch
 
 from geode.chat import render
+from geode.data import tasks as synth
+from geode.data.loader import Batch
 from geode.tokenizer import END_OF_TURN
 
-from .env import Env, Messages, spawn
+from .env import Env, Messages, TaskEnv, spawn
 
 
 @dataclass
@@ -202,3 +206,260 @@ def _end_turn(
     ep.messages = [*history, *new]
     engine.append(rid, forced)
     return False
+
+
+# ---------------------------------------------------------------------- the RL batch source
+def thinking_tokens(
+    prompt_ids: Sequence[int], token_ids: Sequence[int], start: int, end: int
+) -> int:
+    """Tokens inside thinking sections of an episode (the prompt may end inside one)."""
+    inside = False
+    for t in prompt_ids:
+        inside = True if t == start else False if t == end else inside
+    n = 0
+    for t in token_ids:
+        if t == start or t == end:
+            inside = t == start
+        elif inside:
+            n += 1
+    return n
+
+
+def episodes_batch(
+    episodes: Sequence[Episode], advantages: torch.Tensor, pad_id: int, mask_truncated: bool
+) -> Batch:
+    """Episodes -> a right-padded Batch: rows prompt + episode tokens, `loss_mask` the sampled
+    tokens (none of a truncated episode's with `mask_truncated`), `advantages` (B,) or (B, T),
+    `turns` the model turn (from 1) of each trained target."""
+    from .pairs import sequences_batch
+
+    batch = sequences_batch([(e.prompt_ids, e.token_ids) for e in episodes], pad_id)
+    sampled = torch.zeros_like(batch.loss_mask)  # (B, T)
+    turns = torch.zeros(batch.loss_mask.shape, dtype=torch.long)  # (B, T)
+    for i, e in enumerate(episodes):
+        if mask_truncated and e.truncated:
+            continue
+        p = len(e.prompt_ids) - 1  # target index of token_ids[0]
+        sampled[i, p : p + len(e.token_ids)] = torch.tensor(e.sampled_mask, dtype=torch.bool)
+        for k, (a, b) in enumerate(e.turns, start=1):
+            turns[i, p + a : p + b] = k
+    batch.loss_mask = batch.loss_mask & sampled
+    batch.turns = turns * batch.loss_mask
+    batch.advantages = advantages.float()
+    return batch
+
+
+def next_prompts(prompts: Sequence[Any], draws: int, n: int, seed: int) -> list[Any]:
+    """Prompts number draws .. draws + n of the endless stream (reshuffled every epoch)."""
+    out = []
+    for d in range(draws, draws + n):
+        epoch, i = divmod(d, len(prompts))
+        order = list(range(len(prompts)))
+        random.Random(f"rollouts:{seed}:{epoch}").shuffle(order)
+        out.append(prompts[order[i]])
+    return out
+
+
+class Rollouts:
+    """A BatchSource: each rollout batch samples groups of episodes on the live weights,
+    scores them, and becomes the batch of `num_iterations` optimizer steps (module doc).
+
+    prompts: `geode.post.oaif.Prompt`s (messages + answer). rewards: a `geode.post.rewards.
+    Rewards` (None: the envs' own rewards, summed over the episode). make_env: prompt -> Env
+    (default: a TaskEnv scored by `rewards`). `attach(trainer)` gives it the engine on the
+    trainer's model (geode.post.rl.train_policy calls it).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompts: Sequence[Any],
+        rewards: Any = None,
+        *,
+        sampling: Any,
+        group_size: int = 8,
+        prompts_per_step: int = 16,
+        estimator: str = "grpo",
+        scale: str = "group",
+        num_iterations: int = 1,
+        dynamic_sampling: bool = False,
+        max_resample: int = 4,
+        mask_truncated: bool = False,
+        thinking_budgets: Sequence[int | None] = (),
+        seed: int = 0,
+        make_env: Any = None,
+    ):
+        if not prompts:
+            raise ValueError("Rollouts: no prompts")
+        if num_iterations < 1:
+            raise ValueError(f"Rollouts: num_iterations must be >= 1, got {num_iterations}")
+        self.tokenizer, self.prompts, self.rewards = tokenizer, list(prompts), rewards
+        self.sampling, self.group_size, self.prompts_per_step = (
+            sampling,
+            group_size,
+            prompts_per_step,
+        )
+        self.estimator, self.scale, self.num_iterations = estimator, scale, num_iterations
+        self.dynamic_sampling, self.max_resample = dynamic_sampling, max_resample
+        self.mask_truncated, self.thinking_budgets = mask_truncated, list(thinking_budgets)
+        self.seed = seed
+        self.make_env = make_env or (
+            lambda p: TaskEnv(p.messages, p.answer, meta={"answer": p.answer})
+        )
+        self.max_completion_length = sampling.max_new_tokens  # dr_grpo's L (one turn)
+        self.engine: Any = None
+        self.objective: Any = None  # the trainer's objective (old_logps with its temperature)
+        self.policy: Any = None
+        self.draws = 0  # prompts drawn so far
+        self.rounds = 0  # rollout rounds so far (the sampling seeds follow it)
+        self.dropped_total = 0
+        self._batch: Batch | None = None
+        self._uses = 0
+        self.last: dict[str, float] = {}
+        self.t_ready: float | None = None
+
+    def attach(self, trainer: Any, max_batch: int | None = None) -> None:
+        """Sample with an engine on the trainer's model (same weights, no copy)."""
+        from geode.infer import Engine
+
+        self.policy = trainer.raw_model
+        self.objective = trainer.objective
+        rows = max_batch or self.prompts_per_step * self.group_size
+        self.engine = Engine(self.policy, self.tokenizer, max_batch=rows, optimize=False,
+                             seed=self.seed)  # fmt: skip
+        self.policy.train()  # the engine left it in eval mode
+
+    # ------------------------------------------------------------------ one rollout round
+    def _round(self, n: int) -> tuple[list[Episode], torch.Tensor, dict[str, float]]:
+        """n prompts x group_size episodes, their rewards (N,) and the round's statistics."""
+        from .rewards import Sample
+
+        prompts = next_prompts(self.prompts, self.draws, n, self.seed)
+        self.draws += n
+        rng = random.Random(f"rollouts-budget:{self.seed}:{self.rounds}")
+        budgets = None
+        if self.thinking_budgets:
+            budgets = [rng.choice(self.thinking_budgets) for _ in prompts]
+        seed = (self.seed * 1_000_003 + self.rounds * 65_537) % 2**31
+        self.rounds += 1
+        envs = [self.make_env(p) for p in prompts]
+        t0 = time.perf_counter()
+        sampling = dataclasses.replace(self.sampling, seed=seed)
+        eps = rollout(self.engine, envs, self.group_size, sampling, budgets=budgets)
+        t1 = time.perf_counter()
+        stats = {"generation_s": t1 - t0, "failed_rewards": 0.0}
+        if self.rewards is None:
+            rewards = torch.tensor([sum(e.rewards) for e in eps], dtype=torch.float32)
+        else:
+            samples = [
+                Sample(
+                    prompt=list(prompts[e.group].messages), completion=e.completion,
+                    answer=None if prompts[e.group].answer is None
+                    else str(prompts[e.group].answer),
+                    group=self.draws - n + e.group, token_ids=e.token_ids[slice(*e.turns[-1])],
+                    meta=e.meta,
+                )
+                for e in eps
+            ]  # fmt: skip
+            scored = self.rewards(samples)
+            rewards = scored.rewards.float()
+            stats["failed_rewards"] = float(scored.failed.sum())
+        stats["scoring_s"] = time.perf_counter() - t1
+        return eps, rewards, stats
+
+    def _sample_batch(self) -> Batch:
+        """Rollout rounds until prompts_per_step groups have unequal rewards (dynamic
+        sampling, at most 1 + max_resample rounds) or one round; the batch of the kept groups."""
+        K = self.group_size
+        kept_eps: list[Episode] = []
+        kept_r: list[torch.Tensor] = []
+        agg = {"generation_s": 0.0, "scoring_s": 0.0, "failed_rewards": 0.0}
+        dropped = rounds = 0
+        all_eps: list[Episode] = []
+        all_r: list[torch.Tensor] = []
+        while True:
+            need = self.prompts_per_step - len(kept_eps) // K
+            eps, rewards, st = self._round(need)
+            rounds += 1
+            for k in agg:
+                agg[k] += st[k]
+            all_eps += eps
+            all_r.append(rewards)
+            groups = rewards.view(-1, K)  # (G, K)
+            for g in range(groups.shape[0]):
+                if self.dynamic_sampling and bool((groups[g] == groups[g, 0]).all()):
+                    dropped += 1
+                    continue
+                kept_eps += eps[g * K : (g + 1) * K]
+                kept_r.append(groups[g])
+            full = len(kept_eps) // K >= self.prompts_per_step
+            if not self.dynamic_sampling or full or rounds > self.max_resample:
+                break
+        if not kept_eps:  # every group had equal rewards: train on the first round (no signal)
+            kept_eps, kept_r = all_eps[: self.prompts_per_step * K], [all_r[0]]
+        rewards = torch.cat(kept_r)  # (N,)
+        from .policy import group_advantages
+
+        adv = group_advantages(rewards, K, estimator=self.estimator, scale=self.scale)
+        batch = episodes_batch(kept_eps, adv, self.tokenizer.pad_id, self.mask_truncated)
+        if self.num_iterations > 1:
+            with (
+                torch.no_grad()
+            ):  # the rollout policy's log-probs (the importance ratio's denominator)
+                batch.old_logps = self.objective.token_logps(self.policy, batch).detach()
+        every = torch.cat(all_r)
+        self.dropped_total += dropped
+        self.last = self._stats(kept_eps, all_eps, every, agg, dropped, rounds)
+        return batch
+
+    def _stats(self, kept: list[Episode], eps: list[Episode], rewards: torch.Tensor,
+               agg: dict[str, float], dropped: int, rounds: int) -> dict[str, float]:  # fmt: skip
+        """The step's rollout statistics (over every episode sampled for it)."""
+        from geode.tokenizer import END_OF_THINKING, START_OF_THINKING
+
+        sampled = [sum(e.sampled_mask) for e in eps]
+        ids = getattr(self.tokenizer, "special_ids", {}) or {}
+        out = {
+            **agg,
+            "rollout_tokens_per_s": sum(sampled) / max(agg["generation_s"], 1e-9),
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "completion_length": sum(sampled) / len(eps),
+            "truncated": sum(e.truncated for e in eps) / len(eps),
+            "dropped_groups": float(dropped),
+            "rollout_rounds": float(rounds),
+            "episodes": float(len(kept)),
+        }
+        s, t = ids.get(START_OF_THINKING), ids.get(END_OF_THINKING)
+        if s is not None and t is not None:
+            out["thinking_tokens"] = sum(
+                thinking_tokens(e.prompt_ids, e.token_ids, s, t) for e in eps
+            ) / len(eps)
+        checked = [e for e in eps if isinstance(e.meta.get("answer"), (int, float))]
+        if checked:
+            out["accuracy"] = sum(
+                synth.verify(e.meta["answer"], e.completion) for e in checked
+            ) / len(checked)
+        return out
+
+    # ------------------------------------------------------------------ BatchSource
+    def next_batch(self) -> Batch:
+        """A new rollout batch every num_iterations steps; the same one in between."""
+        if self.engine is None:
+            raise RuntimeError("Rollouts: call attach(trainer) before training")
+        if self._batch is None or self._uses >= self.num_iterations:
+            self._batch, self._uses = self._sample_batch(), 0
+        else:
+            self.last = {**self.last, "generation_s": 0.0, "scoring_s": 0.0}
+        self._uses += 1
+        self.t_ready = time.perf_counter()
+        return self._batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Prompts drawn and rounds sampled (a resume continues with a fresh rollout batch)."""
+        return {"draws": self.draws, "rounds": self.rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the prompt order and the sampling seeds."""
+        self.draws, self.rounds = int(state["draws"]), int(state["rounds"])
+        self._batch, self._uses = None, 0

@@ -28,6 +28,7 @@ BUILTIN_MODULES: list[str] = [
     "geode.train.objectives.distill",
     "geode.train.objectives.preference",
     "geode.train.objectives.reward",
+    "geode.train.objectives.policy",
     "geode.train.objectives.score",
 ]
 
