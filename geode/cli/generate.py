@@ -27,6 +27,24 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     g.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="report log-probabilities with N alternatives per token")  # fmt: skip
+    add_thinking_arg(g)
+
+
+def add_thinking_arg(g: argparse._ActionsContainer) -> None:
+    """--thinking-budget N (generate, chat, serve)."""
+    g.add_argument("--thinking-budget", type=int, default=None, metavar="N",
+                   help="thinking tokens at most: after N tokens inside a thinking section the "
+                   "engine closes it (<end_of_thinking>) and the model goes on to the answer; "
+                   "0 = no thinking (default: no budget)")  # fmt: skip
+
+
+def thinking_budget(args: argparse.Namespace) -> int | None:
+    """The --thinking-budget value (None: none); a negative one -> CLIError."""
+    from . import CLIError
+
+    if args.thinking_budget is not None and args.thinking_budget < 0:
+        raise CLIError(f"--thinking-budget must be >= 0, got {args.thinking_budget}")
+    return args.thinking_budget
 
 
 def sampling_params(args: argparse.Namespace):  # -> SamplingParams
@@ -48,6 +66,7 @@ def sampling_params(args: argparse.Namespace):  # -> SamplingParams
         stop_token_ids=tuple(args.stop_token_id),
         ignore_eos=args.ignore_eos,
         logprobs=args.logprobs,
+        thinking_budget=thinking_budget(args),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .generate import add_draft_args, draft_kwargs
+from .generate import add_draft_args, add_thinking_arg, draft_kwargs, thinking_budget
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -68,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="CPU: keep one copy of the weights (by default batches of 6+ sequences read a "
         "copy packed for the batched GEMM: faster, the weights' bytes once more in memory)",
     )
+    add_thinking_arg(p)  # the default of the requests' thinking_budget field
     add_draft_args(p)
     p.set_defaults(func=run_serve)
 
@@ -85,6 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per reply (default 512)")
     p.add_argument("--seed", type=int, help="sampling seed")
+    add_thinking_arg(p)  # opens a thinking section in each reply
     _add_weight_args(p)
     add_draft_args(p)
     p.set_defaults(func=run_chat)
@@ -115,6 +117,7 @@ def run_serve(args: argparse.Namespace) -> int:
             parse_dtype(args.dtype)
         except ValueError as e:
             raise CLIError(f"--dtype: {e}") from None
+    budget = thinking_budget(args)
     engine_kwargs = draft_kwargs(args)  # a --draft checkpoint loads with the model
     if args.no_pack_weights:
         engine_kwargs["pack_weights"] = False
@@ -139,6 +142,7 @@ def run_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         quant=args.quant,
         on_load_error=load_failed,
+        thinking_budget=budget,
     )
     print(f"geode serve: http://{args.host}:{args.port}/ (chat page), /v1 (API)", file=sys.stderr)
     server.append(
@@ -156,7 +160,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     import torch
 
-    from geode.chat import ChatFormatError, render
+    from geode.chat import ChatFormatError, parse, render
     from geode.cli import CLIError
     from geode.infer import Engine, Request, RequestError
     from geode.infer.load import load_for_inference
@@ -169,6 +173,8 @@ def run_chat(args: argparse.Namespace) -> int:
             " (or a .gguf file)"
         )
     spec = draft_kwargs(args)
+    budget = thinking_budget(args)
+    think = budget is not None  # each reply opens a thinking section of at most `budget` tokens
     model, tok = load_for_inference(path, args.dtype, quant=args.quant, require_tokenizer=True)
     try:
         engine = Engine(model, tok, max_batch=1, **spec)
@@ -192,7 +198,7 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         try:
-            ids = tok.encode(render(system + messages))
+            ids = tok.encode(render(system + messages, think=think))
             room = engine.max_seq_len - len(ids)
             if room < 1:
                 raise RequestError("the conversation fills the context; /reset to start over")
@@ -202,6 +208,8 @@ def run_chat(args: argparse.Namespace) -> int:
                 temperature=args.temperature,
                 top_p=args.top_p,
                 seed=args.seed,
+                thinking_budget=budget,
+                skip_special_tokens=not think,  # the thinking markers show where it ends
             )
             reply = []
             print("model> ", end="", flush=True)
@@ -218,7 +226,9 @@ def run_chat(args: argparse.Namespace) -> int:
                 finally:
                     stream.close()
             print()
-            messages.append({"role": "assistant", "content": "".join(reply).strip()})
+            text = "".join(reply)
+            content = parse(text, in_thinking=True).content if think else text
+            messages.append({"role": "assistant", "content": content.strip()})
         except (ChatFormatError, RequestError) as e:
             messages.pop()
             print(f"error: {e}", file=sys.stderr)

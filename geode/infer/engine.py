@@ -45,6 +45,7 @@ from .sequence import (
     encode_prompt,
     new_decoder,
 )
+from .thinking import ThinkingBudget
 
 __all__ = ["Delta", "Engine", "Request", "Result", "SamplingParams", "TopLogprobs", "encode_prompt"]
 
@@ -453,6 +454,15 @@ class Engine:
         if any(s.id == rid for s in itertools.chain(self.scheduler.waiting, self.running)):
             raise RequestError(f"request_id {rid!r} is already in flight")
         seq = Sequence(rid, ids, params, self._new_generator(params.seed))
+        if params.thinking_budget is not None:
+            seq.thinking = ThinkingBudget.for_prompt(params.thinking_budget, self.tokenizer, ids)
+            close = seq.thinking.due()  # b = 0 closes a prompt-opened section at once
+            if close and params.max_new_tokens < 2:
+                raise RequestError(
+                    "thinking_budget=0 closes the prompt's thinking section with a forced token, "
+                    "which takes one of max_new_tokens: max_new_tokens must be >= 2"
+                )
+            self._force(seq, close)
         if self.tokenizer is not None:
             seq.decoder = new_decoder(self.tokenizer, params.skip_special_tokens)
         if params.has_penalties:
@@ -754,6 +764,20 @@ class Engine:
             d.logprobs = (d.logprobs or []) + [lp]
             if s.top is not None:
                 d.top_logprobs = (d.top_logprobs or []) + [top]
+        if s.thinking is not None and s.finish_reason is None:
+            self._force(s, s.thinking.observe(t))
+
+    @staticmethod
+    def _force(s: Sequence, ids: list[int]) -> None:
+        """Queue a thinking budget's forced close (as `append`: pending, run next step). It takes
+        one of max_new_tokens (the context admission checked suffices); none left: "length"."""
+        if not ids:
+            return
+        if s.params.max_new_tokens - s.n_sampled <= len(ids):
+            s.finish_reason = "length"
+            return
+        s.params = dataclasses.replace(s.params, max_new_tokens=s.params.max_new_tokens - len(ids))
+        s.pending += ids
 
     @staticmethod
     def _token_logprobs(
@@ -796,6 +820,11 @@ class Engine:
                 lp = lps[i] if lps is not None else None
                 top = tops[i] if tops is not None else None
                 self._emit(s, d, t, True, lp, top)
+                if s.pending and i + 1 < len(tokens):  # a forced close (thinking budget)
+                    dropped = len(tokens) - i - 1  # comes next: later drafts are not emitted
+                    self.cache.rollback(c.row, dropped)
+                    s.cached -= dropped
+                    break
             deltas.append(self._close(d, s))
         return deltas
 

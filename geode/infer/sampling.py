@@ -55,6 +55,8 @@ class SamplingParams:
     # classifier-free guidance (Ho & Salimans 2022, eq. 6; Sanchez et al. 2023 for LMs):
     # logits = uncond + g * (cond - uncond), uncond from Request.guidance_prompt; 1 = off
     guidance_scale: float = 1.0
+    # thinking tokens at most; then <end_of_thinking> is forced (geode.infer.thinking); None = off
+    thinking_budget: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -103,6 +105,10 @@ class SamplingParams:
                 raise bad(name, "must be in [-2, 2]")
         if not is_num(self.guidance_scale):
             raise bad("guidance_scale", "must be a finite number (1 = off)")
+        if self.thinking_budget is not None and (
+            not is_int(self.thinking_budget) or self.thinking_budget < 0
+        ):
+            raise bad("thinking_budget", "must be None or an integer >= 0")
         if self.seed is not None and not is_int(self.seed):
             raise bad("seed", "must be an integer or None")
         for name in ("logprobs", "prompt_logprobs"):

@@ -184,6 +184,7 @@ class Sequence:
         self.uncond: Sequence | None = None
         self.parent: Sequence | None = None  # set on the hidden row: the guided sequence
         self.uncond_logits: torch.Tensor | None = None
+        self.thinking: Any = None  # a ThinkingBudget (geode.infer.thinking) with thinking_budget
         self.t_add = time.perf_counter()
         self.t_first: float | None = None
 
@@ -295,6 +296,7 @@ class Sequence:
                 "generated_tokens": len(self.out),
                 "time_to_first_token_s": (self.t_first or now) - self.t_add,
                 "total_s": now - self.t_add,
+                **({"thinking_tokens": self.thinking.used} if self.thinking is not None else {}),
             },
             sampled_mask=list(self.sampled),
         )
@@ -315,4 +317,5 @@ class Sequence:
                 c.decoder.push(t)
         c.text, c.emitted = self.text, self.emitted
         c.t_first = self.t_first
+        c.thinking = self.thinking.copy() if self.thinking is not None else None
         return c

@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from geode.infer import Delta, RequestError, Result, SamplingParams
 from geode.infer import Request as EngineRequest
 from geode.infer.engine import encode_prompt
+from geode.infer.thinking import thinking_ids
 
 from . import openapi
 from . import protocol as P
@@ -115,6 +116,7 @@ class ServerConfig:
     dtype: str | None = None
     quant: str | None = None
     engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    thinking_budget: int | None = None  # default of the request field (None: no budget)
 
 
 class ServerState:
@@ -186,6 +188,7 @@ def create_app(
     dtype: str | None = None,
     quant: str | None = None,
     on_load_error: Callable[[str], None] | None = None,
+    thinking_budget: int | None = None,
 ) -> FastAPI:
     """A FastAPI app serving one model (a checkpoint directory or a (model, tokenizer) pair).
 
@@ -196,6 +199,7 @@ def create_app(
     prefix_cache_bytes: the engine's prefix cache (keys and values of recent prompts' blocks,
     reused by requests sharing a prefix; 0 = off); max_body_bytes: larger request bodies are
     413s; dtype ("float32", "bfloat16") and quant ("int8", "int4"): how the weights are held.
+    thinking_budget: the default of the requests' `thinking_budget` field (None: no budget).
     """
     if model_name is None:
         model_name = Path(source).name if isinstance(source, (str, os.PathLike)) else "geode"
@@ -210,7 +214,9 @@ def create_app(
         dtype=dtype,
         quant=quant,
         engine_kwargs=dict(engine_kwargs or {}),
+        thinking_budget=thinking_budget,
     )
+    SamplingParams(thinking_budget=thinking_budget).validate()  # RequestError (a ValueError)
     if prefix_cache_bytes < 0:
         raise ValueError(f"prefix_cache_bytes must be >= 0, got {prefix_cache_bytes}")
     if quant is not None and quant not in ("int8", "int4"):
@@ -509,6 +515,20 @@ def _sampling(
             code="context_length_exceeded",
         )
     return params
+
+
+def _thinking_budget(state: ServerState, req: P.SamplingFields) -> int | None:
+    """The request's thinking_budget, else the server's default; 400 when the tokenizer has no
+    thinking tokens."""
+    budget = req.thinking_budget
+    if budget is None:
+        budget = state.config.thinking_budget
+    if budget is not None:
+        try:
+            thinking_ids(state.tokenizer, budget)
+        except RequestError as e:
+            raise _request_error(e) from None
+    return budget
 
 
 def _request_error(e: Exception) -> APIError:
@@ -900,7 +920,13 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         engine_reqs, meta = [], []
         for pi, (ids, _) in enumerate(prompts):
             params = _sampling(
-                state, req, len(ids), run_tokens, logprobs=req.logprobs, prompt_logprobs=plp
+                state,
+                req,
+                len(ids),
+                run_tokens,
+                logprobs=req.logprobs,
+                prompt_logprobs=plp,
+                thinking_budget=_thinking_budget(state, req),
             )
             for j in range(req.n):
                 engine_reqs.append(EngineRequest(ids, params=_with_seed(params, j)))
@@ -985,7 +1011,9 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         _check_model(state, req.model)
         use_tools = bool(req.tools) and req.tool_choice != "none"
         tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
-        text = _render_chat(state, req.messages, tools if use_tools else None, True)
+        budget = _thinking_budget(state, req)
+        think = budget is not None  # the prompt opens a thinking section of at most `budget`
+        text = _render_chat(state, req.messages, tools if use_tools else None, True, think)
         ids = list(state.tokenizer.encode(text))
         unused = req.max_tokens if req.max_completion_tokens is not None else None
         if unused is not None and unused > state.max_len:  # bounded as the schema says
@@ -1004,7 +1032,13 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         grammar = _chat_grammar(state, req, tools)
         k = (req.top_logprobs or 0) if req.logprobs else None
         base = _sampling(
-            state, req, len(ids), max_tokens, logprobs=k, skip_special_tokens=not use_tools
+            state,
+            req,
+            len(ids),
+            max_tokens,
+            logprobs=k,
+            skip_special_tokens=not (use_tools or think),
+            thinking_budget=budget,
         )
         engine_reqs = []
         for j in range(req.n):
@@ -1025,12 +1059,14 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         model = state.config.model_name
         if req.stream:
             return _stream_response(
-                _stream_chat(state, req, len(ids), handles, model, use_tools), state, handles
+                _stream_chat(state, req, len(ids), handles, model, use_tools, think),
+                state,
+                handles,
             )
         results = await _results(request, state, handles)
         choices = []
         for j, r in enumerate(results):
-            msg, finish = _assistant_message(r, use_tools)
+            msg, finish = _assistant_message(r, use_tools, think)
             lp = (
                 _chat_logprobs(state.tokenizer, r.token_ids, r.logprobs, r.top_logprobs)
                 if req.logprobs
@@ -1050,6 +1086,7 @@ def _render_chat(
     messages: list[P.ChatMessage],
     tools: list[dict] | None,
     add_generation_prompt: bool,
+    think: bool = False,
 ) -> str:
     from geode.chat import ChatFormatError, render
 
@@ -1080,7 +1117,9 @@ def _render_chat(
             )
         out.append(d)
     try:
-        return render(out, add_generation_prompt=add_generation_prompt, tools=tools or None)
+        return render(
+            out, add_generation_prompt=add_generation_prompt, tools=tools or None, think=think
+        )
     except ChatFormatError as e:
         raise APIError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
 
@@ -1111,16 +1150,19 @@ def _chat_grammar(
     return grammar
 
 
-def _assistant_message(r: Result, use_tools: bool) -> tuple[P.AssistantMessage, str]:
+def _assistant_message(
+    r: Result, use_tools: bool, think: bool = False
+) -> tuple[P.AssistantMessage, str]:
+    """The reply: content, and with tools or thinking the parsed tool calls / reasoning."""
     from geode.chat import parse
 
     text = r.text or ""
     finish = r.finish_reason
-    if not use_tools:
+    if not (use_tools or think):
         return P.AssistantMessage(content=text), finish
-    parsed = parse(text)
+    parsed = parse(text, in_thinking=think)
     calls = None
-    if parsed.tool_calls:
+    if parsed.tool_calls and use_tools:
         calls = [
             P.ToolCallOut(
                 id=c.id or f"call_{P.new_id('x')[2:]}",
@@ -1213,6 +1255,7 @@ async def _stream_chat(
     handles: list[Handle],
     model: str,
     use_tools: bool,
+    think: bool = False,
 ) -> AsyncIterator[str]:
     rid, created = P.new_id("chatcmpl"), P.now()
     tok = state.tokenizer
@@ -1239,10 +1282,12 @@ async def _stream_chat(
             lp = _chat_logprobs(tok, d.token_ids, d.logprobs, d.top_logprobs).model_dump(
                 exclude_none=True
             )
-        if use_tools:  # tool calls are parsed from the whole output: sent at the end
+        if use_tools or think:  # tool calls, thinking: parsed from the whole output at the end
             if d.finished and d.result is not None:
-                msg, finish = _assistant_message(d.result, True)
+                msg, finish = _assistant_message(d.result, use_tools, think)
                 delta: dict[str, Any] = {}
+                if msg.reasoning_content:
+                    delta["reasoning_content"] = msg.reasoning_content
                 if msg.content:
                     delta["content"] = msg.content
                 if msg.tool_calls:

@@ -134,6 +134,8 @@ class SamplingFields(_Req):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     min_tokens: _int(ge=0) = 0
     ignore_eos: bool = False
+    # thinking tokens at most, then <end_of_thinking> is forced (default: --thinking-budget)
+    thinking_budget: _int(ge=0) | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
