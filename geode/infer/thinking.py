@@ -14,6 +14,7 @@ spent is closed at once (b = 0: no thinking). The forced close counts as one of 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,15 @@ def ends_in_thinking(ids: Sequence[int], start_id: int, end_id: int) -> bool:
         if t == start_id:
             return True
     return False
+
+
+def count_thinking(ids: Sequence[int], start_id: int, end_id: int, inside: bool = False) -> int:
+    """Thinking tokens of an output (the policy's count, no budget); `inside`: the prompt
+    opened a section."""
+    policy = ThinkingBudget(math.inf, start_id, end_id, inside=inside)  # type: ignore[arg-type]
+    for t in ids:
+        policy.observe(t)
+    return policy.used
 
 
 @dataclass
