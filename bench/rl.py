@@ -78,10 +78,9 @@ def model_dir(args) -> Path:
     out = root / f"rl-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if (out / "config.json").exists() and (out / "tokenizer.model").exists():
         return out
+    from geode.chat import render
     from geode.post.prefdata import sft_examples
     from geode.tokenizer import train_tokenizer
-
-    from geode.chat import render
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
