@@ -35,6 +35,7 @@ from geode.data.loader import Batch
 from geode.tokenizer import END_OF_TURN
 
 from .env import Env, Messages, TaskEnv, spawn
+from .thinking import sample_budget
 
 
 @dataclass
@@ -339,7 +340,7 @@ class Rollouts:
         rng = random.Random(f"rollouts-budget:{self.seed}:{self.rounds}")
         budgets = None
         if self.thinking_budgets:
-            budgets = [rng.choice(self.thinking_budgets) for _ in prompts]
+            budgets = [sample_budget(rng, self.thinking_budgets) for _ in prompts]
         seed = (self.seed * 1_000_003 + self.rounds * 65_537) % 2**31
         self.rounds += 1
         envs = [self.make_env(p) for p in prompts]
