@@ -32,6 +32,13 @@ import torch
 
 from . import kernels
 from .cache import HybridCache
+from .multimodal import (
+    VisionCache,
+    chunk_has_images,
+    is_multimodal,
+    prepare_images,
+    run_image_chunk,
+)
 from .optimize import optimize_for_decode
 from .runner import NativeStepRunner, Runner, TorchRunner, group_by_length
 from .sampling import RequestError, SamplingParams, sample_tokens
@@ -78,7 +85,8 @@ class Engine:
     copy the float projection weights into the layout its GEMM streams. prefix_cache_bytes:
     reuse the KV of cached prompt prefixes (geode.infer.prefix) up to this many bytes; 0 = off.
     draft, num_draft_tokens: speculative decoding (geode.infer.speculative). seed: draws the
-    seeds of requests that give none.
+    seeds of requests that give none. vision_cache: images whose soft tokens are kept (a VLM's
+    requests with images, geode.infer.multimodal; the tower runs once per image).
     """
 
     def __init__(
@@ -100,6 +108,7 @@ class Engine:
         draft: Any = None,
         num_draft_tokens: int = 4,
         seed: int | None = None,
+        vision_cache: int = 64,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -169,6 +178,7 @@ class Engine:
         self._ids = itertools.count()
         self.cache = None  # the engine's HybridCache (grown on admission), bound to the runner
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self.vision_cache = VisionCache(vision_cache)  # soft tokens by image hash
 
     @property
     def cache(self) -> HybridCache | None:
@@ -410,7 +420,12 @@ class Engine:
         if isinstance(params.stop, str):
             params.stop = (params.stop,)
         prompt = request.prompt
-        if isinstance(prompt, str):
+        images = None
+        if request.images is not None or is_multimodal(prompt):
+            ids, images = prepare_images(
+                self.model, self.tokenizer, prompt, request.images, self.max_seq_len
+            )
+        elif isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("prompt is text but the engine has no tokenizer; pass token ids")
             ids = encode_prompt(self.tokenizer, prompt, request.add_bos)
@@ -423,7 +438,10 @@ class Engine:
                 raise RequestError("prompt must be a string or a sequence of token ids") from None
         if not ids:
             raise RequestError("prompt is empty: at least one token is needed")
-        bad = next((t for t in ids if not 0 <= t < self.token_vocab_size), None)
+        placeholder = images.token if images is not None else None  # may lie past the pieces
+        bad = next(
+            (t for t in ids if not 0 <= t < self.token_vocab_size and t != placeholder), None
+        )
         if bad is not None:
             why = f"outside the vocabulary [0, {self.token_vocab_size})"
             if 0 <= bad < self.vocab_size:
@@ -454,6 +472,7 @@ class Engine:
         if any(s.id == rid for s in itertools.chain(self.scheduler.waiting, self.running)):
             raise RequestError(f"request_id {rid!r} is already in flight")
         seq = Sequence(rid, ids, params, self._new_generator(params.seed))
+        seq.images = images
         if params.thinking_budget is not None:
             seq.thinking = ThinkingBudget.for_prompt(params.thinking_budget, self.tokenizer, ids)
             close = seq.thinking.due()  # b = 0 closes a prompt-opened section at once
@@ -582,8 +601,8 @@ class Engine:
     # ------------------------------------------------------------------ prefix cache
     def _on_admit(self, seq: Sequence) -> None:
         """Scheduler hook: the longest cached prefix of the prompt is not run again."""
-        if self.prefix is None or seq.cached or seq.prompt_logprobs is not None:
-            return
+        if self.prefix is None or seq.cached or seq.prompt_logprobs is not None or seq.images:
+            return  # (block keys are token ids: images with equal placeholders would collide)
         n, handle = self.prefix.match(seq.prompt)
         if n:
             seq.cached, seq.prefix_handle = n, handle
@@ -622,11 +641,21 @@ class Engine:
             return []
         cols = [self._columns(c) for c in chunks]
         logits: list[torch.Tensor | None] = [None] * len(chunks)
-        if self.runner.ragged:
-            groups = [list(range(len(chunks)))]
-        else:
-            one = [i for i, c in enumerate(chunks) if c.size == 1]
-            more = [i for i, c in enumerate(chunks) if c.size > 1]
+        text = []
+        for i, c in enumerate(chunks):  # chunks with images: one torch forward each, on embeds
+            if chunk_has_images(c.seq, c.start, c.end):
+                logits[i] = run_image_chunk(
+                    self.model, self.cache, self.vision_cache, c.seq, c.row, c.start, c.end,
+                    cols[i],
+                )  # fmt: skip
+            else:
+                text.append(i)
+        groups: list[list[int]] = []
+        if text and self.runner.ragged:
+            groups = [text]
+        elif text:
+            one = [i for i in text if chunks[i].size == 1]
+            more = [i for i in text if chunks[i].size > 1]
             groups = [one] if one else []
             sub = group_by_length([chunks[i].size for i in more])
             groups += [[more[j] for j in g] for g in sub]
@@ -706,7 +735,7 @@ class Engine:
                     k = x.index(lp_cols[i])
                     lp, top = self._token_logprobs(s, logp[k], t)
                 self._emit(s, d, t, False, lp, top)
-            if self.prefix is not None and not s.ready and c.start < p_len:
+            if self.prefix is not None and not s.ready and c.start < p_len and not s.images:
                 self.prefix.insert(s.prompt, self.cache, c.row, c.start, min(c.end, p_len))
         if to_sample:
             for i, s in enumerate(to_sample):

