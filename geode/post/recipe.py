@@ -70,6 +70,20 @@ class OnlineSection:
 
 
 @dataclass
+class WarpSection:
+    """WARP (geode.post.warp; Rame et al. 2024, arXiv:2406.16768): M RL runs per iteration
+    with an EMA anchor, SLERP-merged, interpolated towards the init (LITI), I iterations."""
+
+    policies: int = 2  # M RL runs per iteration, from one init with different seeds
+    iterations: int = 1  # I
+    steps: int = 0  # optimizer steps per run; 0: train.max_steps
+    ema_rate: float = 0.01  # mu of the EMA anchor (objective anchor = "ema")
+    eta: float = 0.3  # LITI: the next iteration's init (1 - eta) init + eta slerp
+    etas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # the front
+    eval_samples: int = 4  # sampled completions per held-out prompt (reward, KL to the init)
+
+
+@dataclass
 class RLSection:
     """`geode rl`: rollouts on the engine, rewards, advantages (geode.post.rl; issue #19).
 
@@ -105,6 +119,7 @@ class PostRecipe(TrainRecipe):
     warm: WarmSection = field(default_factory=WarmSection)
     online: OnlineSection | None = None  # present: OAIF (geode dpo)
     rl: RLSection | None = None  # present: RL (geode rl)
+    warp: WarpSection | None = None  # present: WARP (geode rl)
 
 
 def load_post_recipe(
