@@ -68,6 +68,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="CPU: keep one copy of the weights (by default batches of 6+ sequences read a "
         "copy packed for the batched GEMM: faster, the weights' bytes once more in memory)",
     )
+    p.add_argument(
+        "--image-dir",
+        metavar="DIR",
+        help="a vision model's image_url parts may name local files under DIR (default: only "
+        "data: URLs; http(s) URLs are never fetched)",
+    )
     add_thinking_arg(p)  # the default of the requests' thinking_budget field
     add_draft_args(p)
     p.set_defaults(func=run_serve)
@@ -143,6 +149,7 @@ def run_serve(args: argparse.Namespace) -> int:
         quant=args.quant,
         on_load_error=load_failed,
         thinking_budget=budget,
+        image_dir=args.image_dir,
     )
     print(f"geode serve: http://{args.host}:{args.port}/ (chat page), /v1 (API)", file=sys.stderr)
     server.append(

@@ -117,6 +117,7 @@ class ServerConfig:
     quant: str | None = None
     engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     thinking_budget: int | None = None  # default of the request field (None: no budget)
+    image_dir: str | None = None  # local image files allowed under here (None: data: URLs only)
 
 
 class ServerState:
@@ -189,6 +190,7 @@ def create_app(
     quant: str | None = None,
     on_load_error: Callable[[str], None] | None = None,
     thinking_budget: int | None = None,
+    image_dir: str | os.PathLike | None = None,
 ) -> FastAPI:
     """A FastAPI app serving one model (a checkpoint directory or a (model, tokenizer) pair).
 
@@ -200,6 +202,8 @@ def create_app(
     reused by requests sharing a prefix; 0 = off); max_body_bytes: larger request bodies are
     413s; dtype ("float32", "bfloat16") and quant ("int8", "int4"): how the weights are held.
     thinking_budget: the default of the requests' `thinking_budget` field (None: no budget).
+    image_dir: a VLM's `image_url` parts may name files under it (None: `data:` URLs only; an
+    http(s) URL is never fetched).
     """
     if model_name is None:
         model_name = Path(source).name if isinstance(source, (str, os.PathLike)) else "geode"
@@ -215,6 +219,7 @@ def create_app(
         quant=quant,
         engine_kwargs=dict(engine_kwargs or {}),
         thinking_budget=thinking_budget,
+        image_dir=None if image_dir is None else os.fspath(image_dir),
     )
     SamplingParams(thinking_budget=thinking_budget).validate()  # RequestError (a ValueError)
     if prefix_cache_bytes < 0:
@@ -857,10 +862,17 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         tok = state.tokenizer
         if req.messages is not None:
             text = _render_chat(state, req.messages, None, req.add_generation_prompt)
-            ids = list(tok.encode(text))
+            if isinstance(text, str):
+                ids = list(tok.encode(text))
+            else:  # image parts: their soft-token placeholders
+                ids, _ = await asyncio.to_thread(_image_inputs, state, text)
         else:
             ids = encode_prompt(tok, req.prompt, add_bos=req.add_special_tokens)
-        strs = [tok.id_to_piece(t) for t in ids] if req.return_token_strs else None
+        vision = getattr(state.engine.model, "vision", None)
+        image_id = None if vision is None else vision.image_token_index
+        strs = None
+        if req.return_token_strs:
+            strs = ["<image_soft_token>" if t == image_id else tok.id_to_piece(t) for t in ids]
         return P.TokenizeResponse(
             count=len(ids), max_model_len=state.max_len, tokens=ids, token_strs=strs
         )
@@ -1014,7 +1026,11 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         budget = _thinking_budget(state, req)
         think = budget is not None  # the prompt opens a thinking section of at most `budget`
         text = _render_chat(state, req.messages, tools if use_tools else None, True, think)
-        ids = list(state.tokenizer.encode(text))
+        images = None
+        if isinstance(text, str):
+            ids = list(state.tokenizer.encode(text))
+        else:  # image parts: ids with soft-token placeholders + pixel values (off the loop)
+            ids, images = await asyncio.to_thread(_image_inputs, state, text)
         unused = req.max_tokens if req.max_completion_tokens is not None else None
         if unused is not None and unused > state.max_len:  # bounded as the schema says
             raise APIError(
@@ -1045,7 +1061,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             params = _with_seed(base, j)
             if grammar is not None:
                 params.logits_processors = (state.get_grammars().processor(grammar),)
-            engine_reqs.append(EngineRequest(ids, params=params))
+            engine_reqs.append(EngineRequest(ids, params=params, images=images))
         try:
             handles = _submit_all(state, engine_reqs)
         except QueueFull as e:
@@ -1087,21 +1103,34 @@ def _render_chat(
     tools: list[dict] | None,
     add_generation_prompt: bool,
     think: bool = False,
-) -> str:
-    from geode.chat import ChatFormatError, render
+) -> Any:
+    """The prompt text, or with image parts (a VLM) the `MultimodalPrompt` of
+    `render_multimodal`; 400s name the message part (messages.i.content.j)."""
+    from geode.chat import ChatFormatError, render, render_multimodal
+    from geode.image import ImageError
 
+    vision = getattr(state.engine.model, "vision", None)
+    images = False
     out = []
     for i, m in enumerate(messages):
         if isinstance(m.content, list):
             for j, part in enumerate(m.content):
                 if part.type == "image_url":
-                    raise APIError(
-                        400,
-                        f"messages.{i}.content.{j}: image inputs are not "
-                        "supported by this model (text only)",
-                        param=f"messages.{i}.content.{j}",
-                        code="unsupported_content",
-                    )
+                    where = f"messages.{i}.content.{j}"
+                    if vision is None:
+                        raise APIError(
+                            400,
+                            f"{where}: image sent to a text-only model (this model has no "
+                            "vision tower)",
+                            param=where,
+                            code="unsupported_content",
+                        )
+                    if part.image_url is None:
+                        raise APIError(
+                            400, f"{where}.image_url: field required", param=f"{where}.image_url"
+                        )
+                    images = True
+                    continue
                 if part.text is None:
                     raise APIError(
                         400,
@@ -1117,11 +1146,42 @@ def _render_chat(
             )
         out.append(d)
     try:
+        if images:
+            return render_multimodal(
+                out, add_generation_prompt, tools or None, think=think,
+                mm_tokens_per_image=vision.mm_tokens_per_image, image_dir=state.config.image_dir,
+            )  # fmt: skip
         return render(
             out, add_generation_prompt=add_generation_prompt, tools=tools or None, think=think
         )
-    except ChatFormatError as e:
-        raise APIError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
+    except (ChatFormatError, ImageError) as e:  # VideoError is an ImageError
+        m = re.match(r"message (\d+), part (\d+)\S*:? ?(.*)", str(e), re.S)
+        if m is None:
+            raise APIError(
+                400, f"messages: {e}", param="messages", code="invalid_messages"
+            ) from None
+        where = f"messages.{m.group(1)}.content.{m.group(2)}"
+        code = "invalid_image" if isinstance(e, ImageError) else "invalid_messages"
+        raise APIError(400, f"{where}: {m.group(3)}", param=where, code=code) from None
+
+
+def _image_inputs(state: ServerState, prompt: Any) -> tuple[list[int], Any]:
+    """Token ids and pixel values (N, 3, S, S) of a rendered chat with images, checked as the
+    engine checks them (placeholders, the context): RequestError -> 400."""
+    from geode.image import ImageError
+    from geode.infer.multimodal import prepare_images
+
+    model, max_len = state.engine.model, state.max_len
+    try:
+        pixels = prompt.process(model.vision.image_size).pixel_values
+        ids = prompt.token_ids(state.tokenizer, image_token_index=model.vision.image_token_index)
+        prepare_images(model, state.tokenizer, ids, pixels, max_len)
+    except ImageError as e:
+        raise APIError(400, f"messages: {e}", param="messages", code="invalid_image") from None
+    except (RequestError, ValueError) as e:
+        code = "context_length_exceeded" if "too many images" in str(e) else "invalid_messages"
+        raise APIError(400, f"messages: {e}", param="messages", code=code) from None
+    return ids, pixels
 
 
 def _chat_grammar(

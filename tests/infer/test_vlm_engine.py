@@ -10,7 +10,7 @@ import torch
 import geode
 from geode.infer import Engine, Request, RequestError
 from geode.infer.multimodal import PromptImages, placeholder_runs
-from tests.test_vlm import IMAGE_ID, N, SEQUENCES, _hf_vlm, _pixels
+from tests.test_vlm import IMAGE_ID, SEQUENCES, N, _hf_vlm, _pixels
 
 
 @pytest.fixture(scope="module")
