@@ -15,8 +15,10 @@ _EPILOG = """examples:
   geode eval gsm8k --endpoint http://localhost:8000 --chat --self-correct --data test.jsonl
 
   geode eval gsm8k --model runs/sft --dtype bfloat16 --quant int8 --data test.jsonl
+  geode eval shapes --model runs/vlm --images photos/questions.jsonl
 
-tasks: gsm8k, math500, humaneval, mc, niah, mrcr, tasks (the synthetic held-out split).
+tasks: gsm8k, math500, humaneval, mc, niah, mrcr, tasks (the synthetic held-out split),
+shapes (image questions: generated shapes, or your own rows with --images).
 Outputs: OUT/<task>/samples.jsonl, OUT/results.json, OUT/results.md, OUT/*.png.
 A prompt longer than the model's context gets fewer shots, else its sample is skipped
 (recorded in the sample, counted in the results). A rerun with the same options resumes from
@@ -65,6 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", metavar="PATH", help="task data file/directory")
     p.add_argument(
+        "--images",
+        metavar="PATH",
+        help='image-question JSONL for an image task (shapes): rows {"image": path relative to '
+        'the file, "question": ..., "answer": ...}; sets the task option images=PATH',
+    )
+    p.add_argument(
         "--option",
         action="append",
         default=[],
@@ -90,6 +98,17 @@ def _options(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _image_option(args: argparse.Namespace, options: dict) -> dict:
+    """The task options with `--images PATH` as `images` (both ways at once is an error)."""
+    from geode.cli import CLIError
+
+    if args.images is None:
+        return options
+    if "images" in options and options["images"] != args.images:
+        raise CLIError(f"--images {args.images} and --option images={options['images']} differ")
+    return {**options, "images": args.images}
 
 
 def _tokenizer(path: str | None):
@@ -121,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         chat=args.chat,
-        options=_options(args.option),
+        options=_image_option(args, _options(args.option)),
     )
     if args.endpoint and (args.dtype or args.quant):
         raise CLIError("--dtype and --quant apply to --model (an endpoint's server sets its own)")

@@ -5,7 +5,9 @@ Both backends take the same `Gen` requests and return the same strings, so a tas
 results with greedy decoding. A prompt is either text (a raw completion prompt: the engine
 adds <bos>; an endpoint gets `/v1/completions`) or a list of chat messages (rendered with
 `geode.chat.render` in process; sent to `/v1/chat/completions` by an endpoint). With
-`chat=True` a text prompt is sent as a single user message.
+`chat=True` a text prompt is sent as a single user message. Image parts go to a vision model's
+engine as `render_multimodal` renders them (soft-token placeholders + pixel values, as `geode
+serve` does); a text-only model refuses them.
 
 Neither backend truncates: a request longer than the context fails (the runner fits prompts
 first, see `geode.eval.fit`). `prompt_tokens` and `max_context` tell the runner what fits: exact
@@ -113,6 +115,33 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, chat: bool) -> list[int]:
     return list(tokenizer.encode(render(_as_messages(prompt), bos=True)))
 
 
+def has_media(prompt: Prompt) -> bool:
+    """The prompt is chat messages with image or video parts."""
+    from geode.chat import IMAGE_PART_TYPES, VIDEO_PART_TYPES
+
+    kinds = IMAGE_PART_TYPES + VIDEO_PART_TYPES
+    return not isinstance(prompt, str) and any(
+        isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") in kinds for p in m["content"])
+        for m in prompt
+    )
+
+
+def image_inputs(model: Any, tokenizer: Any, prompt: Prompt) -> tuple[list[int], Any]:
+    """(token ids, pixel values (N, 3, S, S)) of chat messages with images, rendered with
+    `render_multimodal` for this vision model; BackendError for a text-only model."""
+    from geode.chat import render_multimodal
+
+    vision = getattr(model, "vision", None)
+    if vision is None:
+        raise BackendError("engine: the prompt has image parts but the model is text-only")
+    rendered = render_multimodal(
+        _as_messages(prompt), bos=True, mm_tokens_per_image=vision.mm_tokens_per_image
+    )
+    ids = rendered.token_ids(tokenizer, image_token_index=vision.image_token_index)
+    return ids, rendered.process(vision.image_size).pixel_values
+
+
 class FunctionBackend(Backend):
     """A backend from a Python function `prompt -> text` (tests, replaying stored outputs)."""
 
@@ -190,7 +219,13 @@ class EngineBackend(Backend):
 
     def _ids(self, prompt: Prompt) -> list[int]:
         """Prompt token ids, <bos> first (a chat prompt is rendered with geode.chat)."""
-        return prompt_ids(self.tokenizer, prompt, self.chat)
+        return self._inputs(prompt)[0]
+
+    def _inputs(self, prompt: Prompt) -> tuple[list[int], Any]:
+        """(prompt ids, pixel values or None): images through `image_inputs`."""
+        if has_media(prompt):
+            return image_inputs(self.engine.model, self.tokenizer, prompt)
+        return prompt_ids(self.tokenizer, prompt, self.chat), None
 
     def prompt_tokens(self, prompt: Prompt) -> int:
         """Exact: the length of the ids the engine gets."""
@@ -213,11 +248,12 @@ class EngineBackend(Backend):
         for start in range(0, len(requests), self.batch_size):
             batch = []
             for g in requests[start : start + self.batch_size]:
-                ids = self._ids(g.prompt)
+                ids, images = self._inputs(g.prompt)
                 self._check_fits(len(ids), g.max_tokens)
                 batch.append(
                     Request(
                         ids,
+                        images=images,
                         max_new_tokens=g.max_tokens,
                         temperature=g.temperature,
                         stop=tuple(g.stop),
@@ -235,13 +271,15 @@ class EngineBackend(Backend):
 
         reqs, spans = [], []
         for context, continuation in pairs:
-            ctx = self._ids(context)
+            ctx, images = self._inputs(context)
             cont = list(self.tokenizer.encode(continuation))
             if not cont:
                 raise ValueError(f"empty continuation {continuation!r} after tokenization")
             ids = ctx + cont
             self._check_fits(len(ids), 1)
-            reqs.append(Request(ids, max_new_tokens=1, temperature=0.0, prompt_logprobs=1))
+            reqs.append(
+                Request(ids, images=images, max_new_tokens=1, temperature=0.0, prompt_logprobs=1)
+            )
             spans.append((ids, len(cont)))
         out: list[tuple[float, bool]] = []
         for start in range(0, len(reqs), self.batch_size):

@@ -18,6 +18,8 @@ from PIL import Image
 
 import geode
 from geode.chat import render_multimodal
+from geode.cli import main
+from geode.eval.backends import BackendError, EngineBackend, Gen
 from geode.infer import Engine, Request
 from geode.model.vision import get_vision_preset
 from tests.serve.helpers import LiveServer
@@ -93,6 +95,8 @@ def test_chat_with_a_data_url_image_through_the_openai_client(vlm_server, vlm_di
     assert r.usage.prompt_tokens == len(want.prompt_token_ids)
     image_id = tok.special_ids["<image_soft_token>"]
     assert want.prompt_token_ids.count(image_id) == 16  # one image's soft tokens
+    backend = EngineBackend(model, tok, chat=True)  # geode eval's in-process backend
+    assert backend.generate([Gen(messages, max_tokens=8)]) == [want.text]
     # a file under --image-dir, twice: the tower runs once for it
     engine = vlm_server.state.engine
     before = engine.vision_cache.stats["encoded"]
@@ -138,3 +142,25 @@ def test_too_many_images_and_text_only_models_are_400s(vlm_server, server):
     assert err["param"] == "messages.0.content.1"
     assert "image sent to a text-only model" in err["message"]
     assert torch.is_grad_enabled()  # (the server thread's inference mode does not leak here)
+
+
+def test_geode_eval_images_runs_user_rows_through_a_vlm(vlm_dir, checkpoint, tmp_path, capsys):
+    """`geode eval shapes --images rows.jsonl` scores the user's image questions in process;
+    a text-only model refuses image prompts."""
+    for name, color in (("a.png", "red"), ("b.png", "blue")):
+        (tmp_path / name).write_bytes(_png(color))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        '{"image": "a.png", "question": "What colour?", "answer": "red"}\n'
+        '{"image": "b.png", "question": "What colour?", "answer": "blue", "id": "b"}\n'
+    )
+    args = ["eval", "shapes", "--images", str(rows), "--max-tokens", "3", "--no-progress"]
+    assert main([*args, "--model", str(vlm_dir), "--out", str(tmp_path / "out")]) == 0
+    samples = (tmp_path / "out" / "shapes" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2 and '"b"' in samples[1]
+    assert main([*args, "--model", str(checkpoint), "--out", str(tmp_path / "text")]) == 2
+    assert "the model is text-only" in capsys.readouterr().err
+    with pytest.raises(BackendError, match="text-only"):
+        EngineBackend(geode.load_model(checkpoint), geode.load_tokenizer(checkpoint)).generate(
+            [Gen(_messages(_data_url(_png("red"))))]
+        )
