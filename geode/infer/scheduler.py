@@ -180,7 +180,7 @@ def _can_follow(s: Sequence, lead: Sequence) -> bool:
     """s may share lead's prefill: same prompt, nothing else fed, no prompt logprobs wanted."""
     return (
         not s.pending
-        and True
+        and not lead.pending
         and s.uncond is None
         and s.cached == 0
         and s.params.prompt_logprobs is None
