@@ -30,6 +30,7 @@ BUILTIN_MODULES: list[str] = [
     "geode.train.objectives.reward",
     "geode.train.objectives.policy",
     "geode.train.objectives.score",
+    "geode.train.objectives.cfg",
 ]
 
 
