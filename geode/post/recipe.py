@@ -70,6 +70,31 @@ class OnlineSection:
 
 
 @dataclass
+class CfgSection:
+    """CFG distillation with a diversity reward (geode.post.cfgdistill; arXiv:2410.06084)."""
+
+    guidance_scale: float = 3.0  # the teacher's γ: uncond + γ (cond - uncond)
+    unconditional: str = "Write a word problem."  # the unconditional prompt's user message
+    task: str = "topic"  # "topic" (quality: adherence) | "arithmetic" (verified accuracy); the
+    # prompts of data.path / data.eval_path (JSONL: prompt, answer), generated when missing
+    teacher: str = ""  # the guided teacher; empty: model.init (the student starts from model.init)
+    samples: str = "student"  # rollouts from the "student" (on-policy) or the guided "teacher"
+    group_size: int = 4  # samples per prompt (the diversity reward compares them)
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    diversity_weight: float = 0.0  # β of the diversity model; 0: only the quality model
+    embedder: str = ""  # geode model whose mean-pooled hidden states embed samples; "": teacher
+    etas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # front's t
+    eval_prompts: int = 14  # prompts of the quality / diversity measurement
+    eval_samples: int = 4  # samples per evaluation prompt
+    seed: int = 0
+    train_prompts: int = 256  # generated training prompts when data.path is missing
+    min_steps: int = 1  # task = "arithmetic": difficulty (geode.data.tasks)
+    max_steps: int = 1
+    max_value: int = 20
+
+
+@dataclass
 class WarpSection:
     """WARP (geode.post.warp; Rame et al. 2024, arXiv:2406.16768): M RL runs per iteration
     with an EMA anchor, SLERP-merged, interpolated towards the init (LITI), I iterations."""
@@ -120,6 +145,7 @@ class PostRecipe(TrainRecipe):
     online: OnlineSection | None = None  # present: OAIF (geode dpo)
     rl: RLSection | None = None  # present: RL (geode rl)
     warp: WarpSection | None = None  # present: WARP (geode rl)
+    cfg: CfgSection | None = None  # present: CFG distillation (geode rl)
 
 
 def load_post_recipe(
