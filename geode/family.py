@@ -3,9 +3,10 @@
 Shaped like torchtitan's model specs: per family its config part (the `ModelConfig` fields it
 owns, `FAMILY_FIELDS`), the layer classes `DecoderLayer` builds by name (litgpt-style), the
 Hugging Face adapter (config dict both ways, tensor names both ways for every key layout in
-circulation), a cache/state factory (None until the engine builds one), the FSDP2 wrap units
-and the runner paths that support it. `parameter_counts` is the one parameter count (total and
-active per token) and `state_bytes` the one decode-state size, for every family.
+circulation), a cache/state factory (`layer_states`: what each layer keeps while decoding, which
+the engine's cache allocates), the FSDP2 wrap units and the runner paths that support it.
+`parameter_counts` is the one parameter count (total and active per token) and `state_bytes`
+the one decode-state size, for every family.
 """
 
 from __future__ import annotations
@@ -23,6 +24,25 @@ from .config import FULL, RECURRENT, SLIDING, ConfigError, ModelConfig, default_
 # Runner paths: "forward" (full sequence, no cache: training, scoring, parity), "torch" (the
 # engine's torch runner with a KV cache), "native" (the C decode step).
 RUNNER_PATHS = ("forward", "torch", "native")
+SHARED = "shared"  # LayerState.kind of a Gemma 4 kv-shared layer (reads its source's K/V)
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """What one layer keeps while decoding (the engine's cache allocates it per row).
+
+    kind FULL: K/V of every position; SLIDING: K/V of the last `sliding_window` positions (a
+    ring); SHARED: nothing, the layer attends to layer `source`'s K/V (Gemma 4 kv sharing);
+    RECURRENT: the conv's last `conv - 1` inputs (width W, the activations' dtype) and the
+    RG-LRU state h (W, float32): a constant size, whatever the length.
+    """
+
+    kind: str
+    kv_heads: int = 0  # K/V heads (FULL/SLIDING)
+    head_dim: int = 0  # K/V head dim (FULL/SLIDING)
+    source: int | None = None  # SHARED: the layer whose K/V it reads
+    width: int = 0  # RECURRENT: W
+    conv: int = 0  # RECURRENT: conv1d_width
 
 
 @dataclass(frozen=True)
@@ -41,7 +61,7 @@ class FamilySpec:
     mlp_class_name: str  # dense feed-forward ("MoEBlock" replaces it where enabled)
     sandwich_norms: bool  # post-attention and post-feed-forward norms (Gemma 2/3/4)
     runner_paths: tuple[str, ...]
-    new_state: Callable[..., Any] | None = None  # engine cache/state factory (None: not yet)
+    layer_states: Callable[[ModelConfig], list[LayerState]]  # the cache/state factory
     # HF architecture of the family's VLM whose SigLIP tower + projector geode builds
     # (`Transformer(config, vision)`, geode/model/vision.py); None: text decoder only.
     vision_architecture: str | None = None
@@ -601,6 +621,56 @@ def _recurrent_key_from_hf(config: ModelConfig, name: str) -> str | None:
     return _rename(name, _RG_NAMES_BACK, ("final_norm.weight", "norm.weight"))
 
 
+# ---------------------------------------------------------------------- cache/state factories
+def _attention_states(config: ModelConfig) -> list[LayerState]:
+    """Gemma 3: K/V of one shape on every layer, a ring on the sliding ones."""
+    h, d = config.num_key_value_heads, config.head_dim
+    return [LayerState(kind, h, d) for kind in config.layer_types]
+
+
+def _gemma4_states(config: ModelConfig) -> list[LayerState]:
+    """Gemma 4: full layers with their own head dim / kv heads, kv-shared layers nothing."""
+    out = []
+    for i, kind in enumerate(config.layer_types):
+        src = kv_source(config, i)
+        if src is not None:
+            out.append(LayerState(SHARED, source=src))
+        elif kind == FULL:
+            hd = config.global_head_dim or config.head_dim
+            kv = config.num_global_key_value_heads or config.num_key_value_heads
+            out.append(LayerState(FULL, kv, hd))
+        else:
+            out.append(LayerState(SLIDING, config.num_key_value_heads, config.head_dim))
+    return out
+
+
+def _recurrent_states(config: ModelConfig) -> list[LayerState]:
+    """RecurrentGemma: a constant recurrent state, or a ring of local K/V."""
+    w = config.lru_width or config.hidden_size
+    return [
+        LayerState(RECURRENT, width=w, conv=config.conv1d_width)
+        if kind == RECURRENT
+        else LayerState(kind, config.num_key_value_heads, config.head_dim)
+        for kind in config.layer_types
+    ]
+
+
+def layer_states(config: ModelConfig) -> list[LayerState]:
+    """The per-layer decode states of a model, from its family's factory."""
+    return get_family(config.family).layer_states(config)
+
+
+def runner_refusal(config: ModelConfig, path: str) -> str | None:
+    """Why runner path `path` cannot run this family (None: it can), from the registry."""
+    spec = get_family(config.family)
+    if path in spec.runner_paths:
+        return None
+    return (
+        f"the {path} runner does not support family {config.family!r} (its runner paths: "
+        f"{', '.join(spec.runner_paths)})"
+    )
+
+
 # ---------------------------------------------------------------------- registry
 register_family(
     FamilySpec(
@@ -616,7 +686,7 @@ register_family(
         mlp_class_name="GatedMLP",
         sandwich_norms=True,
         runner_paths=RUNNER_PATHS,
-        new_state=None,  # the engine's HybridCache (geode.infer.cache), built by the runner
+        layer_states=_attention_states,
         vision_architecture="Gemma3ForConditionalGeneration",
     )
 )
@@ -633,7 +703,8 @@ register_family(
         attention_class_name="Gemma4Attention",
         mlp_class_name="GatedMLP",
         sandwich_norms=True,
-        runner_paths=("forward",),
+        runner_paths=("forward", "torch"),
+        layer_states=_gemma4_states,
     )
 )
 register_family(
@@ -649,7 +720,8 @@ register_family(
         attention_class_name="LocalAttention",
         mlp_class_name="BiasedGatedMLP",
         sandwich_norms=False,
-        runner_paths=("forward",),
+        runner_paths=("forward", "torch"),
+        layer_states=_recurrent_states,
     )
 )
 
@@ -686,32 +758,29 @@ def state_bytes(
     dtype: torch.dtype = torch.bfloat16,
     ring_buffer: bool = True,
     kinds: tuple[str, ...] = (SLIDING, FULL, RECURRENT),
+    slack: int = 0,
 ) -> int:
-    """Decode-state bytes of one sequence after n tokens, for any family.
+    """Decode-state bytes of one sequence after n tokens, for any family (its `layer_states`).
 
-    Attention layers keep K and V (2 * H_kv * D * b per token; local layers at most W tokens
-    with a ring buffer; Gemma 4 kv-shared layers nothing, full layers their own D and H_kv).
-    A recurrent layer keeps a constant (conv1d_width - 1) * W inputs (dtype) + W h (float32).
-    Gemma 3's formula is geode.infer.cache.kv_cache_bytes, which this equals for Gemma 3.
-    `kinds`: count only the layers of those kinds.
+    Attention layers keep K and V (2 * H_kv * D * b per token; local layers at most W + slack
+    tokens with a ring buffer; Gemma 4 kv-shared layers nothing, full layers their own D and
+    H_kv). A recurrent layer keeps a constant (conv1d_width - 1) * W inputs (dtype) + W h
+    (float32). The engine's `geode.infer.cache.kv_cache_bytes` is this sum, and a one-row
+    cache allocates it. `kinds`: count only the layers of those kinds.
     """
     if n_tokens < 0:
         raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+    if slack < 0:
+        raise ValueError(f"slack must be >= 0, got {slack}")
     b = torch.empty((), dtype=dtype).element_size()
+    local = min(n_tokens, config.sliding_window + slack) if ring_buffer else n_tokens
     total = 0
-    for i, kind in enumerate(config.layer_types):
+    for kind, st in zip(config.layer_types, layer_states(config), strict=True):
         if kind not in kinds:
             continue
-        if kind == RECURRENT:
-            w = config.lru_width or config.hidden_size
-            total += (config.conv1d_width - 1) * w * b + w * 4
-            continue
-        if config.family == "gemma4" and kv_source(config, i) is not None:
-            continue
-        hd, kv = config.head_dim, config.num_key_value_heads
-        if kind == FULL and config.family == "gemma4":
-            hd = config.global_head_dim or hd
-            kv = config.num_global_key_value_heads or kv
-        kept = min(n_tokens, config.sliding_window) if kind == SLIDING and ring_buffer else n_tokens
-        total += 2 * kv * hd * b * kept
+        if st.kind == RECURRENT:
+            total += (st.conv - 1) * st.width * b + st.width * 4
+        elif st.kind in (FULL, SLIDING):
+            kept = local if st.kind == SLIDING else n_tokens
+            total += 2 * st.kv_heads * st.head_dim * b * kept
     return total

@@ -174,7 +174,7 @@ def test_gemma4_e2b_effective_parameters_exclude_the_per_layer_table():
 def test_registry_names_every_family_and_gemma3_stays_the_plain_transformer():
     assert set(FAMILY_SPECS) == {"gemma3", "gemma4", "recurrent_gemma"}
     assert get_family("gemma3").runner_paths == ("forward", "torch", "native")
-    assert get_family("gemma4").runner_paths == ("forward",)
+    assert get_family("gemma4").runner_paths == ("forward", "torch")
     model = geode.build_model(get_preset("nano-1m"), seed=0)
     assert type(model) is Transformer and model.config.family == "gemma3"
     assert get_family("gemma4").fsdp_units(model) == list(model.layers)
@@ -361,7 +361,16 @@ def test_every_parameter_gets_a_gradient_and_moe_layers_report_routing(name):
 
 
 @pytest.mark.parametrize("name", ["gemma4-nano-moe", "recurrentgemma-nano"])
-def test_decoding_through_a_cache_is_refused_until_the_engine_builds_the_states(name):
-    model = geode.build_model(get_preset(name), seed=0)
-    with pytest.raises(NotImplementedError, match="not built yet"):
-        model(torch.tensor([[1, 2]]), cache=object())
+def test_decoding_through_the_engine_cache_equals_the_full_forward(name):
+    """Prefill 5 tokens, then one at a time, through the family's per-layer cache states."""
+    from geode.infer.cache import HybridCache
+
+    cfg = get_preset(name).replace(sliding_window=4)
+    model = geode.build_model(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    cache = HybridCache(cfg, 2, 16)
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :5], torch.arange(5).expand(2, 5), cache)]
+        steps += [model(ids[:, t : t + 1], torch.full((2, 1), t), cache) for t in range(5, 9)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4

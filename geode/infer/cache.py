@@ -1,6 +1,12 @@
-"""Hybrid KV cache for Gemma 3: full-context slots for global layers, a ring buffer for local ones.
+"""The engine's cache: per layer the state its token mixer needs, for every family.
 
-Gemma 3 interleaves local layers (attend to the last W = `sliding_window` positions) with
+Each layer's state comes from its family's factory (`geode.family.layer_states`): keys and
+values for global attention, a ring of keys and values for local attention, nothing for a
+Gemma 4 kv-shared layer (it attends to its source layer's K/V, handed over within the forward),
+and for RecurrentGemma's recurrent layers the conv window (the last conv1d_width - 1 inputs)
+and the RG-LRU state h (float32), a constant size per row (`recurrent`).
+
+For K/V: Gemma 3 interleaves local layers (attend to the last W = `sliding_window` positions) with
 global layers (attend to everything). A local layer never needs more than W keys, so it keeps a
 ring buffer of R = min(capacity, W + slack) slots: position p lives in slot p mod R. Global
 layers keep `capacity` slots per sequence, position p in slot p. Memory of one sequence of n
@@ -8,14 +14,18 @@ tokens:
 
     bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * min(n, W + slack))
 
-(2 = keys and values, b = bytes per element). `kv_cache_bytes` is the one definition of this
-formula; `geode info` prints it and `HybridCache.nbytes` equals it for a one-row cache.
+(2 = keys and values, b = bytes per element); per layer its own H_kv and D (Gemma 4's full
+layers), plus a constant per recurrent layer. `kv_cache_bytes` is the one definition of this
+formula (`geode.family.state_bytes`); `geode info` prints it and `HybridCache.nbytes` equals it
+for a one-row cache.
 
 Slack is what makes `rollback` possible (speculative decoding forgets rejected draft tokens):
 after rolling a row back to length m its next tokens need the window [m - W, m) of local keys,
 and a ring of exactly W slots has already overwritten the oldest of them. A ring of W + s slots
 still holds them for a rollback of up to s positions (`max_rollback`). `fork` copies a row into
-others (n samples of one prompt share its prefill).
+others (n samples of one prompt share its prefill), recurrent states included. A recurrence
+cannot be rolled back (its state holds no history), so `rollback`, `read_kv` and `write_kv`
+(speculative decoding, the prefix cache) refuse a cache with recurrent layers, naming the family.
 
 The cache implements the model's `KVCache` protocol (geode/model/attention.py): `update` stores
 one layer's new keys/values and returns every key the new queries may attend to with the
@@ -34,7 +44,9 @@ from collections.abc import Sequence
 import torch
 
 from ..checkpoint import parse_dtype
-from ..config import SLIDING, ModelConfig
+from ..config import FULL, RECURRENT, SLIDING, ModelConfig
+from ..family import SHARED, layer_states, state_bytes
+from ..model.recurrent import RecurrentState
 
 
 def kv_cache_bytes(
@@ -44,27 +56,46 @@ def kv_cache_bytes(
     ring_buffer: bool = True,
     slack: int = 0,
 ) -> int:
-    """KV-cache bytes of one sequence of n tokens (the formula in this module's docstring).
+    """Cache bytes of one sequence of n tokens, any family (the module docstring's formula).
 
     bytes(n) = 2 * H_kv * D * b * (L_global * n + L_local * m), m = min(n, W + slack) with a
-    ring buffer for local layers and m = n without.
+    ring buffer for local layers and m = n without (per layer its own H_kv, D; kv-shared layers
+    nothing), + (conv1d_width - 1) * W * b + 4 W per recurrent layer, whatever n.
     """
-    if n_tokens < 0:
-        raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
-    if slack < 0:
-        raise ValueError(f"slack must be >= 0, got {slack}")
-    b = torch.empty((), dtype=parse_dtype(dtype)).element_size()
-    per_token_layer = 2 * config.num_key_value_heads * config.head_dim * b
-    local = min(n_tokens, config.sliding_window + slack) if ring_buffer else n_tokens
-    return per_token_layer * (config.num_global_layers * n_tokens + config.num_local_layers * local)
+    return state_bytes(config, n_tokens, parse_dtype(dtype), ring_buffer, slack=slack)
+
+
+def recurrent_refusal(config: ModelConfig, feature: str) -> str | None:
+    """Why `feature` (which needs positional rollback) cannot run this model, or None."""
+    if RECURRENT not in config.layer_types:
+        return None
+    return (
+        f"{feature} is not supported for family {config.family!r}: its recurrent layers keep "
+        "one state per row, which cannot be rolled back to an earlier position"
+    )
+
+
+def kv_block_refusal(config: ModelConfig, feature: str) -> str | None:
+    """Why `feature` cannot copy blocks of K/V (2, L, H_kv, n, D) in and out of a row, or None:
+    it needs every layer to own K/V of one shape and no recurrent layer."""
+    why = recurrent_refusal(config, feature)
+    shapes = {(s.kind == SHARED, s.kv_heads, s.head_dim) for s in layer_states(config)}
+    if why is None and len(shapes) > 1:
+        why = (
+            f"{feature} is not supported for family {config.family!r}: its layers' K/V differ "
+            "in shape or are shared between layers"
+        )
+    return why
 
 
 class HybridCache:
-    """Preallocated KV cache of `batch` rows x `capacity` positions (see module docstring).
+    """Preallocated cache of `batch` rows x `capacity` positions (see module docstring).
 
     Global layers: keys/values (batch, H_kv, capacity, D), position p in slot p.
     Local layers: keys/values (batch, H_kv, R, D), R = min(capacity, W + slack), position p in
     slot p mod R (with ring_buffer=False, R = capacity and slot p, as a baseline).
+    kv-shared and recurrent layers: keys/values None. Recurrent layers: `conv` (batch, W,
+    conv1d_width - 1) in the cache dtype and `lru` (batch, W) float32 (None elsewhere).
     Slot positions: `global_pos` (batch, capacity) and `local_pos` (batch, R), -1 = empty,
     shared by all layers of a kind (every layer stores the same positions).
 
@@ -98,14 +129,23 @@ class HybridCache:
         self.window = config.sliding_window
         self.ring = min(capacity, self.window + slack) if ring_buffer else capacity
         self.is_local = [t == SLIDING for t in config.layer_types]
-        hkv, d = config.num_key_value_heads, config.head_dim
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        for local in self.is_local:
-            slots = self.ring if local else capacity
-            shape = (batch, hkv, slots, d)
-            self.keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
-            self.values.append(torch.zeros(shape, dtype=dtype, device=self.device))
+        self.states = layer_states(config)
+        self.keys: list[torch.Tensor | None] = []
+        self.values: list[torch.Tensor | None] = []
+        self.conv: list[torch.Tensor | None] = []
+        self.lru: list[torch.Tensor | None] = []
+        for st in self.states:
+            kv = conv = lru = None
+            if st.kind in (FULL, SLIDING):
+                slots = self.ring if st.kind == SLIDING else capacity
+                kv = (batch, st.kv_heads, slots, st.head_dim)
+            elif st.kind == RECURRENT:
+                conv = torch.zeros(batch, st.width, st.conv - 1, dtype=dtype, device=self.device)
+                lru = torch.zeros(batch, st.width, dtype=torch.float32, device=self.device)
+            for out in (self.keys, self.values):
+                out.append(None if kv is None else torch.zeros(kv, dtype=dtype, device=self.device))
+            self.conv.append(conv)
+            self.lru.append(lru)
         kw = dict(dtype=torch.long, device=self.device)
         self.global_pos = torch.full((batch, capacity), -1, **kw)  # (batch, capacity)
         self.local_pos = torch.full((batch, self.ring), -1, **kw)  # (batch, R)
@@ -113,10 +153,24 @@ class HybridCache:
         self._step: dict[str, object] = {}
 
     # ------------------------------------------------------------------ facts
+    def tensors(self) -> list[torch.Tensor]:
+        """Every per-row state tensor (keys, values, recurrent conv and h), each (batch, ...)."""
+        return [t for t in self.keys + self.values + self.conv + self.lru if t is not None]
+
+    def _kv(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(layer, keys, values) of the layers that own K/V."""
+        return [(i, k, v) for i, (k, v) in enumerate(zip(self.keys, self.values)) if k is not None]
+
     @property
     def nbytes(self) -> int:
-        """Bytes held by keys and values (positions are bookkeeping, not counted)."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        """Bytes held by the layers' states (positions are bookkeeping, not counted)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def _refuse(self, feature: str) -> None:
+        """ValueError naming the family when `feature` needs a rollback the states cannot do."""
+        why = recurrent_refusal(self.config, feature)
+        if why is not None:
+            raise ValueError(why)
 
     def length(self, row: int) -> int:
         """Number of positions stored in a row (1 + its largest position, 0 when empty)."""
@@ -133,6 +187,8 @@ class HybridCache:
         overwritten yet, any rollback works), so the limit is L - (lo + W).
         """
         n = self.length(row)
+        if recurrent_refusal(self.config, "rollback"):
+            return 0
         lo = self._ring_start(row, n)
         if lo == 0 or not any(self.is_local):
             return n
@@ -168,9 +224,13 @@ class HybridCache:
         if not n:
             return dst
         length = self.length(row)
-        for t, local in zip(self.keys + self.values, self.is_local * 2, strict=True):
-            used = t.shape[2] if local else length  # global slots >= length hold nothing
-            t[to : to + n, :, :used] = t[row, :, :used]  # (n, Hkv, used, D) <- (Hkv, used, D)
+        for i, k, v in self._kv():
+            used = k.shape[2] if self.is_local[i] else length  # global slots >= length: nothing
+            for t in (k, v):
+                t[to : to + n, :, :used] = t[row, :, :used]  # (n, Hkv, used, D) <- (Hkv, used, D)
+        for t in self.conv + self.lru:
+            if t is not None:
+                t[to : to + n] = t[row]  # the recurrent state: (n, W[, k-1]) <- (W[, k-1])
         self.global_pos[to : to + n] = self.global_pos[row]
         self.local_pos[to : to + n] = self.local_pos[row]
         return dst
@@ -181,7 +241,7 @@ class HybridCache:
         if k < 0 or k > n:
             raise ValueError(f"rollback of row {row} by k={k}: k must be in 0..{n} (its length)")
         limit = self.max_rollback(row)
-        if k > limit:
+        if k > limit and not recurrent_refusal(self.config, "rollback"):
             raise ValueError(
                 f"rollback of row {row} by k={k} exceeds its limit of {limit}: the local ring "
                 f"({self.ring} slots, window {self.window}) has overwritten positions the window "
@@ -189,6 +249,7 @@ class HybridCache:
             )
         if k == 0:
             return
+        self._refuse("rollback")
         m = n - k
         g, loc = self.global_pos[row], self.local_pos[row]  # views: (capacity,), (R,)
         g[g >= m] = -1
@@ -208,7 +269,7 @@ class HybridCache:
         """Every layer's keys and values of positions [start, stop) of `row` (which must hold
         them, see `held`): (2, L, H_kv, stop - start, D), 2 = keys, values."""
         self._check_row(row)
-        k0 = self.keys[0]
+        k0 = self._uniform_kv("reading a row's K/V (the prefix cache)")
         out = k0.new_empty((2, len(self.keys), k0.shape[1], stop - start, k0.shape[3]))
         slots = torch.arange(start, stop, device=self.device) % self.ring  # (stop - start,)
         for i, local in enumerate(self.is_local):
@@ -222,7 +283,7 @@ class HybridCache:
         p mod R of the last R positions (only those are copied). Row unchanged on error."""
         self._check_row(row)
         chunks = [kv] if isinstance(kv, torch.Tensor) else list(kv)
-        k0 = self.keys[0]
+        k0 = self._uniform_kv("writing a row's K/V (the prefix cache)")
         want = (2, len(self.keys), k0.shape[1], k0.shape[3])
         for c in chunks:
             if c.dim() != 5 or (c.shape[0], c.shape[1], c.shape[2], c.shape[4]) != want:
@@ -254,20 +315,36 @@ class HybridCache:
         self.global_pos[row, :n] = pos
         self.local_pos[row, pos[lo:] % self.ring] = pos[lo:]
 
+    def _uniform_kv(self, what: str) -> torch.Tensor:
+        """The first layer's keys, after checking blocks of every layer's K/V can be moved."""
+        why = kv_block_refusal(self.config, what)
+        if why is not None:
+            raise ValueError(why)
+        return self.keys[0]  # type: ignore[return-value]
+
     def reset_rows(self, rows: slice | list[int] | int | None = None) -> None:
-        """Mark rows empty (all rows when None); keys/values are left as garbage, masked out."""
+        """Mark rows empty (all rows when None); keys/values are left as garbage, masked out,
+        recurrent states zeroed (the state before a sequence's first token)."""
         rows = slice(None) if rows is None else rows
         self.global_pos[rows] = -1
         self.local_pos[rows] = -1
+        for t in self.conv + self.lru:
+            if t is not None:
+                t[rows] = 0
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row `src` into row `dst` (the engine compacts running sequences this way)."""
         if src == dst:
             return
-        for t in self.keys + self.values:
+        for t in (*self.tensors(), self.global_pos, self.local_pos):
             t[dst].copy_(t[src])
-        self.global_pos[dst].copy_(self.global_pos[src])
-        self.local_pos[dst].copy_(self.local_pos[src])
+
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange rows a and b, every state and slot table."""
+        for t in (*self.tensors(), self.global_pos, self.local_pos):
+            tmp = t[a].clone()
+            t[a].copy_(t[b])
+            t[b].copy_(tmp)
 
     def resized(self, batch: int, capacity: int, rows: int) -> HybridCache:
         """A new cache of the given size holding the first `rows` rows of this one."""
@@ -289,10 +366,13 @@ class HybridCache:
             r = min(new.ring, self.ring)
             if new.ring != self.ring and self.local_pos[:rows].max() >= r:
                 raise ValueError("cannot change the ring size after it has wrapped around")
-            for i, local in enumerate(self.is_local):
-                n = r if local else c
-                new.keys[i][:rows, :, :n] = self.keys[i][:rows, :, :n]
-                new.values[i][:rows, :, :n] = self.values[i][:rows, :, :n]
+            for i, k, v in self._kv():
+                n = r if self.is_local[i] else c
+                new.keys[i][:rows, :, :n] = k[:rows, :, :n]
+                new.values[i][:rows, :, :n] = v[:rows, :, :n]
+            for mine, theirs in zip(self.conv + self.lru, new.conv + new.lru, strict=True):
+                if mine is not None:
+                    theirs[:rows] = mine[:rows]
             new.global_pos[:rows, :c] = self.global_pos[:rows, :c]
             new.local_pos[:rows, :r] = self.local_pos[:rows, :r]
         return new
@@ -302,8 +382,8 @@ class HybridCache:
         view = object.__new__(HybridCache)
         view.__dict__.update(self.__dict__)
         view.batch = stop - start
-        view.keys = [t[start:stop] for t in self.keys]
-        view.values = [t[start:stop] for t in self.values]
+        for name in ("keys", "values", "conv", "lru"):
+            setattr(view, name, [None if t is None else t[start:stop] for t in getattr(self, name)])
         view.global_pos = self.global_pos[start:stop]
         view.local_pos = self.local_pos[start:stop]
         view._last_layer = len(self.is_local)
@@ -318,12 +398,26 @@ class HybridCache:
 
         Rows 0..B-1 of the cache are used. Positions < 0 mark padding: never stored.
         """
-        if layer <= self._last_layer:  # layers run in order: a new forward pass begins
-            self._begin(positions)
-        self._last_layer = layer
+        self._enter(layer, positions)
         if self.is_local[layer]:
             return self._update_local(layer, k, v, positions)
         return self._update_global(layer, k, v, positions)
+
+    def recurrent(self, layer: int, positions: torch.Tensor) -> RecurrentState:
+        """The recurrent state of `layer` for rows 0..B-1 (views: the mixer writes the new state
+        into them in place); positions (B, T) as in `update`."""
+        self._enter(layer, positions)
+        conv, lru = self.conv[layer], self.lru[layer]
+        if conv is None or lru is None:
+            raise ValueError(f"layer {layer} is not a recurrent layer of this cache")
+        B = positions.shape[0]
+        return RecurrentState(conv[:B], lru[:B])
+
+    def _enter(self, layer: int, positions: torch.Tensor) -> None:
+        """Start a forward pass's bookkeeping at its first stateful layer (layers run in order)."""
+        if layer <= self._last_layer:
+            self._begin(positions)
+        self._last_layer = layer
 
     def _begin(self, positions: torch.Tensor) -> None:
         """Per-forward bookkeeping shared by all layers (slots, lengths, position tables)."""

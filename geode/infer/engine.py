@@ -24,14 +24,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
 import torch
 
+from ..family import runner_refusal
 from . import kernels
-from .cache import HybridCache
+from .cache import HybridCache, kv_block_refusal, recurrent_refusal
 from .multimodal import (
     VisionCache,
     chunk_has_images,
@@ -87,6 +89,11 @@ class Engine:
     draft, num_draft_tokens: speculative decoding (geode.infer.speculative). seed: draws the
     seeds of requests that give none. vision_cache: images whose soft tokens are kept (a VLM's
     requests with images, geode.infer.multimodal; the tower runs once per image).
+
+    Every family runs on the torch runner; a requested path its cache or the registry does not
+    support (the native runner for Gemma 4 / RecurrentGemma, the prefix cache where the layers'
+    K/V differ in shape or a layer is recurrent) is not used, with a warning and its reason in
+    `notes`; speculative decoding of a recurrent family is refused (ValueError naming it).
     """
 
     def __init__(
@@ -146,9 +153,14 @@ class Engine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self.notes: list[str] = []  # requested paths not used, and why (warned once each)
         self.runner = self._make_runner(optimize, native, pack_weights)
         self.native = isinstance(self.runner, NativeStepRunner)  # the C decode step is in use
         self.prefix = None
+        if prefix_cache_bytes and self._refused(
+            "prefix cache", kv_block_refusal(self.config, "the prefix cache")
+        ):
+            prefix_cache_bytes = 0
         if prefix_cache_bytes:
             from .prefix import PrefixCache
 
@@ -158,7 +170,15 @@ class Engine:
         if draft is not None:
             from .speculative import build_speculator
 
+            why = recurrent_refusal(self.config, "speculative decoding")
+            if why is not None:
+                raise ValueError(why)
             self.speculator = build_speculator(self, draft, num_draft_tokens)
+            draft_model = getattr(self.speculator.drafter, "model", None)
+            if draft_model is not None:
+                why = recurrent_refusal(draft_model.config, "a draft model")
+                if why is not None:
+                    raise ValueError(why)
             self.cache_slack = int(getattr(self.speculator, "slack", 0))
         if self.prefix is not None:
             # a chunk's blocks are stored while the local ring still holds them: chunks of at
@@ -194,6 +214,8 @@ class Engine:
         """The native runner where it runs this model, else the torch one (optimized on CPU)."""
         cpu = self.device.type == "cpu"
         kernel_threads = cpu and kernels.available()
+        if native and cpu and self._refused("native runner", runner_refusal(self.config, "native")):
+            native = False
         if native and cpu and kernel_threads:
             runner = NativeStepRunner(self.model, TorchRunner(self.model), pack_weights)
             if runner.decoder is not None:
@@ -201,6 +223,15 @@ class Engine:
         if optimize and cpu:
             optimize_for_decode(self.model)  # in place: faster module classes, same parameters
         return TorchRunner(self.model, self.cuda_graphs, kernel_threads and optimize)
+
+    def _refused(self, what: str, why: str | None) -> bool:
+        """Record (note + warning) that a requested path is not used; False when it can run."""
+        if why is None:
+            return False
+        note = f"{what} not used: {why}"
+        self.notes.append(note)
+        warnings.warn(note, stacklevel=3)
+        return True
 
     @property
     def _native(self) -> Any:
@@ -560,11 +591,7 @@ class Engine:
 
     def _swap_rows(self, a: int, b: int) -> None:
         """Exchange two running sequences and their cache rows."""
-        c = self.cache
-        for t in (*c.keys, *c.values, c.global_pos, c.local_pos):
-            tmp = t[a].clone()
-            t[a].copy_(t[b])
-            t[b].copy_(tmp)
+        self.cache.swap_rows(a, b)
         run = self.running
         run[a], run[b] = run[b], run[a]
 

@@ -40,6 +40,7 @@ import torch.optim.optimizer as _optim
 from torch import nn
 
 from ..config import FULL, SLIDING
+from ..family import runner_refusal
 from ..model.attention import Attention
 from ..model.layers import GatedMLP, RMSNorm, ScaledEmbedding
 from ..model.transformer import DecoderLayer, Transformer
@@ -212,8 +213,11 @@ class NativeDecoder:
         """Collect everything the C step reads; raises Unsupported (see `why_not`)."""
         if not kernels.available():
             raise Unsupported(f"kernels unavailable: {kernels.load_error()}")
-        if type(model) is not Transformer or model.config.family != "gemma3":
+        if type(model) is not Transformer:
             raise Unsupported(f"model of type {type(model).__name__}")
+        refused = runner_refusal(model.config, "native")  # the registry's runner paths
+        if refused is not None:
+            raise Unsupported(refused)
         cfg = model.config
         if model.device.type != "cpu":
             raise Unsupported(f"model on {model.device}")

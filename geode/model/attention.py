@@ -1,7 +1,7 @@
 """Grouped-query attention with QK-norm, dual RoPE, sliding windows and a pluggable KV cache.
 
 `Attention` is Gemma 3's; `Gemma4Attention` and `LocalAttention` (RecurrentGemma) are the other
-families' token mixers (full-sequence forward; their decode through a cache is not built yet).
+families' token mixers, full-sequence and through the engine's cache alike.
 """
 
 from __future__ import annotations
@@ -232,14 +232,17 @@ class Attention(nn.Module):
         return torch.matmul(probs, v)
 
 
-class _FullSequenceAttention(Attention):
-    """An attention mixer of another family: the cache-free forward around its own `qkv`.
+class _FamilyAttention(Attention):
+    """An attention mixer of another family: the forward around its own `qkv`.
 
-    Subclasses set the fields `_attend` reads and implement `qkv`; decoding through a cache
-    raises until the engine builds these families' states (issue #17 item 5).
+    Subclasses set the fields `_attend` reads and implement `qkv` (and `query` where the layer
+    reads another layer's K/V: `source`). With a cache, a layer owning K/V stores them there
+    and attends to what it returns; `shared` hands (keys, values, key positions or None) of a
+    layer to the kv-shared layers after it, so those keep no copy (Gemma 4).
     """
 
     family = ""
+    source: int | None = None  # the layer whose K/V this one reads (kv sharing), None: its own
 
     def forward(  # type: ignore[override]
         self,
@@ -252,28 +255,40 @@ class _FullSequenceAttention(Attention):
         causal_default: bool = False,
         shared: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """x (B, T, hidden) -> (B, T, hidden); `shared`: Gemma 4's producer layer -> (k, v)."""
-        if cache is not None:
-            raise NotImplementedError(
-                f"{self.family}: decoding through a KV cache is not built yet (issue #17 item "
-                "5, the engine's per-layer states); run the full-sequence forward without one"
-            )
+        """x (B, T, hidden) -> (B, T, hidden); `shared`: producer layer -> (k, v, key_pos)."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, cos, sin, shared)  # (B, H, T, D), (B, Hkv, T, D) x 2
+        k_pos = None  # (B, S) positions of cached keys; None: the keys are this call's tokens
+        if self.source is not None:
+            if shared is None or self.source not in shared:
+                raise RuntimeError(f"layer {self.layer}: k/v of layer {self.source} not computed")
+            q = self.query(x, cos, sin)  # (B, H, T, D)
+            k, v, k_pos = shared[self.source]  # (B, Hkv, S, D) x 2, normed and rotated
+        else:
+            q, k, v = self.qkv(x, cos, sin)  # (B, H, T, D), (B, Hkv, T, D) x 2
+            if cache is not None:
+                k, v, k_pos = cache.update(self.layer, k, v, positions)  # (B, Hkv, S, D)
+            if shared is not None:
+                shared[self.layer] = (k, v, k_pos)
         mask = None
-        if not (causal_default and (self.window is None or T <= self.window)):
+        if k_pos is not None:
+            mask = _memo_mask(positions, k_pos, self.window)
+        elif not (causal_default and (self.window is None or T <= self.window)):
             mask = _memo_mask(positions, positions, self.window, segment_ids)
         out = self._attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
     def qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shared: dict | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, hidden) -> q (B, H, T, D), k and v (B, Hkv, T, D), positions applied."""
         raise NotImplementedError
 
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, T, hidden) -> q (B, H, T, D) alone (a kv-shared layer)."""
+        raise NotImplementedError
 
-class Gemma4Attention(_FullSequenceAttention):
+
+class Gemma4Attention(_FamilyAttention):
     """Gemma 4 self-attention (transformers' Gemma4TextAttention).
 
     Scale-weighted q/k norms and a scale-free v_norm, scores scaled by 1 (the norms set the
@@ -317,30 +332,26 @@ class Gemma4Attention(_FullSequenceAttention):
 
     family = "gemma4"
 
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, D): projected, normed, rotated."""
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim))  # (B, T, H, D)
+        return apply_rope(q.transpose(1, 2), cos, sin)
+
     def qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shared: dict | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q normed and rotated; k/v computed (and stored in `shared` for later layers) or
-        taken from the producer layer's entry in `shared`."""
+        """q, k normed and rotated, v normed (k_eq_v: v from the k projection)."""
         B, T, _ = x.shape
         hd = self.head_dim
-        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, hd))  # (B, T, H, D)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
-        if self.source is not None:
-            if shared is None or self.source not in shared:
-                raise RuntimeError(f"layer {self.layer}: k/v of layer {self.source} not computed")
-            k, v = shared[self.source]  # (B, Hkv, T, D) each, normed and rotated
-            return q, k, v
         kx = self.k_proj(x).view(B, T, self.num_kv_heads, hd)
         vx = kx if self.v_proj is None else self.v_proj(x).view(B, T, self.num_kv_heads, hd)
         k = apply_rope(self.k_norm(kx).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
         v = self.v_norm(vx).transpose(1, 2)  # (B, Hkv, T, D)
-        if shared is not None:
-            shared[self.layer] = (k, v)
-        return q, k, v
+        return self.query(x, cos, sin), k, v
 
 
-class LocalAttention(_FullSequenceAttention):
+class LocalAttention(_FamilyAttention):
     """RecurrentGemma's local multi-query attention (transformers' RecurrentGemmaAttention).
 
     No q/k norms, scores scaled by head_dim^-1/2, RoPE on the first half of each head only,
@@ -366,7 +377,7 @@ class LocalAttention(_FullSequenceAttention):
     family = "recurrent_gemma"
 
     def qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shared: dict | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v with RoPE on the first cos.shape[-1] (= D/2) dims of q and k."""
         B, T, _ = x.shape

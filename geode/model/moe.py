@@ -190,7 +190,9 @@ class Experts(nn.Module):
             gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)  # (c, m) each
             h = F.linear(F.gelu(gate, approximate=self.approximate) * up, self.down_proj[e])
             h = h * weights.reshape(-1)[pairs, None]  # (c, d), float32 weights promote
-            out.index_add_(0, rows, h.to(out.dtype))
+            # index_put_ (accumulate) = index_add_, without the latter's thread-pool start
+            # that costs milliseconds per call on a busy CPU (decode calls it per expert)
+            out.index_put_((rows,), h.to(out.dtype), accumulate=True)
         return out
 
 

@@ -18,7 +18,8 @@ log space (`recurrent_param` = -Lambda, so log a = -softplus(recurrent_param)):
 
 W_a and W_x are block-diagonal: one (W/H, W/H) block per head. At a token whose position is
 0 the recurrence restarts: h_t = i_t * x_t (no carry, no normalisation). h is accumulated in
-float32 whatever the activations' dtype.
+float32 whatever the activations' dtype. A padding token (position < 0, after a row's real
+tokens in a batched call) leaves h and the conv window as they were.
 
 The state that incremental decoding carries is constant in size, whatever the length: the
 conv's last (width - 1) inputs and h, `RecurrentState`. Running T tokens at once equals
@@ -149,8 +150,11 @@ class RGLRU(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, h: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, W), positions (B, T), h (B, W) float32 or None -> (y (B, T, W), h_T)."""
+        """x (B, T, W), positions (B, T), h (B, W) float32 or None -> (y (B, T, W), h_T).
+
+        Padding (positions < 0) carries h unchanged (a = 1, no input)."""
         reset = (positions == 0)[..., None]  # (B, T, 1): restart the recurrence here
+        pad = (positions < 0)[..., None]  # (B, T, 1)
         input_gate = self._gate(x, self.input_gate_weight, self.input_gate_bias)  # i_t (2)
         gate = self._gate(x, self.recurrent_gate_weight, self.recurrent_gate_bias)  # r_t (1)
         log_a = -C * gate * F.softplus(self.recurrent_param)  # log a_t (3), (B, T, W)
@@ -158,6 +162,8 @@ class RGLRU(nn.Module):
         norm = _SqrtBoundDerivative.apply(1 - torch.exp(2 * log_a))  # sqrt(1 - a_t^2)
         norm = torch.where(reset, torch.ones_like(norm), norm)
         u = x * input_gate * norm.to(x.dtype)  # (B, T, W): sqrt(1 - a_t^2) * (i_t * x_t)
+        a = torch.where(pad, torch.ones_like(a), a)
+        u = torch.where(pad, torch.zeros_like(u), u)
         if h is None:
             h = torch.zeros(x.shape[0], x.shape[2], dtype=torch.float32, device=x.device)
         a32, u32 = a.float(), u.float()
@@ -217,7 +223,10 @@ class RecurrentBlock(nn.Module):
         window = torch.cat([state.conv.to(xs.dtype), xs], dim=-1)  # (B, W, k-1+T)
         conv = F.conv1d(window, self.conv_1d.weight, self.conv_1d.bias, groups=xs.shape[1])
         keep = self.config.conv1d_width - 1
-        new_conv = window[..., window.shape[-1] - keep :]  # (B, W, k-1)
+        # the last k-1 inputs before each row's padding: window columns n_b .. n_b + k - 2
+        n_real = (positions >= 0).sum(1)  # (B,)
+        idx = n_real[:, None] + torch.arange(keep, device=x.device)  # (B, k-1)
+        new_conv = window.gather(-1, idx[:, None, :].expand(-1, window.shape[1], -1))  # (B, W, k-1)
         h, lru = self.rg_lru(conv.transpose(1, 2), positions, state.lru)  # (B, T, W)
         return self.linear_out(h * y), RecurrentState(new_conv, lru)
 
@@ -255,8 +264,9 @@ __all__ = [
 class RecurrentMixer(RecurrentBlock):
     """`RecurrentBlock` as a decoder layer's token mixer: the attention mixers' call signature.
 
-    The full-sequence forward starts from the zero state; decode through a per-layer state is
-    `RecurrentBlock.forward(x, positions, state)` (the engine's part, not built yet).
+    Without a cache the forward starts from the zero state; with the engine's cache it runs on
+    from the layer's state there (`cache.recurrent(layer, positions)`) and writes the new state
+    back in place. A row whose tokens start at position 0 starts from the zero state.
     """
 
     def __init__(self, config: Any, layer: int):
@@ -277,9 +287,15 @@ class RecurrentMixer(RecurrentBlock):
         shared: dict | None = None,
     ) -> torch.Tensor:
         """x (B, T, d), positions (B, T) -> (B, T, d); the recurrence restarts at position 0."""
-        if cache is not None:
-            raise NotImplementedError(
-                "recurrent_gemma: decoding through a cache is not built yet (issue #17 item 5); "
-                "RecurrentBlock.forward(x, positions, state) carries the constant-size state"
-            )
-        return RecurrentBlock.forward(self, x, positions)[0]
+        if cache is None:
+            return RecurrentBlock.forward(self, x, positions)[0]
+        state = cache.recurrent(self.layer, positions)  # views of rows 0..B-1
+        fresh = positions[:, :1] == 0  # (B, 1): a sequence starts here
+        start = RecurrentState(
+            torch.where(fresh[:, :, None], torch.zeros_like(state.conv), state.conv),
+            torch.where(fresh, torch.zeros_like(state.lru), state.lru),
+        )
+        y, new = RecurrentBlock.forward(self, x, positions, start)
+        state.conv.copy_(new.conv)
+        state.lru.copy_(new.lru)
+        return y
