@@ -733,9 +733,11 @@ class Engine:
                 continue
             d = deltas.setdefault(s.id, Delta(s.id, [], ""))
             p_len, forced_from = len(s.prompt), len(s.prompt) + len(s.out)
+            # log-probs of prompt / forced targets (a decode column's are taken after sampling)
             logp = (
                 lg.log_softmax(-1)
                 if (s.prompt_logprobs is not None or s.logprobs is not None)
+                and any(c.start + j + 1 < s.total for j in x)
                 else None
             )
             for k, j in enumerate(x):
