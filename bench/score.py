@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--stage1", type=int, default=4)
     ap.add_argument("--stage2", type=int, default=8)
     ap.add_argument("--eval", type=int, default=64, help="held-out problems")
+    ap.add_argument("--problems", type=int, default=300, help="generated training problems")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3, help="every method's learning rate")
     ap.add_argument("--max-value", type=int, default=TASK["max_value"], help="task difficulty")
@@ -102,7 +103,7 @@ def main() -> None:
         "train": {"max_steps": 1, "progress": False, "threads": a.threads},
         "pairs": task,
         "rl": {"group_size": 4, "max_new_tokens": 64, "estimator": "rloo", "scale": "none",
-               "mask_truncated": True, "eval_prompts": a.eval},
+               "mask_truncated": True, "eval_prompts": a.eval, "generate": a.problems},
         "score": {"stage1_steps": a.stage1, "stage2_steps": a.stage2},
         "checkpoint": {"export": True},
     })  # fmt: skip

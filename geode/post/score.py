@@ -374,14 +374,19 @@ def sft_baseline(recipe: Any, data: RunData, out: Path, conversations: list[dict
     if not conversations:
         return {"steps": 0, "model": init, "examples": 0}
     docs = [last_turn_only(encode_conversation(data.tokenizer, c)) for c in conversations]
-    arrays, st = pack(docs, recipe.data.seq_len + 1, data.tokenizer.pad_id)
+    row_len = max(recipe.data.seq_len + 1, max(len(d.ids) for d in docs))  # whole episodes
+    arrays, st = pack(docs, row_len, data.tokenizer.pad_id)
     sub = _sub_recipe(recipe, kind="sft", steps=steps, init=init, options={})
+    sub = dataclasses.replace(sub, data=dataclasses.replace(sub.data, seq_len=row_len - 1))
     td = TrainData(batches=PackedRows(arrays, recipe.batch.global_batch_size, seed),
                    vocab_size=data.tokenizer.vocab_size, tokenizer=str(data.tokenizer_path),
                    tokenizer_sha256=data.tokenizer_sha256, describe="self-generated revisions")  # fmt: skip
     summary = Trainer(sub, out, resume, progress, data=td, allow_fresh=resume).fit()
     return {**summary, "examples": len(conversations), "rows": st.rows,
             "truncated": st.truncated}  # fmt: skip
+
+
+_SAMPLED: dict[str, list[Episode]] = {}  # the latest base samples (STaR and Pair-SFT share them)
 
 
 def base_samples(recipe: Any, data: RunData, seed: int) -> list[Episode]:
@@ -391,6 +396,11 @@ def base_samples(recipe: Any, data: RunData, seed: int) -> list[Episode]:
     from geode.infer import Engine
 
     rl, s = recipe.rl, recipe.score
+    key = json.dumps([str(recipe.model.init), seed, dataclasses.asdict(rl),
+                      dataclasses.asdict(recipe.pairs), s.stage1_steps + s.stage2_steps,
+                      correction_instruction(recipe)], default=str)  # fmt: skip
+    if key in _SAMPLED:
+        return _SAMPLED[key]
     model = load_model(recipe.model.init)
     engine = Engine(model, data.tokenizer, max_batch=groups_per_step(recipe) * rl.group_size,
                     optimize=False, seed=seed)  # fmt: skip
@@ -401,6 +411,8 @@ def base_samples(recipe: Any, data: RunData, seed: int) -> list[Episode]:
         for e in got:  # groups numbered over the whole run
             e.group += len(episodes) // rl.group_size
         episodes += got
+    _SAMPLED.clear()
+    _SAMPLED[key] = episodes
     return episodes
 
 

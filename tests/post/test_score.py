@@ -5,7 +5,7 @@ comparison table on the SFT policy fixture, and clear errors for bad [score] val
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +14,7 @@ import torch
 import geode
 from geode.config import get_preset
 from geode.data.loader import Batch
+from geode.recipe import RecipeError
 from geode.train.objectives.score import (
     ScoreObjective,
     ScoreOptions,
@@ -65,7 +66,9 @@ def _tiny_batch() -> Batch:
 
 @pytest.mark.parametrize("stage,loss_type", [(1, "grpo"), (2, "grpo"), (2, "dapo")])
 def test_objective_against_a_hand_computation(stage, loss_type):
-    cfg = dataclasses.replace(get_preset("nano-1m"), vocab_size=32)
+    from .conftest import TINY
+
+    cfg = get_preset("nano-1m").replace(**TINY, vocab_size=32)
     policy = geode.build_model(cfg, seed=0).float()
     base = geode.build_model(cfg, seed=1).float()
     batch = _tiny_batch()
@@ -115,3 +118,69 @@ def test_kl_weights_per_stage():
     )
     c = kl_coefficients(t, 2, 0.01, 0.1)
     torch.testing.assert_close(c, torch.tensor([[0, 0.01, 0.01, 0, 0.01, 0.01, 0]]))
+
+
+def _recipe(out, task_dir, policy, **score):
+    from geode.post.recipe import load_post_recipe
+
+    from .conftest import TASK, post_recipe
+
+    d = post_recipe(
+        out,
+        model={"init": str(policy)},
+        data={"seq_len": 128, "tokenizer": str(task_dir / "tokenizer.model")},
+        batch={"global_batch_size": 4, "micro_batch_size": 4},
+        optim={"lr": 1e-3, "warmup_steps": 0, "weight_decay": 0.0, "schedule": "constant"},
+        pairs=TASK,
+        rl={"group_size": 2, "prompts_per_step": 2, "max_new_tokens": 12, "estimator": "rloo",
+            "scale": "none", "eval_prompts": 4, "eval_max_new_tokens": 12},
+        score={"stage1_steps": 1, "stage2_steps": 1, **score},
+    )  # fmt: skip
+    del d["data"]["path"], d["eval"]
+    return load_post_recipe(d)
+
+
+def test_compare_writes_the_table_with_all_rows(tmp_path, task_dir, sft_policy):
+    from geode.post.score import ROWS, compare
+
+    rows = compare(_recipe(tmp_path / "r", task_dir, sft_policy), tmp_path / "cmp", seeds=(0,))
+    assert list(rows) == list(ROWS)
+    for name in ROWS:
+        assert len(rows[name]) == 1 and rows[name][0]["n"] == 4
+        m = rows[name][0]
+        assert abs(m["delta"] - (m["accuracy@t2"] - m["accuracy@t1"])) < 1e-9
+        assert abs(m["delta"] - (m["delta_i_to_c"] - m["delta_c_to_i"])) < 1e-9
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    for name in ROWS:
+        assert f"| {name} |" in table
+    assert "SCoRe's Δ is" in table
+    # SCoRe ran both stages from the base, with the base as Stage II's reference
+    summary = json.loads((tmp_path / "cmp" / "seed0" / "SCoRe" / "summary.json").read_text())
+    assert summary["stage1"]["steps"] == 1 and summary["stage2"]["steps"] == 1
+    recs = [json.loads(x) for x in (tmp_path / "cmp" / "seed0" / "SCoRe" / "stage2" /
+                                    "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    train = [r for r in recs if r.get("kind") == "train"]
+    assert train and {"kl_attempt1", "kl_attempt2", "reward_attempt2"} <= set(train[0])
+    no1 = json.loads((tmp_path / "cmp" / "seed0" / "SCoRe_wo_Stage_I" / "summary.json").read_text())
+    assert "stage1" not in no1 and no1["stage2"]["steps"] == 2  # the same budget
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"alpha": -1.0}, "score.alpha"),
+        ({"beta1": float("nan")}, "score.beta1"),
+        ({"method": "dpo"}, "score.method"),
+        ({"stage1_steps": -2}, "score.stage1_steps"),
+        ({"stage1_steps": 0, "stage2_steps": 0}, "stage2_steps must be >= 1"),
+        ({"instruction": "   "}, "score.instruction"),
+        ({"loss_type": "bnpo"}, "score.loss_type"),
+    ],
+)
+def test_bad_score_values_are_clear_errors(tmp_path, task_dir, bad, match):
+    from geode.post.score import score
+
+    r = _recipe(tmp_path / "r", task_dir, tmp_path / "policy", **bad)
+    with pytest.raises(RecipeError, match=match):
+        score(r, tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # nothing written
