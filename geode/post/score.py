@@ -519,11 +519,15 @@ def format_table(rows: dict[str, list[dict[str, float]]]) -> str:
                          f"{mean:.3f} ± {spread:.3f}")  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
     deltas = {n: statistics.fmean(r["delta"] for r in runs) for n, runs in rows.items() if runs}
-    best = max(deltas, key=deltas.get) if deltas else None
-    verdict = (
-        f"\nLargest mean Δ(t1,t2): {best} ({deltas[best]:+.3f}); SCoRe's Δ is "
-        f"{'the largest' if best == 'SCoRe' else 'not the largest'}.\n"
-        if best
-        else ""
-    )
+    verdict = ""
+    if deltas:
+        top = max(deltas.values())
+        best = [n for n, d in deltas.items() if abs(d - top) < 1e-12]
+        if best == ["SCoRe"]:
+            said = "the largest"
+        elif "SCoRe" in best:
+            said = "tied for the largest (with " + ", ".join(n for n in best if n != "SCoRe") + ")"
+        else:
+            said = "not the largest"
+        verdict = f"\nLargest mean Δ(t1,t2): {', '.join(best)} ({top:+.3f}); SCoRe's Δ is {said}.\n"
     return head + "\n".join(lines) + "\n" + verdict

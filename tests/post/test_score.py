@@ -184,3 +184,21 @@ def test_bad_score_values_are_clear_errors(tmp_path, task_dir, bad, match):
     with pytest.raises(RecipeError, match=match):
         score(r, tmp_path / "r")
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_table_says_whether_score_has_the_largest_delta():
+    from geode.post.score import format_table
+
+    def m(t1, t2, i2c, c2i):
+        return {"accuracy@t1": t1, "accuracy@t2": t2, "delta": t2 - t1,
+                "delta_i_to_c": i2c, "delta_c_to_i": c2i}  # fmt: skip
+
+    rows = {
+        "base": [m(0.2, 0.1, 0.0, 0.1)] * 2,
+        "SCoRe": [m(0.2, 0.3, 0.1, 0.0), m(0.2, 0.4, 0.2, 0.0)],
+    }
+    table = format_table(rows)
+    assert "| SCoRe | 0.200 ± 0.000 | 0.350 ± 0.050 | +0.150 ± 0.050 |" in table
+    assert "SCoRe's Δ is the largest." in table
+    rows["STaR"] = [m(0.1, 0.35, 0.25, 0.0)] * 2
+    assert "SCoRe's Δ is not the largest." in format_table(rows)
