@@ -40,6 +40,7 @@ from ..config import ConfigError
 C = 8.0  # Griffin's fixed exponent c in a_t = a^(c r_t) (eq. 3)
 MAX_SQRT_GRADIENT = 1000.0  # transformers/Griffin clip the gradient of sqrt(1 - a^2) at this
 ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # HF name -> F.gelu approximate
+DIRECT_CONV_MAX_T = 8  # chunks up to this many tokens compute the conv without F.conv1d
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,9 @@ class RGLRU(nn.Module):
         gate = self._gate(x, self.recurrent_gate_weight, self.recurrent_gate_bias)  # r_t (1)
         log_a = -C * gate * F.softplus(self.recurrent_param)  # log a_t (3), (B, T, W)
         a = torch.exp(log_a) * ~reset  # no carry across a reset
-        norm = _SqrtBoundDerivative.apply(1 - torch.exp(2 * log_a))  # sqrt(1 - a_t^2)
+        one_minus = 1 - torch.exp(2 * log_a)  # 1 - a_t^2
+        grad = torch.is_grad_enabled() and one_minus.requires_grad
+        norm = _SqrtBoundDerivative.apply(one_minus) if grad else torch.sqrt(one_minus)
         norm = torch.where(reset, torch.ones_like(norm), norm)
         u = x * input_gate * norm.to(x.dtype)  # (B, T, W): sqrt(1 - a_t^2) * (i_t * x_t)
         a = torch.where(pad, torch.ones_like(a), a)
@@ -221,7 +224,12 @@ class RecurrentBlock(nn.Module):
         y = F.gelu(self.linear_y(x), approximate=self.approximate)  # (B, T, W)
         xs = self.linear_x(x).transpose(1, 2)  # (B, W, T)
         window = torch.cat([state.conv.to(xs.dtype), xs], dim=-1)  # (B, W, k-1+T)
-        conv = F.conv1d(window, self.conv_1d.weight, self.conv_1d.bias, groups=xs.shape[1])
+        if t <= DIRECT_CONV_MAX_T:  # decode: k multiply-adds beat conv1d's call overhead
+            taps = window.unfold(-1, self.config.conv1d_width, 1)  # (B, W, T, k)
+            conv = (taps * self.conv_1d.weight[:, 0, None, :]).sum(-1)  # (B, W, T)
+            conv = conv + self.conv_1d.bias[:, None]
+        else:
+            conv = F.conv1d(window, self.conv_1d.weight, self.conv_1d.bias, groups=xs.shape[1])
         keep = self.config.conv1d_width - 1
         # the last k-1 inputs before each row's padding: window columns n_b .. n_b + k - 2
         n_real = (positions >= 0).sum(1)  # (B,)
