@@ -78,13 +78,18 @@ def build_source(recipe: PostRecipe, tokenizer: Any) -> Rollouts:
     )
 
 
-def heldout_accuracy(engine: Any, tokenizer: Any, prompts: list[Prompt], max_new: int) -> float:
-    """Greedy accuracy under the task verifier on prompts with answers (nan without any)."""
+def heldout_scores(engine: Any, tokenizer: Any, prompts: list[Prompt], max_new: int) -> dict:
+    """Greedy held-out answers: accuracy under the task verifier and the share with a final
+    `#### N` answer, over the prompts with answers (empty without any)."""
     checked = [p for p in prompts if p.answer is not None]
     if not checked:
-        return float("nan")
+        return {}
     answers = greedy_answers(engine, tokenizer, checked, max_new)
-    return sum(synth.verify(p.answer, a) for p, a in zip(checked, answers)) / len(checked)
+    n = len(checked)
+    return {
+        "accuracy": sum(synth.verify(p.answer, a) for p, a in zip(checked, answers)) / n,
+        "answered": sum(synth.parse_answer(a) is not None for a in answers) / n,
+    }
 
 
 def train_policy(
@@ -122,7 +127,7 @@ def train_policy(
     rl = recipe.rl or RLSection()
     held = heldout_prompts(recipe, rl.eval_prompts) if rl.eval_prompts else []
     t0 = time.perf_counter()
-    before = heldout_accuracy(source.engine, tok, held, rl.eval_max_new_tokens) if held else None
+    before = heldout_scores(source.engine, tok, held, rl.eval_max_new_tokens)
     trainer.raw_model.train()
     eval_s = time.perf_counter() - t0
     try:
@@ -132,11 +137,13 @@ def train_policy(
         if callable(close):
             close()
     t0 = time.perf_counter()
-    after = heldout_accuracy(source.engine, tok, held, rl.eval_max_new_tokens) if held else None
+    after = heldout_scores(source.engine, tok, held, rl.eval_max_new_tokens)
     summary.update(_series(Path(trainer.out) / "metrics.jsonl"))
     summary.update(
-        heldout_accuracy_before=before,
-        heldout_accuracy_after=after,
+        heldout_accuracy_before=before.get("accuracy"),
+        heldout_accuracy_after=after.get("accuracy"),
+        heldout_answered_before=before.get("answered"),
+        heldout_answered_after=after.get("answered"),
         heldout_prompts=len(held),
         eval_s=eval_s + time.perf_counter() - t0,
         dropped_groups_total=getattr(source, "dropped_total", 0),
