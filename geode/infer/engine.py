@@ -150,10 +150,12 @@ class Engine:
                     ids.add(eot)
             eos_token_ids = ids
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
+        self.notes: list[str] = []  # requested paths not used, and why (warned once each)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
-        self.notes: list[str] = []  # requested paths not used, and why (warned once each)
+        if self.cuda_graphs and self._refused("CUDA graphs", _graph_refusal(self.config)):
+            self.cuda_graphs = False
         self.runner = self._make_runner(optimize, native, pack_weights)
         self.native = isinstance(self.runner, NativeStepRunner)  # the C decode step is in use
         self.prefix = None
@@ -885,6 +887,13 @@ class Engine:
                     break
             deltas.append(self._close(d, s))
         return deltas
+
+
+def _graph_refusal(config: Any) -> str | None:
+    """Why decode steps of this model cannot be captured in a CUDA graph (None: they can)."""
+    if config.enable_moe_block:
+        return "the MoE block's expert loop reads the routing counts on the host"
+    return None
 
 
 def _stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:

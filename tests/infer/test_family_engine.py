@@ -218,3 +218,13 @@ def test_server_and_eval_backend_build_an_engine_for_the_family(with_tokenizer, 
         assert r.json()["choices"][0]["text"] == text
     finally:
         live.stop()
+
+
+def test_cuda_graphs_are_refused_for_moe_models_only():
+    """The MoE expert loop reads routing counts on the host (not capturable); the GPU engine
+    then decodes without graphs (noted) — checked here on the configs, no GPU on this host."""
+    from geode.infer.engine import _graph_refusal
+
+    assert "MoE" in _graph_refusal(get_preset("gemma4-nano-moe"))
+    assert _graph_refusal(get_preset("recurrentgemma-nano")) is None
+    assert _graph_refusal(get_preset("gemma4-nano-ple")) is None
