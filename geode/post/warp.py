@@ -100,10 +100,10 @@ class FrontProbe:
 
     @torch.no_grad()
     def measure(self, model: torch.nn.Module) -> dict[str, float | None]:
-        """{reward, kl, accuracy, sample_accuracy, completion_length} of `model`."""
+        """{reward, kl, accuracy, answered, sample_accuracy, completion_length} of `model`."""
         from geode.infer import Engine, SamplingParams
 
-        from .rl import heldout_accuracy
+        from .rl import heldout_scores
         from .rollout import Rollouts
 
         rl = self.rl
@@ -116,11 +116,12 @@ class FrontProbe:
                             seed=EVAL_SEED)  # fmt: skip
         src.policy = model
         batch = src.next_batch()
-        acc = heldout_accuracy(src.engine, self.tokenizer, self.prompts, rl.eval_max_new_tokens)
+        greedy = heldout_scores(src.engine, self.tokenizer, self.prompts, rl.eval_max_new_tokens)
         return {
             "reward": src.last["reward_mean"],
             "kl": self.kl(model, batch),
-            "accuracy": acc if acc == acc else None,  # nan: prompts without answers
+            "accuracy": greedy.get("accuracy"),  # greedy, under the task verifier
+            "answered": greedy.get("answered"),  # greedy answers with a final `#### N`
             "sample_accuracy": src.last.get("accuracy"),
             "completion_length": src.last["completion_length"],
         }
