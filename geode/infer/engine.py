@@ -301,6 +301,7 @@ class Engine:
                 and not c.seq.pending
                 and c.seq.uncond is None
                 and c.seq.parent is None
+                and c.seq.images is None  # a draft model would read image placeholders as text
             ]
         chunks = [c for c in plan.chunks if not any(c is x for x in spec)]
         deltas = self._decode_rows(spec) if spec else []
