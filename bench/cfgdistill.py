@@ -114,6 +114,7 @@ def cfg_recipe(root: Path, teacher: Path, args: argparse.Namespace) -> dict:
             "diversity_weight": args.beta,
             "group_size": 4,
             "max_new_tokens": 48,
+            "temperature": args.temperature,
             "eval_prompts": args.eval_prompts,
             "eval_samples": 4,
             "etas": [0.0, 0.25, 0.5, 0.75, 1.0],
@@ -128,7 +129,8 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--gamma", type=float, default=3.0)
-    ap.add_argument("--beta", type=float, default=2.0)
+    ap.add_argument("--beta", type=float, default=4.0)
+    ap.add_argument("--temperature", type=float, default=1.5, help="rollouts and measurement")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--eval-prompts", type=int, default=56)
     ap.add_argument("--seed", type=int, default=0)
@@ -160,7 +162,7 @@ def teacher_sweep(root: Path, teacher: Path, args: argparse.Namespace) -> None:
     prompts = C.topic_prompts(args.eval_prompts or len(C.TOPICS), 1)
     unc = C.unconditional_ids(tok, C.UNCONDITIONAL)
     for g in (1.0, 1.5, 2.0, 3.0, 5.0):
-        m = C.measure(model, tok, prompts, model, samples=4, max_new_tokens=48, temperature=1.0,
+        m = C.measure(model, tok, prompts, model, samples=4, max_new_tokens=48, temperature=args.temperature,
                       quality=C.quality_fn("topic"), guidance=(g, unc) if g != 1 else None)  # fmt: skip
         print(json.dumps({"gamma": g, **m}), flush=True)
 

@@ -146,7 +146,7 @@ def test_objective_loss_matches_a_hand_computation(teacher, sft_policy, task_dir
     # the gradient of the PG term is -β A ∇ log p: with A = 0 only the KL remains
     batch.advantages = torch.zeros(2)
     total0, _, _ = obj.loss_sum(model, batch)
-    assert abs(float(total0) - float(metrics["kl"])) <= 1e-5
+    assert abs(float(total0.detach()) - float(metrics["kl"])) <= 1e-5
 
 
 def test_diversity_reward_identical_vs_different(sft_policy, task_dir):
@@ -217,3 +217,49 @@ def test_cfg_distill_end_to_end(sft_policy, task_dir, tmp_path):
     ]
     train = [m for m in metrics if m.get("kind") == "train"]
     assert len(train) == 2 and all("reward" in m and "pg" in m for m in train)
+
+
+def test_rollouts_from_the_guided_teacher(teacher):
+    """cfg.samples = "teacher": the source samples groups with CFG; rows are prompt +
+    completion with the loss on the completion; no reward, no advantages."""
+    from geode.infer import Engine
+    from geode.post.cfgdistill import CfgRollouts, quality_fn, topic_prompts
+
+    model, tok, unc = teacher
+    source = CfgRollouts(
+        tok, topic_prompts(3), rows=6, group_size=3, max_new_tokens=8, temperature=1.0,
+        seed=0, quality=quality_fn("topic"), guidance=(GAMMA, unc),
+    )  # fmt: skip
+    source.engine = Engine(model, tok, max_batch=12, optimize=False, seed=0)
+    batch = source.next_batch()
+    assert len(batch) == 6 and batch.advantages is None
+    assert 6 <= int(batch.loss_mask.sum()) <= 48
+    assert set(source.last) >= {"sample_s", "sample_quality", "completion_tokens"}
+    assert source.state_dict() == {"step": 1}
+
+
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        ({"task": "poems"}, "cfg.task"),
+        ({"samples": "teacher", "diversity_weight": 1.0}, "on-policy"),
+        ({"group_size": 1}, "group_size"),
+        ({"etas": [0.5, 1.5]}, "etas"),
+    ],
+)
+def test_bad_cfg_sections_are_named(cfg, match, sft_policy, tmp_path):
+    from geode.post.cfgdistill import cfg_distill
+    from geode.post.recipe import load_post_recipe
+    from geode.recipe import RecipeError
+
+    recipe = load_post_recipe(
+        post_recipe(
+            tmp_path,
+            model={"init": str(sft_policy)},
+            data={"path": str(tmp_path / "prompts.jsonl"), "seq_len": 128},
+            objective={"kind": "cfg_distill"},
+            cfg=cfg,
+        )
+    )
+    with pytest.raises(RecipeError, match=match):
+        cfg_distill(recipe)
