@@ -462,6 +462,9 @@ def score(
     summary["model"] = final
     summary["after"] = evaluate_self_correction(load_model(final), data.tokenizer, data.heldout,
                                                 recipe)  # fmt: skip
+    # the `geode rl` summary keys: greedy held-out accuracy (of the first attempt)
+    summary["heldout_accuracy_before"] = before["accuracy@t1"]
+    summary["heldout_accuracy_after"] = summary["after"]["accuracy@t1"]
     summary["seconds"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
