@@ -122,8 +122,8 @@ class Clock:
         return out
 
 
-def trl_run(args, init: Path, prompts: list[Prompt], bf16: bool, gc: bool, steps: int,
-            out: Path, between: Callable[[], None]) -> list[dict]:  # fmt: skip
+def trl_run(args, init: Path, prompts: list[Prompt], name: str, steps: int, out: Path,
+            between: Callable[[], None]) -> list[dict]:  # fmt: skip
     """TRL GRPOTrainer for `steps` steps; per step: seconds of each part and sampled tokens."""
     from datasets import Dataset
     from transformers import Gemma3ForCausalLM, GemmaTokenizer, TrainerCallback
@@ -133,6 +133,7 @@ def trl_run(args, init: Path, prompts: list[Prompt], bf16: bool, gc: bool, steps
     texts = [prompt_text(p.messages) for p in prompts]
     ids = {t: gtok.encode(t) for t in texts}  # geode's ids for both sides
     eos = [gtok.eos_id, gtok.special_ids["<end_of_turn>"]]
+    bf16, gc = TRL_CONFIGS[name]
     clock, steps_out, sampled = Clock(), [], [0]
 
     class Timed(GRPOTrainer):
@@ -182,6 +183,7 @@ def trl_run(args, init: Path, prompts: list[Prompt], bf16: bool, gc: bool, steps
             parts = clock.take()
             parts["update"] = total - parts.get("generation", 0.0) - parts.get("scoring", 0.0)
             steps_out.append({"step_s": total, "sampled_tokens": sampled[0], **parts})
+            print(json.dumps({"bench": "rl-step-raw", "impl": name, **steps_out[-1]}), flush=True)
             between()
 
     data = Dataset.from_dict({"prompt": texts, "answer": [p.answer for p in prompts]})
@@ -214,7 +216,7 @@ def geode_step(args, init: Path, prompts: list[Prompt], out: Path, precision: st
     rows = args.prompts * args.group
     recipe = load_post_recipe({
         "name": "bench-rl", "out": str(out / "run"), "model": {"init": str(init)},
-        "data": {"path": "", "seq_len": 512},
+        "data": {"path": "", "seq_len": 192},
         "batch": {"global_batch_size": rows, "micro_batch_size": micro},
         "optim": {"lr": 1e-6, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0,
                   "schedule": "constant"},
@@ -333,14 +335,16 @@ def main() -> None:
     def geode_round() -> None:
         for name, fn in impls.items():
             gsteps[name].append(fn())
+            print(
+                json.dumps({"bench": "rl-step-raw", "impl": name, **gsteps[name][-1]}), flush=True
+            )
 
     rows: list[dict] = [probe]
     configs = [] if args.geode_only else [
         c for c in (args.trl or TRL_CONFIGS) if bf16_ok or not TRL_CONFIGS[c][0]
     ]  # fmt: skip
     for name in configs:
-        bf16, gc = TRL_CONFIGS[name]
-        steps_out = trl_run(args, init, prompts, bf16, gc, steps, tmp / name, geode_round)
+        steps_out = trl_run(args, init, prompts, name, steps, tmp / name, geode_round)
         row = summarize(name, steps_out, args.warmup)
         print(json.dumps(row), flush=True)
         rows.append(row)
