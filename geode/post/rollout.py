@@ -171,7 +171,13 @@ def rollout(
                 if st.turn_start is None or not (end_turn or cut or d.finished):
                     continue
                 done = _end_turn(
-                    engine, tok, st, d.request_id, truncated=cut and not end_turn, eot=eot
+                    engine,
+                    tok,
+                    st,
+                    d.request_id,
+                    truncated=cut and not end_turn,
+                    eot=eot,
+                    final=d.finished,
                 )
                 if done and not d.finished:
                     engine.abort(d.request_id)
@@ -185,7 +191,14 @@ def rollout(
 
 
 def _end_turn(
-    engine: Any, tok: Any, st: _Live, rid: str, *, truncated: bool, eot: int | None
+    engine: Any,
+    tok: Any,
+    st: _Live,
+    rid: str,
+    *,
+    truncated: bool,
+    eot: int | None,
+    final: bool = False,
 ) -> bool:
     """Close the open model turn: the env scores it; True when the episode is over (else the
     env's messages are appended as forced tokens)."""
@@ -200,7 +213,7 @@ def _end_turn(
     if truncated:
         ep.truncated = True
         return True
-    if done or not new:
+    if done or not new or final:  # final: the engine ended the sequence (e.g. a stop string)
         return True
     history = ep.messages
     forced = _env_ids(tok, history, list(new), ep.token_ids[end - 1] == eot)

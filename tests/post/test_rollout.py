@@ -113,3 +113,12 @@ def test_thinking_budgets_reach_the_engine(engine, monkeypatch):
     assert [e.meta.get("thinking_budget") for e in eps] == [4, 4, None, None]
     with pytest.raises(ValueError, match="budgets"):
         rollout(engine, envs, 2, _sampling(), budgets=[4])
+
+
+def test_a_turn_the_engine_ends_ends_the_episode(engine):
+    p = _problems(1, seed=5)[0]  # a stop string finishes the sequence: no second turn forced
+    eps = rollout(engine, [SelfCorrectionEnv(p.question, p.answer)], 2, _sampling(stop=["\n"]))
+    for e in eps:
+        assert len(e.turns) == 1 and len(e.rewards) == 1 and not e.truncated
+        assert e.completion.count("\n") == 1  # the stop string ends the turn (its token kept)
+    assert not engine.has_unfinished()
