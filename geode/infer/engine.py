@@ -509,13 +509,7 @@ class Engine:
         seq.images = images
         if params.thinking_budget is not None:
             seq.thinking = ThinkingBudget.for_prompt(params.thinking_budget, self.tokenizer, ids)
-            close = seq.thinking.due()  # b = 0 closes a prompt-opened section at once
-            if close and params.max_new_tokens < 2:
-                raise RequestError(
-                    "thinking_budget=0 closes the prompt's thinking section with a forced token, "
-                    "which takes one of max_new_tokens: max_new_tokens must be >= 2"
-                )
-            self._force(seq, close)
+            self._force(seq, seq.thinking.due())  # b = 0 closes a prompt-opened section at once
         if self.tokenizer is not None:
             seq.decoder = new_decoder(self.tokenizer, params.skip_special_tokens)
         if params.has_penalties:
@@ -827,18 +821,18 @@ class Engine:
                 d.top_logprobs = (d.top_logprobs or []) + [top]
         if s.thinking is not None and s.finish_reason is None:
             self._force(s, s.thinking.observe(t))
+            if not s.pending and s.n_sampled >= s.params.max_new_tokens:
+                s.finish_reason = "length"  # the forced close took the last of max_new_tokens
 
     @staticmethod
     def _force(s: Sequence, ids: list[int]) -> None:
         """Queue a thinking budget's forced close (as `append`: pending, run next step). It takes
-        one of max_new_tokens (the context admission checked suffices); none left: "length"."""
-        if not ids:
-            return
-        if s.params.max_new_tokens - s.n_sampled <= len(ids):
-            s.finish_reason = "length"
-            return
-        s.params = dataclasses.replace(s.params, max_new_tokens=s.params.max_new_tokens - len(ids))
-        s.pending += ids
+        one of max_new_tokens, so the context admission checked suffices."""
+        if ids:
+            s.params = dataclasses.replace(
+                s.params, max_new_tokens=s.params.max_new_tokens - len(ids)
+            )
+            s.pending += ids
 
     @staticmethod
     def _token_logprobs(

@@ -205,8 +205,15 @@ def test_budget_policy_and_request_errors(model, tok):
     with pytest.raises(RequestError, match="<start_of_thinking>"):
         plain = FakeTokenizer([f"<{i}>" for i in range(V)])
         Engine(model, plain).generate(Request([BOS, 7], max_new_tokens=4, thinking_budget=3))
-    with pytest.raises(RequestError, match="max_new_tokens must be >= 2"):
-        engine.generate(Request([BOS, START], max_new_tokens=1, thinking_budget=0))
+    for n in (1, 2):  # the close takes one of max_new_tokens (with 1: it is the whole output)
+        r = engine.generate(Request([BOS, START], max_new_tokens=n, thinking_budget=0))[0]
+        assert r.token_ids[0] == END and len(r.token_ids) == n and r.finish_reason == "length"
+        assert r.sampled_mask == [0, 1][:n]
+    r = engine.generate(  # b = 3 of max_new_tokens 4: the close is the last token
+        Request([BOS, START], max_new_tokens=4, thinking_budget=3, logits_processors=(_ban(END),))
+    )[0]
+    assert r.token_ids[3:] == [END] and r.sampled_mask == [1, 1, 1, 0]
+    assert r.finish_reason == "length"
 
 
 # ---------------------------------------------------------------------- server and CLI
