@@ -35,7 +35,7 @@ import random
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from geode.train.batches import TrainData
 
 from .env import DEFAULT_INSTRUCTION, SelfCorrectionEnv
 from .oaif import Prompt
-from .rollout import Episode, rollout
+from .rollout import Episode, episodes_batch, next_prompts, rollout
 
 METHODS = ("score", "star", "pair_sft")
 ROWS = ("base", "STaR", "Pair-SFT", "SCoRe w/o Stage I", "SCoRe")  # the table, in order
@@ -112,8 +112,6 @@ def score_batch(
     with per-token advantages: a1[b] on attempt 1's targets, a2[b] on attempt 2's."""
     from geode.train.objectives.score import token_advantages
 
-    from .rollout import episodes_batch
-
     batch = episodes_batch(episodes, torch.zeros(len(episodes)), pad_id, mask_truncated)
     batch.turns = batch.turns.masked_fill(batch.turns > 2, 0)  # two attempts
     batch.loss_mask &= batch.turns > 0
@@ -128,11 +126,12 @@ def groups_per_step(recipe: Any) -> int:
 
 
 def _sampling(recipe: Any, seed: int | None, greedy: bool = False) -> Any:
+    """[rl]'s sampling of training episodes; `greedy`: the evaluation's (eval_max_new_tokens)."""
     from geode.infer import SamplingParams
 
     rl = recipe.rl
     return SamplingParams(
-        max_new_tokens=rl.max_new_tokens,
+        max_new_tokens=rl.eval_max_new_tokens if greedy else rl.max_new_tokens,
         temperature=0.0 if greedy else rl.temperature,
         top_p=1.0 if greedy else rl.top_p,
         seed=seed,
@@ -174,8 +173,6 @@ class ScoreEpisodes:
         self.last: dict[str, float] = {}
 
     def _next_prompts(self) -> list[Prompt]:
-        from .rollout import next_prompts
-
         n = groups_per_step(self.recipe)
         out = next_prompts(self.prompts, self.draws, n, self.seed)
         self.draws += n
@@ -201,18 +198,12 @@ class ScoreEpisodes:
 
     def next_batch(self) -> Batch:
         """Sample, score and batch one step's episodes."""
-        s, rl = self.recipe.score, self.recipe.rl
         from geode.train.objectives.score import score_advantages
 
+        s, rl = self.recipe.score, self.recipe.rl
+
         t0 = time.perf_counter()
-        sampling = _sampling(self.recipe, self.seed * 1_000_003 + self.draws * rl.group_size)
-        episodes = two_attempts(
-            self.engine,
-            self._next_prompts(),
-            correction_instruction(self.recipe),
-            rl.group_size,
-            sampling,
-        )
+        episodes = self.sample()
         r1, r2 = episode_rewards(episodes)
         a1, a2 = score_advantages(
             r1, r2, rl.group_size, stage=self.stage, alpha=s.alpha,
@@ -262,7 +253,6 @@ class RunData:
     tokenizer_sha256: str
     train: list[Prompt]
     heldout: list[Prompt]
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 def run_data(recipe: Any) -> RunData:
@@ -310,9 +300,10 @@ def train_stage(recipe: Any, data: RunData, out: Path, *, stage: int, steps: int
 
 
 # ------------------------------------------------------------------ SFT baselines
-def star_conversations(episodes: Sequence[Episode], instruction: str) -> list[dict[str, Any]]:
+def star_conversations(episodes: Sequence[Episode], instruction: str = "") -> list[dict[str, Any]]:
     """STaR's data: the successful revisions (attempt 1 wrong, attempt 2 right) as
-    conversations problem -> attempt 1 -> instruction -> attempt 2."""
+    conversations problem -> attempt 1 -> instruction -> attempt 2 (the episode's own
+    messages: `instruction` is not needed, it is there for `pair_sft_conversations`' shape)."""
     out = []
     for e in episodes:
         if len(e.rewards) == 2 and e.rewards[0] < 0.5 <= e.rewards[1] and not e.truncated:
