@@ -24,6 +24,7 @@ VERB_MODULES: list[str] = [
     "geode.cli.post",
     "geode.cli.eval",
     "geode.cli.bench",
+    "geode.cli.quickstart",
 ]
 
 

@@ -1,0 +1,577 @@
+"""`geode quickstart`: the Gemini/Gemma lifecycle in miniature, one function per stage.
+
+nanochat-speedrun style: every stage reads the previous stages' outputs from OUT/<stage>/,
+writes its own and records OUT/<stage>/done.json (metrics, wall seconds), so `--resume` skips
+finished stages. Stages (issue #20): data (task family + stdlib corpus, dedup, decontamination
+against the held-out split) -> tokenizer -> pretrain (teacher) -> distill (student with sampled
+top-K teacher logits, Gemma 3 §2.2, plus the from-scratch control) -> sft -> reward (WARM) ->
+dpo -> rl (GRPO with a thinking budget) -> score (SCoRe) -> report (REPORT.md, PNG plots,
+OUT/final in the HF layout). Every stage calls the library (geode.data, geode.tokenizer,
+geode.train, geode.post); nothing here re-implements them.
+
+The budget (minutes) is split by fixed fractions (`FRACTIONS`); training steps come from a
+measured step time of each model so the whole run fits. `base` (a checkpoint directory) skips
+pretraining and distillation and post-trains that model (LoRA when it is larger than
+`LORA_ABOVE` parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fileio import atomic_write_bytes, swap_dir_into_place
+
+TASK = {"min_steps": 1, "max_steps": 1, "max_value": 20}  # problems a nano model learns in minutes
+STAGES = ("data", "tokenizer", "pretrain", "distill", "sft", "reward", "dpo", "rl", "score",
+          "report")  # fmt: skip
+FRACTIONS = {"data": 0.02, "tokenizer": 0.02, "pretrain": 0.18, "distill": 0.22, "sft": 0.16,
+             "reward": 0.04, "dpo": 0.04, "rl": 0.16, "score": 0.14, "report": 0.02}  # fmt: skip
+LORA_ABOVE = 50_000_000  # --base models with more parameters are post-trained with LoRA
+SEQ_LEN = 128
+BATCH = 16
+SEED = 0
+
+
+class QuickstartError(RuntimeError):
+    """A stage failed (its name and the reason), or the output directory is not usable."""
+
+
+@dataclass
+class Plan:
+    """Sizes and counts of one run, derived from the budget (saved in OUT/plan.json)."""
+
+    budget_minutes: float
+    base: str = ""
+    tiny: bool = False  # under 3 minutes: models and data of a smoke test
+    vocab_size: int = 1024
+    stdlib_bytes: int = 2_000_000
+    tasks_train: int = 3000
+    tasks_heldout: int = 200
+    teacher: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides of nano-1m
+    student: dict[str, Any] = field(default_factory=dict)
+    eval_prompts: int = 100
+    max_new_tokens: int = 48
+
+    def seconds(self, stage: str) -> float:
+        """The stage's share of the budget, in seconds."""
+        return FRACTIONS[stage] * self.budget_minutes * 60.0
+
+
+def make_plan(budget_minutes: float, base: str = "") -> Plan:
+    """Model sizes and data counts for `budget_minutes` (tiny under 3 minutes)."""
+    if budget_minutes <= 0:
+        raise QuickstartError(f"--budget-minutes must be > 0, got {budget_minutes}")
+    tiny = budget_minutes < 3
+    if tiny:
+        teacher = _shape(hidden=64, layers=2, heads=2, head_dim=32)
+        student = _shape(hidden=32, layers=2, heads=2, head_dim=16)
+        return Plan(budget_minutes, base, True, 512, 200_000, 400, 32, teacher, student, 16, 24)
+    wide = budget_minutes >= 30
+    teacher = _shape(hidden=256 if wide else 192, layers=6 if wide else 4, heads=4, head_dim=48)
+    student = _shape(hidden=96, layers=3, heads=2, head_dim=48)
+    return Plan(budget_minutes, base, False, 1024, 1_000_000, 3000, 200, teacher, student)
+
+
+def _shape(hidden: int, layers: int, heads: int, head_dim: int) -> dict[str, Any]:
+    """Overrides of the nano-1m preset: a Gemma 3 shape (5:1 local/global when deep enough)."""
+    types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+    if layers >= 6:
+        types = (["sliding_attention"] * 5 + ["full_attention"]) * (layers // 6)
+        types += ["sliding_attention"] * (layers - len(types))
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 1,
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": head_dim,
+        "sliding_window": 64,
+        "layer_types": types,
+        "max_position_embeddings": 512,
+    }
+
+
+# ------------------------------------------------------------------ the driver
+@dataclass
+class Context:
+    """What every stage sees: the output root, the plan, finished stages' metrics."""
+
+    out: Path
+    plan: Plan
+    progress: bool | None
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def dir(self, stage: str) -> Path:
+        """OUT/<stage>."""
+        return self.out / stage
+
+    def model(self, stage: str) -> str:
+        """The model a finished stage left (its done.json's `model`)."""
+        return self.done[stage]["model"]
+
+
+def run(
+    out: str | Path = "runs/quickstart",
+    budget_minutes: float = 15.0,
+    resume: bool = False,
+    base: str = "",
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every stage not yet done; returns {stage: done record}. A failing stage raises
+    QuickstartError naming it (earlier stages stay done for `--resume`)."""
+    out = Path(out)
+    plan_file = out / "plan.json"
+    if plan_file.exists() and not resume:
+        raise QuickstartError(f"{out} holds a quickstart run: pass --resume or another --out")
+    if resume and plan_file.exists():
+        plan = Plan(**json.loads(plan_file.read_text()))
+    else:
+        plan = make_plan(budget_minutes, str(base or ""))
+        if plan.base and not Path(plan.base).is_dir():
+            raise QuickstartError(f"--base {plan.base}: not a checkpoint directory")
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(plan_file, asdict(plan))
+    ctx = Context(out, plan, progress)
+    stages = [s for s in STAGES if not (plan.base and s in ("pretrain", "distill"))]
+    t_all = time.perf_counter()
+    for i, name in enumerate(stages, 1):
+        done = ctx.dir(name) / "done.json"
+        if done.exists():
+            ctx.done[name] = json.loads(done.read_text())
+            log(f"== [{i}/{len(stages)}] {name}: done already ({ctx.done[name]['seconds']:.0f}s)")
+            continue
+        log(f"== [{i}/{len(stages)}] {name} (budget {plan.seconds(name):.0f}s)")
+        shutil.rmtree(ctx.dir(name), ignore_errors=True)  # a failed attempt's leftovers
+        ctx.dir(name).mkdir(parents=True)
+        t0 = time.perf_counter()
+        try:
+            metrics = STAGE_FUNCS[name](ctx)
+        except Exception as e:
+            raise QuickstartError(f"stage {name!r} failed: {type(e).__name__}: {e}") from e
+        record = {"stage": name, "seconds": time.perf_counter() - t0, **metrics}
+        _write_json(done, record)
+        ctx.done[name] = record
+        log(f"   {name} done in {record['seconds']:.0f}s: " + _brief(metrics))
+    log(
+        f"== quickstart finished in {time.perf_counter() - t_all:.0f}s; report: {out / 'REPORT.md'}"
+    )
+    return ctx.done
+
+
+def _brief(metrics: dict[str, Any]) -> str:
+    """The scalar metrics of a record, compactly."""
+    items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]  # fmt: skip
+    return ", ".join(items) or "ok"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+# ------------------------------------------------------------------ 1. data
+def stage_data(ctx: Context) -> dict[str, Any]:
+    """Task family (train / held-out) + stdlib corpus; exact/near dedup; 13-gram decontamination
+    of the training documents against the held-out problems. Writes corpus.jsonl (training
+    documents), heldout.jsonl (held-out problem documents), sft/ and prefs/ chat data."""
+    from .data.decontam import Decontaminator
+    from .data.dedup import ExactDedup, NearDedup
+    from .data.sources import SourceConfig, read_source
+    from .post.prefdata import make_pairs, sft_examples, write_jsonl
+
+    p, d = ctx.plan, ctx.dir("data")
+    task = {"kind": "tasks", **TASK, "seed": SEED}
+    held_cfg = SourceConfig(name="heldout", split="heldout", n=p.tasks_heldout, **task)
+    held = list(read_source(held_cfg))
+    decon = Decontaminator(13)
+    decon.add_all((doc.id, doc.text) for doc in held)
+    exact, near = ExactDedup(), NearDedup(0.8)
+    sources = [SourceConfig(name="tasks", split="train", n=p.tasks_train, **task),
+               SourceConfig(name="stdlib", kind="stdlib", max_bytes=p.stdlib_bytes)]  # fmt: skip
+    kept: list[dict[str, str]] = []
+    dropped = {"exact_dup": 0, "near_dup": 0, "decontam": 0}
+    for cfg in sources:
+        for doc in read_source(cfg):
+            if exact.check(doc.id, doc.text) is not None:
+                dropped["exact_dup"] += 1
+            elif cfg.kind == "stdlib" and near.check(doc.id, doc.text) is not None:
+                dropped["near_dup"] += 1  # generated problems are unique by construction
+            elif decon.check(doc.text) is not None:
+                dropped["decontam"] += 1
+            else:
+                kept.append({"text": doc.text, "source": cfg.name})
+    write_jsonl(kept, d / "corpus.jsonl")
+    write_jsonl([{"text": doc.text} for doc in held], d / "heldout.jsonl")
+    write_jsonl(sft_examples(p.tasks_train, seed=SEED, rambling_fraction=0.0, **TASK),
+                d / "sft" / "train.jsonl")  # fmt: skip
+    write_jsonl(sft_examples(p.tasks_heldout // 2, seed=SEED + 1, rambling_fraction=0.0, **TASK),
+                d / "sft" / "heldout.jsonl")  # fmt: skip
+    write_jsonl(make_pairs(p.tasks_train // 2, seed=SEED, **TASK), d / "prefs" / "train.jsonl")
+    write_jsonl(make_pairs(p.tasks_heldout // 2, seed=SEED, split="heldout", **TASK),
+                d / "prefs" / "heldout.jsonl")  # fmt: skip
+    counts = {s.name: sum(1 for k in kept if k["source"] == s.name) for s in sources}
+    return {"task_docs": counts["tasks"], "stdlib_docs": counts["stdlib"],
+            "heldout_docs": len(held), **dropped}  # fmt: skip
+
+
+def _read_texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
+
+
+# ------------------------------------------------------------------ 2. tokenizer
+def stage_tokenizer(ctx: Context) -> dict[str, Any]:
+    """A Gemma-style SentencePiece BPE tokenizer on the corpus plus the chat-rendered SFT data."""
+    from .chat import render
+    from .post.prefdata import read_jsonl
+    from .tokenizer import train_tokenizer
+
+    d = ctx.dir("data")
+    texts = _read_texts(d / "corpus.jsonl")
+    chats = [render(obj["messages"], add_generation_prompt=False)
+             for _, obj in read_jsonl(d / "sft" / "train.jsonl", "conversations")]  # fmt: skip
+    if ctx.plan.base:
+        from .tokenizer import find_tokenizer
+
+        src = find_tokenizer(ctx.plan.base)
+        if src is None:
+            raise QuickstartError(f"--base {ctx.plan.base}: no tokenizer.model")
+        shutil.copy(src, ctx.dir("tokenizer") / "tokenizer.model")
+        return {"vocab_size": _vocab(ctx.dir("tokenizer")), "source": str(src)}
+    tok = train_tokenizer(texts=texts + chats, vocab_size=ctx.plan.vocab_size,
+                          out=ctx.dir("tokenizer"), max_input_bytes=8_000_000)  # fmt: skip
+    sample = texts[0]
+    return {"vocab_size": len(tok), "chars_per_token": len(sample) / len(tok.encode(sample))}
+
+
+def _vocab(d: Path) -> int:
+    from .tokenizer import load_tokenizer
+
+    return len(load_tokenizer(d / "tokenizer.model"))
+
+
+# ------------------------------------------------------------------ 3. pretraining
+def _measure_step(overrides: dict[str, Any], vocab: int, forward_only: bool = False) -> float:
+    """Seconds of one forward+backward pass of BATCH x SEQ_LEN tokens (best of 2, after one)."""
+    import dataclasses
+
+    import torch
+
+    from .config import get_preset
+    from .model.transformer import Transformer
+
+    cfg = dataclasses.replace(get_preset("nano-1m"), **{**overrides, "vocab_size": vocab})
+    model = Transformer(cfg)
+    ids = torch.randint(0, vocab, (BATCH, SEQ_LEN))  # [B, T]
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(not forward_only):
+            logits = model(ids)  # [B, T, V]
+            if not forward_only:
+                logits.float().logsumexp(-1).mean().backward()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def _steps(seconds: float, step_s: float, lo: int, hi: int) -> int:
+    """Optimizer steps that fit `seconds` (twice the forward+backward: optimizer, evals, saves)."""
+    return max(lo, min(hi, int(seconds / (2.0 * step_s))))
+
+
+def _lm_recipe(ctx: Context, name: str, shape: dict[str, Any], steps: int, out: Path,
+               lr: float) -> dict[str, Any]:  # fmt: skip
+    """A pretraining recipe dict on the packed corpus, evaluated on the held-out stream."""
+    data = ctx.dir("pretrain") / "data"
+    return {
+        "name": name,
+        "out": str(out),
+        "model": {"preset": "nano-1m", "overrides": {**shape, "vocab_size": ctx.done["tokenizer"]["vocab_size"]}, "seed": SEED},
+        "data": {"path": str(data / "train"), "eval_path": str(data / "heldout"), "seq_len": SEQ_LEN, "eval_source": "heldout"},
+        "batch": {"global_batch_size": BATCH, "micro_batch_size": BATCH},
+        "optim": {"lr": lr, "warmup_steps": max(1, steps // 10), "schedule": "cosine"},
+        "train": {"max_steps": steps, "z_loss": 1e-4, "progress": ctx.progress is not False},
+        "eval": {"every": steps // 4 if steps >= 8 else 0, "batches": 2 if ctx.plan.tiny else 4},
+        "checkpoint": {"every": 0, "export": True},
+    }  # fmt: skip
+
+
+def _pack(ctx: Context, out: Path) -> None:
+    """Tokenize and pack corpus.jsonl (streams tasks, stdlib) and heldout.jsonl (stream
+    heldout) with geode.data.prepare; dedup and decontamination ran in the data stage."""
+    from .data.prepare import DataRecipe, prepare
+    from .recipe import load_recipe
+
+    d = ctx.dir("data")
+    tok = str(ctx.dir("tokenizer") / "tokenizer.model")
+    no_dedup = {"exact": False, "near": False}
+    train = {"sources": [{"name": "corpus", "kind": "jsonl", "paths": [str(d / "corpus.jsonl")]}],
+             "dedup": no_dedup, "tokenizer": tok}  # fmt: skip
+    held = {"sources": [{"name": "heldout", "kind": "jsonl", "paths": [str(d / "heldout.jsonl")]}],
+            "dedup": no_dedup, "tokenizer": tok}  # fmt: skip
+    for name, spec in (("train", train), ("heldout", held)):
+        prepare(load_recipe(DataRecipe, spec), out / name, progress=False)
+
+
+def stage_pretrain(ctx: Context) -> dict[str, Any]:
+    """The teacher: next-token pretraining on the packed corpus, steps from a measured step."""
+    from .train.run import train
+
+    _pack(ctx, ctx.dir("pretrain") / "data")
+    step_s = _measure_step(ctx.plan.teacher, ctx.done["tokenizer"]["vocab_size"])
+    steps = _steps(ctx.plan.seconds("pretrain"), step_s, 4, 2000)
+    print(f"   teacher: {step_s * 1000:.0f} ms/step measured -> {steps} steps", flush=True)
+    out = ctx.dir("pretrain") / "teacher"
+    recipe = _lm_recipe(ctx, "teacher", ctx.plan.teacher, steps, out, 3e-3)
+    s = train(_load_train(recipe), out, progress=ctx.progress)
+    return {"model": s["model"], "steps": steps, "heldout_loss": s.get("eval_loss"),
+            "train_loss": s["final_train_loss"]}  # fmt: skip
+
+
+def _load_train(recipe: dict[str, Any]) -> Any:
+    from .train.recipe import load_train_recipe
+
+    return load_train_recipe(recipe)
+
+
+# ------------------------------------------------------------------ 4. distillation
+def stage_distill(ctx: Context) -> dict[str, Any]:
+    """Student distilled from the teacher with sampled top-K logits (Gemma 3 §2.2) and the same
+    student from scratch on the same tokens (the control); geode.train.run.distill."""
+    from .train.run import distill
+
+    vocab = ctx.done["tokenizer"]["vocab_size"]
+    step_s = _measure_step(ctx.plan.student, vocab) + _measure_step(ctx.plan.teacher, vocab, True)
+    steps = _steps(ctx.plan.seconds("distill") / 2, step_s, 4, 2000)
+    print(f"   student: {step_s * 1000:.0f} ms/step measured -> {steps} steps x 2 runs", flush=True)
+    out = ctx.dir("distill")
+    recipe = _lm_recipe(ctx, "student", ctx.plan.student, steps, out, 3e-3)
+    recipe["distill"] = {"teacher": ctx.model("pretrain"), "top_k": min(128, vocab),
+                         "sampling": "sample", "control": True}  # fmt: skip
+    result = distill(_load_train(recipe), out, progress=ctx.progress)
+    final = result["comparison"]["final_eval_loss"]
+    return {"model": result["student"]["model"], "control_model": result["control"]["model"],
+            "steps": steps, "student_heldout_loss": final["student"],
+            "control_heldout_loss": final["control"],
+            "distilled_below_control": final["student"] < final["control"]}  # fmt: skip
+
+
+# ------------------------------------------------------------------ 5.-8. post-training
+def _base_model(ctx: Context) -> str:
+    """The model post-training starts from: --base, else the distilled student."""
+    return ctx.plan.base or ctx.model("distill")
+
+
+def _post(ctx: Context, name: str, init: str, steps: int, lr: float, **sections: Any) -> dict:
+    """A post-training recipe dict on the generated task (TASK difficulty)."""
+    d = ctx.dir("data")
+    recipe: dict[str, Any] = {
+        "name": name,
+        "out": str(ctx.dir(name)),
+        "model": {"init": init},
+        "data": {"path": "", "seq_len": 256},
+        "batch": {"global_batch_size": BATCH, "micro_batch_size": BATCH},
+        "optim": {"lr": lr, "warmup_steps": 0, "weight_decay": 0.0, "schedule": "constant"},
+        "train": {"max_steps": steps, "progress": ctx.progress is not False},
+        "eval": {"batches": 2},
+        "checkpoint": {"export": True},
+        "pairs": {**TASK, "max_len": 256},
+    }
+    if sections.pop("pairs_data", False):
+        recipe["data"] = {"path": str(d / "prefs" / "train.jsonl"),
+                          "eval_path": str(d / "prefs" / "heldout.jsonl"), "seq_len": 256}  # fmt: skip
+    if _needs_lora(init):
+        recipe["lora"] = {"r": 16, "alpha": 32.0}
+    for key, value in sections.items():
+        recipe[key] = {**recipe[key], **value} if isinstance(recipe.get(key), dict) else value
+    return recipe
+
+
+def _needs_lora(init: str) -> bool:
+    """Whether `init` is too large to fine-tune fully within the budget (LORA_ABOVE)."""
+    from .checkpoint import read_config
+    from .family import parameter_counts
+
+    return parameter_counts(read_config(init))["total"] > LORA_ABOVE
+
+
+def _post_steps(ctx: Context, stage: str, init: str, factor: float, lo: int, hi: int) -> int:
+    """Steps of a post-training stage: its budget over `factor` measured training steps."""
+    from .checkpoint import read_config
+
+    cfg = read_config(init)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "query_pre_attn_scalar", "sliding_window",
+            "layer_types", "max_position_embeddings")  # fmt: skip
+    step_s = _measure_step({k: getattr(cfg, k) for k in keys}, cfg.vocab_size)
+    return _steps(ctx.plan.seconds(stage), factor * step_s, lo, hi)
+
+
+def stage_sft(ctx: Context) -> dict[str, Any]:
+    """Supervised fine-tuning on chat-formatted problems (loss on assistant tokens)."""
+    from .post.recipe import load_post_recipe
+    from .train.sft import sft
+
+    init, d = _base_model(ctx), ctx.dir("data")
+    steps = _post_steps(ctx, "sft", init, 3.0, 4, 1000)  # rows of 256 tokens, 2x of pretraining's
+    recipe = _post(ctx, "sft", init, steps, 3e-3, objective={"kind": "sft"},
+                   data={"path": str(d / "sft" / "train.jsonl"),
+                         "eval_path": str(d / "sft" / "heldout.jsonl"), "seq_len": 256},
+                   optim={"schedule": "cosine", "warmup_steps": max(1, steps // 10)})  # fmt: skip
+    s = sft(load_post_recipe(recipe), ctx.dir("sft"), progress=ctx.progress)
+    before = evaluate(ctx, init) if ctx.plan.base else {}
+    return {"model": s["model"], "steps": steps, "heldout_loss": s.get("eval_loss"),
+            **({"base_" + k: v for k, v in before.items()}), **evaluate(ctx, s["model"])}  # fmt: skip
+
+
+def stage_reward(ctx: Context) -> dict[str, Any]:
+    """Two reward models on the generated preference pairs and their weight average (WARM)."""
+    from .post.recipe import load_post_recipe
+    from .post.warm import warm
+
+    init = ctx.model("sft")
+    steps = _post_steps(ctx, "reward", init, 2 * 4.0, 2, 300)  # 2 members, 2 rows per pair
+    recipe = _post(ctx, "reward", init, steps, 1e-3, objective={"kind": "reward"},
+                   pairs_data=True, warm={"members": 2, "noise_levels": [0.0]})  # fmt: skip
+    report = warm(load_post_recipe(recipe), ctx.dir("reward"), 2, ctx.progress)
+    level = report["levels"][0]
+    return {"model": level["model"], "steps": steps, "member_mean": level["member_mean"],
+            "member_best": level["member_best"], "warm": level["warm"],
+            "ensemble": level["ensemble"]}  # fmt: skip
+
+
+def stage_dpo(ctx: Context) -> dict[str, Any]:
+    """One short offline DPO stage on the same pairs, the SFT model as reference."""
+    from .post.dpo import dpo
+    from .post.recipe import load_post_recipe
+
+    init = ctx.model("sft")
+    steps = _post_steps(ctx, "dpo", init, 5.0, 2, 300)
+    recipe = _post(ctx, "dpo", init, steps, 1e-4, objective={"kind": "dpo", "options": {"beta": 0.1}},
+                   pairs_data=True, online=None)  # fmt: skip
+    recipe.pop("online")
+    s = dpo(load_post_recipe(recipe), ctx.dir("dpo"), progress=ctx.progress)
+    win = s["policy_vs_start"]
+    return {"model": s["model"], "steps": steps, **{f"vs_sft_{k}": v for k, v in win.items()
+            if isinstance(v, (int, float))}, **evaluate(ctx, s["model"])}  # fmt: skip
+
+
+def _rl_sections(ctx: Context, group: int, max_new: int) -> dict[str, Any]:
+    return {"objective": {"kind": "rl", "options": {"loss_type": "grpo", "beta": 0.0}},
+            "rl": {"group_size": group, "max_new_tokens": max_new, "generate": 1000,
+                   "eval_prompts": ctx.plan.eval_prompts,
+                   "eval_max_new_tokens": ctx.plan.max_new_tokens}}  # fmt: skip
+
+
+def stage_rl(ctx: Context) -> dict[str, Any]:
+    """GRPO with the task verifier's reward and a thinking budget drawn per group."""
+    from .post.recipe import load_post_recipe
+    from .post.rl import rl
+
+    init = ctx.model("dpo")
+    steps = _post_steps(ctx, "rl", init, 40.0, 2, 200)  # sampling dominates an RL step
+    sec = _rl_sections(ctx, 8, ctx.plan.max_new_tokens)
+    sec["rl"]["thinking_budgets"] = [16, 32]
+    recipe = _post(ctx, "rl", init, steps, 2e-4, **sec, batch={"global_batch_size": 64,
+                   "micro_batch_size": 32})  # fmt: skip
+    s = rl(load_post_recipe(recipe), ctx.dir("rl"), progress=ctx.progress)
+    curve = [r for r in s.get("reward_curve", []) if r is not None]
+    return {"model": s["model"], "steps": steps, "reward_first": curve[0] if curve else None,
+            "reward_last": curve[-1] if curve else None, "reward_curve": curve,
+            "heldout_before": s["heldout_accuracy_before"],
+            "heldout_after": s["heldout_accuracy_after"], **evaluate(ctx, s["model"])}  # fmt: skip
+
+
+def stage_score(ctx: Context) -> dict[str, Any]:
+    """SCoRe (Kumar et al. 2024): Stage I then Stage II of two-attempt self-correction RL."""
+    from .post.recipe import load_post_recipe
+    from .post.score import score
+
+    init = ctx.model("rl")
+    steps = _post_steps(ctx, "score", init, 60.0, 2, 100)
+    s1 = max(1, steps // 3)
+    sec = _rl_sections(ctx, 4, ctx.plan.max_new_tokens)
+    sec["rl"].update(estimator="rloo", scale="none", mask_truncated=True)
+    recipe = _post(ctx, "score", init, steps, 1e-4, **sec,
+                   score={"stage1_steps": s1, "stage2_steps": max(1, steps - s1)},
+                   batch={"global_batch_size": 32, "micro_batch_size": 16})  # fmt: skip
+    s = score(load_post_recipe(recipe), ctx.dir("score"), progress=ctx.progress)
+    b, a = s["before"], s["after"]
+    return {"model": s["model"], "steps": steps, "before": b, "after": a,
+            "delta_before": b.get("delta"), "delta_after": a.get("delta"),
+            **evaluate(ctx, s["model"])}  # fmt: skip
+
+
+# ------------------------------------------------------------------ evaluation
+def heldout_prompts(ctx: Context) -> list[Any]:
+    """The held-out problems every post-training stage is scored on (greedy pass@1)."""
+    from .post.oaif import task_prompts
+
+    return task_prompts(ctx.plan.eval_prompts, seed=SEED, split="heldout", **TASK)
+
+
+def evaluate(ctx: Context, model_dir: str) -> dict[str, float]:
+    """Greedy pass@1 and answered share on held-out problems; held-out perplexity of the gold
+    solutions given the chat-rendered question (EngineBackend.loglikelihood)."""
+    from .checkpoint import load_model
+    from .eval.backends import EngineBackend
+    from .post.rl import heldout_scores
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(Path(model_dir) / "tokenizer.model")
+    backend = EngineBackend(load_model(model_dir), tok, chat=True, batch_size=64)
+    prompts = heldout_prompts(ctx)
+    scores = heldout_scores(backend.engine, tok, prompts, ctx.plan.max_new_tokens)
+    from .data import tasks as synth
+
+    golds = synth.generate(ctx.plan.eval_prompts, seed=SEED, split="heldout", **TASK)
+    pairs = [(p.messages, g.solution) for p, g in zip(prompts, golds)]
+    lls = backend.loglikelihood(pairs)
+    n_tok = sum(len(tok.encode(g.solution)) for g in golds)
+    ppl = math.exp(-sum(ll for ll, _ in lls) / n_tok)
+    return {"accuracy": scores["accuracy"], "answered": scores["answered"], "heldout_ppl": ppl}
+
+
+# ------------------------------------------------------------------ 10. report
+def stage_report(ctx: Context) -> dict[str, Any]:
+    """REPORT.md (stage table, verdicts, plots) and OUT/final (the last model, HF layout)."""
+    from .quickstart_report import write_report
+
+    last = next(s for s in ("score", "rl", "dpo", "sft") if s in ctx.done)
+    final = ctx.out / "final"
+    staging = ctx.out / ".final.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(ctx.model(last), staging)
+    swap_dir_into_place(staging, final)
+    verdicts = write_report(ctx.out, ctx.done, asdict(ctx.plan), str(final))
+    return {"model": str(final), "from_stage": last, "verdicts": verdicts}
+
+
+def next_commands(out: str | Path) -> str:
+    """What to run with the final model."""
+    final = Path(out) / "final"
+    return (f"  geode chat {final}\n  geode serve {final}\n"
+            f"  geode eval tasks --model {final} --chat --limit 100 --option min_steps=1 "
+            f"--option max_steps=1 --option max_value=20\n")  # fmt: skip
+
+
+STAGE_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "data": stage_data, "tokenizer": stage_tokenizer, "pretrain": stage_pretrain,
+    "distill": stage_distill, "sft": stage_sft, "reward": stage_reward, "dpo": stage_dpo,
+    "rl": stage_rl, "score": stage_score, "report": stage_report,
+}  # fmt: skip
+
+
+def main_exit(error: QuickstartError) -> int:
+    """Print a failed stage's message (exit code 1); --resume continues from it."""
+    print(f"geode quickstart: error: {error}\n  fix it and rerun with --resume", file=sys.stderr)
+    return 1
