@@ -4,7 +4,6 @@ fork), the server's `thinking_budget` field and the CLI flag."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 
@@ -12,38 +11,19 @@ import httpx
 import pytest
 import torch
 
-import geode
-from geode.config import get_preset
 from geode.infer import Engine, Request, RequestError
 from geode.infer.thinking import ThinkingBudget
 
 from .conftest import FakeTokenizer
+from .test_speculative import tiny  # a random 3-layer model with a short sliding window
 
 V, EOS, BOS, START, END = 64, 1, 2, 60, 61
 MAX_NEW = 24
 
 
-def _model(vocab: int = V) -> torch.nn.Module:
-    """A random 3-layer model with a short sliding window."""
-    cfg = dataclasses.replace(
-        get_preset("nano-1m"),
-        vocab_size=vocab,
-        num_hidden_layers=3,
-        hidden_size=64,
-        intermediate_size=96,
-        num_attention_heads=2,
-        head_dim=32,
-        query_pre_attn_scalar=32,
-        sliding_window=6,
-        max_position_embeddings=256,
-        layer_types=None,
-    )
-    return geode.build_model(cfg, seed=0).eval()
-
-
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return _model()
+    return tiny(V)
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +209,7 @@ def server(tmp_path_factory):
     words = "the quick brown fox jumps over lazy dog 0 1 2 3 4 5 6 7 8 9".split()
     texts = [" ".join(rng.choice(words) for _ in range(20)) for _ in range(200)]
     t = train_tokenizer(texts=texts, vocab_size=360, out=tmp_path_factory.mktemp("tok"))
-    live = LiveServer(create_app((_model(t.vocab_size), t), max_batch=4, thinking_budget=2))
+    live = LiveServer(create_app((tiny(t.vocab_size), t), max_batch=4, thinking_budget=2))
     yield live.start()
     live.stop()
 
