@@ -59,6 +59,10 @@ class Batch:
     old_logps: torch.Tensor | None = None  # (B, T) float log p of targets under the rollout policy
     # (B, T) int64 model turn of each target in a multi-turn episode, from 1 (0: not the model's)
     turns: torch.Tensor | None = None
+    # (N, C, S, S) float images of the rows' image placeholders, row-major (a VLM's batch), and
+    # (N,) int64 the row of each; None without images
+    pixel_values: torch.Tensor | None = None
+    image_rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.loss_mask is None:
@@ -80,14 +84,27 @@ class Batch:
             "input_ids": self.input_ids,
             "positions": self.positions[:, :-1],
             "segment_ids": self.segment_ids[:, :-1],
+            **({} if self.pixel_values is None else {"pixel_values": self.pixel_values}),
         }
 
     def _map(self, fn: Any) -> Batch:
         return Batch(**{k: None if t is None else fn(t) for k, t in vars(self).items()})
 
     def rows(self, rows: slice | torch.Tensor) -> Batch:
-        """The rows `rows` of every field (a micro-batch)."""
-        return self._map(lambda t: t[rows])
+        """The rows `rows` of every field (a micro-batch); images follow their rows."""
+        skip = ("pixel_values", "image_rows")
+        out = Batch(
+            **{k: None if t is None or k in skip else t[rows] for k, t in vars(self).items()}
+        )
+        if self.image_rows is not None:
+            kept = torch.arange(len(self))[rows]  # (B',) old row of each new row
+            hit = self.image_rows[:, None] == kept[None, :]  # (N, B')
+            new_row = hit.int().argmax(1)[hit.any(1)]  # (N',) new row of each kept image
+            order = torch.sort(new_row, stable=True).indices  # row-major, image order kept
+            if len(order):
+                out.pixel_values = self.pixel_values[hit.any(1)][order]
+                out.image_rows = new_row[order]
+        return out
 
     def to(self, device: torch.device | str) -> Batch:
         """A copy on `device`."""

@@ -7,13 +7,15 @@ assistant tokens (geode.train.sft), kind "sft".
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ...data.loader import Batch
 from ..loss import next_token_loss_sum
 from ..sft import SFTOptions
-from .base import Metrics, Objective, register
+from .base import Metrics, Objective, parse_options, register
 
 
 @register("ntp")
@@ -52,6 +54,17 @@ class SupervisedFineTuning(NextToken):
     """
 
     Options = SFTOptions
+
+    @classmethod
+    def prepare_model(cls, trainer: Any, model: nn.Module) -> nn.Module:
+        """A VLM's vision tower frozen unless `train_vision` (its projector always trains)."""
+        tower = getattr(model, "vision_tower", None)
+        if (
+            tower is not None
+            and not parse_options(cls, trainer.recipe.objective.options).train_vision
+        ):
+            tower.requires_grad_(False)
+        return model
 
     def loss_sum(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, float, Metrics]:
         """Forward `batch`; (ce + z over the trained targets, their count, {ce, z, tokens})."""
