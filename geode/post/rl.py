@@ -8,8 +8,8 @@ reward models, format / length / thinking terms, weighted), advantages are taken
 objective (kind "rl", geode/train/objectives/policy.py) updates the weights through the
 trainer's seam. Logged per step: generation_s / scoring_s / update_s, rollout tokens/s,
 reward mean / std, sample accuracy, failed rewards, dropped groups, completion length,
-thinking tokens. The run ends with greedy held-out accuracy before and after in
-OUT/summary.json.
+thinking tokens. The run ends with held-out accuracy before and after in OUT/summary.json:
+greedy, and avg@k (k = group_size samples per prompt at the rollout temperature).
 
 A recipe with [warp], [score] or [cfg] runs WARP (geode.post.warp), SCoRe (geode.post.score)
 or CFG distillation (geode.post.cfgdistill) instead; they reuse `train_policy`.
@@ -78,18 +78,63 @@ def build_source(recipe: PostRecipe, tokenizer: Any) -> Rollouts:
     )
 
 
-def heldout_scores(engine: Any, tokenizer: Any, prompts: list[Prompt], max_new: int) -> dict:
-    """Greedy held-out answers: accuracy under the task verifier and the share with a final
-    `#### N` answer, over the prompts with answers (empty without any)."""
+def heldout_scores(
+    engine: Any,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    max_new: int,
+    *,
+    samples: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> dict:
+    """Held-out answers under the task verifier, over the prompts with answers (empty without
+    any): greedy `accuracy` and `answered` (share with a final `#### N`); with `samples` = k > 0
+    also `avg_at_k`, the mean accuracy of k samples per prompt at `temperature` (sampled
+    pass@1 averaged over k, the metric RL papers report beside greedy, e.g. DeepSeek-R1's
+    pass@1 over k samples)."""
     checked = [p for p in prompts if p.answer is not None]
     if not checked:
         return {}
     answers = greedy_answers(engine, tokenizer, checked, max_new)
     n = len(checked)
-    return {
+    out = {
         "accuracy": sum(synth.verify(p.answer, a) for p, a in zip(checked, answers)) / n,
         "answered": sum(synth.parse_answer(a) is not None for a in answers) / n,
     }
+    if samples > 0:
+        texts = sampled_answers(engine, tokenizer, checked, max_new, samples, temperature, seed)
+        hits = [synth.verify(checked[i // samples].answer, a) for i, a in enumerate(texts)]
+        out["avg_at_k"] = sum(hits) / len(hits)
+    return out
+
+
+def sampled_answers(
+    engine: Any,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    max_new: int,
+    k: int,
+    temperature: float,
+    seed: int,
+) -> list[str]:
+    """k sampled response texts per prompt (prompt-major), with fixed per-sample seeds (the
+    same draws before and after training)."""
+    from geode.infer import Request
+
+    from .pairs import prompt_text
+
+    model = engine.model
+    was_training = model.training
+    reqs = [
+        Request(list(tokenizer.encode(prompt_text(p.messages))), max_new_tokens=max_new,
+                temperature=temperature, seed=seed + i * k + j)
+        for i, p in enumerate(prompts) for j in range(k)
+    ]  # fmt: skip
+    try:
+        return [r.text or "" for r in engine.generate(reqs)]
+    finally:
+        model.train(was_training)
 
 
 def train_policy(
@@ -127,7 +172,9 @@ def train_policy(
     rl = recipe.rl or RLSection()
     held = heldout_prompts(recipe, rl.eval_prompts) if rl.eval_prompts else []
     t0 = time.perf_counter()
-    before = heldout_scores(source.engine, tok, held, rl.eval_max_new_tokens)
+    k = rl.group_size  # avg@k: k = group_size samples per held-out prompt at rl.temperature
+    score = dict(samples=k, temperature=rl.temperature, seed=recipe.data.seed)
+    before = heldout_scores(source.engine, tok, held, rl.eval_max_new_tokens, **score)
     trainer.raw_model.train()
     eval_s = time.perf_counter() - t0
     try:
@@ -137,13 +184,16 @@ def train_policy(
         if callable(close):
             close()
     t0 = time.perf_counter()
-    after = heldout_scores(source.engine, tok, held, rl.eval_max_new_tokens)
+    after = heldout_scores(source.engine, tok, held, rl.eval_max_new_tokens, **score)
     summary.update(_series(Path(trainer.out) / "metrics.jsonl"))
     summary.update(
         heldout_accuracy_before=before.get("accuracy"),
         heldout_accuracy_after=after.get("accuracy"),
         heldout_answered_before=before.get("answered"),
         heldout_answered_after=after.get("answered"),
+        heldout_avg_at_k_before=before.get("avg_at_k"),
+        heldout_avg_at_k_after=after.get("avg_at_k"),
+        heldout_k=k,
         heldout_prompts=len(held),
         eval_s=eval_s + time.perf_counter() - t0,
         dropped_groups_total=getattr(source, "dropped_total", 0),

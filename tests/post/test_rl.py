@@ -127,6 +127,9 @@ def test_num_iterations_reuse_rollouts_with_old_logps_and_resume(tmp_path, task_
     assert second["ratio_mean"] != pytest.approx(1.0, abs=1e-7)  # after one update: a real ratio
     assert trainer.loader.state_dict() == {"draws": 2, "rounds": 1}
     assert summary["heldout_prompts"] == 4 and summary["heldout_accuracy_before"] is not None
+    assert summary["heldout_k"] == 2  # avg@k: group_size samples per held-out prompt
+    assert 0.0 <= summary["heldout_avg_at_k_before"] <= 1.0
+    assert 0.0 <= summary["heldout_avg_at_k_after"] <= 1.0
     # resume continues: step 3 samples a new rollout batch after the two prompts drawn
     more = _recipe(out, sft_policy, task_dir, steps=3, rl_opts=ITER,
                    checkpoint={"export": False, "every": 1})  # fmt: skip
