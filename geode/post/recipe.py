@@ -95,6 +95,20 @@ class CfgSection:
 
 
 @dataclass
+class ScoreSection:
+    """SCoRe (geode.post.score; Kumar et al. 2024, arXiv:2409.12917, sec. 5) and its baselines."""
+
+    method: str = "score"  # "score" | "star" | "pair_sft" (same sampled budget and steps)
+    stage1_steps: int = 10  # Stage I optimizer steps (0: SCoRe without Stage I)
+    stage2_steps: int = 20  # Stage II optimizer steps
+    alpha: float = 10.0  # shaping bonus alpha (r2 - r1) on attempt 2 (Stage II)
+    beta1: float = 0.01  # KL weight on both attempts (Stage II)
+    beta2: float = 0.1  # KL weight on attempt 1 (Stage I)
+    instruction: str = ""  # the correction instruction; empty: geode.post.env's
+    loss_type: str = "grpo"  # "grpo" (per-sequence token mean) | "dapo" (per token)
+
+
+@dataclass
 class WarpSection:
     """WARP (geode.post.warp; Rame et al. 2024, arXiv:2406.16768): M RL runs per iteration
     with an EMA anchor, SLERP-merged, interpolated towards the init (LITI), I iterations."""
@@ -146,6 +160,7 @@ class PostRecipe(TrainRecipe):
     rl: RLSection | None = None  # present: RL (geode rl)
     warp: WarpSection | None = None  # present: WARP (geode rl)
     cfg: CfgSection | None = None  # present: CFG distillation (geode rl)
+    score: ScoreSection | None = None  # present: SCoRe self-correction (geode rl)
 
 
 def load_post_recipe(
