@@ -37,11 +37,13 @@ bubblewrap:
 test: lint chromium bubblewrap
 	$(VENV)/bin/pytest -q
 
-# Until the quickstart issue lands: scripts/demo.sh (stdlib tokenizer -> random nano-5m -> info ->
-# generate), then what it built, why the text is gibberish (random weights) and what to run next.
+# The lifecycle in miniature (geode quickstart, docs/quickstart.md): data, tokenizer, teacher,
+# distilled student vs from-scratch control, SFT, WARM, OAIF, GRPO, SCoRe -> DEMO/REPORT.md and
+# DEMO/final. --resume: a rerun continues an interrupted demo (a finished one is not redone).
 DEMO := demo_out
+DEMO_MINUTES := 10
 demo: $(STAMP)
-	GEODE=$(VENV)/bin/geode sh scripts/demo.sh $(DEMO)
+	$(VENV)/bin/geode quickstart --out $(DEMO) --budget-minutes $(DEMO_MINUTES) --resume
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out

@@ -34,6 +34,10 @@ STAGES = ("data", "tokenizer", "pretrain", "distill", "sft", "reward", "dpo", "r
           "report")  # fmt: skip
 FRACTIONS = {"data": 0.02, "tokenizer": 0.02, "pretrain": 0.18, "distill": 0.22, "sft": 0.16,
              "reward": 0.04, "dpo": 0.04, "rl": 0.16, "score": 0.14, "report": 0.02}  # fmt: skip
+# (hidden, layers, heads, head_dim) of the nano models, smallest first: the teacher is the
+# largest that trains plan.min_steps steps within its budget, the student the largest smaller one
+SHAPES = ((32, 2, 2, 16), (64, 2, 2, 32), (96, 3, 2, 48), (128, 4, 2, 64), (192, 4, 4, 48),
+          (256, 6, 4, 64))  # fmt: skip
 LORA_ABOVE = 50_000_000  # --base models with more parameters are post-trained with LoRA
 SEQ_LEN = 128
 BATCH = 16
@@ -55,8 +59,8 @@ class Plan:
     stdlib_bytes: int = 2_000_000
     tasks_train: int = 3000
     tasks_heldout: int = 200
-    teacher: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides of nano-1m
-    student: dict[str, Any] = field(default_factory=dict)
+    max_shape: int = len(SHAPES) - 1  # the largest SHAPES entry the teacher may use
+    min_steps: int = 150  # a model is chosen only if this many steps fit its stage's budget
     eval_prompts: int = 100
     max_new_tokens: int = 48
 
@@ -71,13 +75,9 @@ def make_plan(budget_minutes: float, base: str = "") -> Plan:
         raise QuickstartError(f"--budget-minutes must be > 0, got {budget_minutes}")
     tiny = budget_minutes < 3
     if tiny:
-        teacher = _shape(hidden=64, layers=2, heads=2, head_dim=32)
-        student = _shape(hidden=32, layers=2, heads=2, head_dim=16)
-        return Plan(budget_minutes, base, True, 512, 200_000, 400, 32, teacher, student, 16, 24)
-    wide = budget_minutes >= 30
-    teacher = _shape(hidden=256 if wide else 192, layers=6 if wide else 4, heads=4, head_dim=48)
-    student = _shape(hidden=96, layers=3, heads=2, head_dim=48)
-    return Plan(budget_minutes, base, False, 1024, 1_000_000, 3000, 200, teacher, student)
+        return Plan(budget_minutes, base, True, 512, 100_000, 300, 32, 1, 0, 8, 16)
+    return Plan(budget_minutes, base, False, 1024, 500_000, 1700, 190,
+                len(SHAPES) - 1 if budget_minutes >= 30 else len(SHAPES) - 2)  # fmt: skip
 
 
 def _shape(hidden: int, layers: int, heads: int, head_dim: int) -> dict[str, Any]:
@@ -142,6 +142,7 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
         _write_json(plan_file, asdict(plan))
     ctx = Context(out, plan, progress)
+    log(f"   {_set_threads()}")
     stages = [s for s in STAGES if not (plan.base and s in ("pretrain", "distill"))]
     t_all = time.perf_counter()
     for i, name in enumerate(stages, 1):
@@ -168,6 +169,19 @@ def run(
     return ctx.done
 
 
+def _set_threads() -> str:
+    """One torch thread when the machine is already busy (load average >= its cores): two
+    threads contending with other processes ran 5x slower than one on a loaded 2-core host."""
+    import os
+
+    import torch
+
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load >= cores:
+        torch.set_num_threads(1)
+    return f"load average {load:.1f} on {cores} cores: {torch.get_num_threads()} torch thread(s)"
+
+
 def _brief(metrics: dict[str, Any]) -> str:
     """The scalar metrics of a record, compactly."""
     items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -184,6 +198,7 @@ def stage_data(ctx: Context) -> dict[str, Any]:
     """Task family (train / held-out) + stdlib corpus; exact/near dedup; 13-gram decontamination
     of the training documents against the held-out problems. Writes corpus.jsonl (training
     documents), heldout.jsonl (held-out problem documents), sft/ and prefs/ chat data."""
+    from .data import tasks as synth
     from .data.decontam import Decontaminator
     from .data.dedup import ExactDedup, NearDedup
     from .data.sources import SourceConfig, read_source
@@ -214,13 +229,17 @@ def stage_data(ctx: Context) -> dict[str, Any]:
     write_jsonl([{"text": doc.text} for doc in held], d / "heldout.jsonl")
     write_jsonl(sft_examples(p.tasks_train, seed=SEED, rambling_fraction=0.0, **TASK),
                 d / "sft" / "train.jsonl")  # fmt: skip
-    write_jsonl(sft_examples(p.tasks_heldout // 2, seed=SEED + 1, rambling_fraction=0.0, **TASK),
-                d / "sft" / "heldout.jsonl")  # fmt: skip
+    held_chats = [{"messages": [{"role": "user", "content": q.question},
+                                {"role": "assistant", "content": q.solution}]}
+                  for q in synth.generate(p.tasks_heldout, seed=SEED, split="heldout", **TASK)]  # fmt: skip
+    write_jsonl(held_chats, d / "sft" / "heldout.jsonl")
     write_jsonl(make_pairs(p.tasks_train // 2, seed=SEED, **TASK), d / "prefs" / "train.jsonl")
     write_jsonl(make_pairs(p.tasks_heldout // 2, seed=SEED, split="heldout", **TASK),
                 d / "prefs" / "heldout.jsonl")  # fmt: skip
     counts = {s.name: sum(1 for k in kept if k["source"] == s.name) for s in sources}
-    return {"task_docs": counts["tasks"], "stdlib_docs": counts["stdlib"],
+    import os
+
+    return {"load_average": os.getloadavg()[0], "task_docs": counts["tasks"], "stdlib_docs": counts["stdlib"],
             "heldout_docs": len(held), **dropped}  # fmt: skip
 
 
@@ -327,14 +346,34 @@ def stage_pretrain(ctx: Context) -> dict[str, Any]:
     from .train.run import train
 
     _pack(ctx, ctx.dir("pretrain") / "data")
-    step_s = _measure_step(ctx.plan.teacher, ctx.done["tokenizer"]["vocab_size"])
-    steps = _steps(ctx.plan.seconds("pretrain"), step_s, 4, 2000)
-    print(f"   teacher: {step_s * 1000:.0f} ms/step measured -> {steps} steps", flush=True)
+    idx, steps = _fit_shape(ctx, "pretrain", range(ctx.plan.max_shape + 1), 1)
+    shape = _shape(*SHAPES[idx])
     out = ctx.dir("pretrain") / "teacher"
-    recipe = _lm_recipe(ctx, "teacher", ctx.plan.teacher, steps, out, 3e-3)
+    recipe = _lm_recipe(ctx, "teacher", shape, steps, out, 3e-3)
     s = train(_load_train(recipe), out, progress=ctx.progress)
-    return {"model": s["model"], "steps": steps, "heldout_loss": s.get("eval_loss"),
-            "train_loss": s["final_train_loss"]}  # fmt: skip
+    return {"model": s["model"], "shape": idx, "hidden_size": shape["hidden_size"],
+            "layers": shape["num_hidden_layers"], "steps": steps,
+            "heldout_loss": s.get("eval_loss"), "train_loss": s["final_train_loss"]}  # fmt: skip
+
+
+def _fit_shape(ctx: Context, stage: str, candidates: range, runs: int,
+               extra_s: float = 0.0) -> tuple[int, int]:  # fmt: skip
+    """(SHAPES index, steps): the largest candidate of which plan.min_steps steps (`runs` runs,
+    each step plus `extra_s`) fit the stage's budget, measured smallest first; else the smallest."""
+    vocab = ctx.done["tokenizer"]["vocab_size"]
+    best = None
+    for idx in candidates:
+        step_s = _measure_step(_shape(*SHAPES[idx]), vocab) + extra_s
+        steps = _steps(ctx.plan.seconds(stage) / runs, step_s, 2, 3000)
+        print(f"   {SHAPES[idx][0]}x{SHAPES[idx][1]}: {step_s * 1000:.0f} ms/step -> {steps} steps",
+              flush=True)  # fmt: skip
+        if best is not None and steps < ctx.plan.min_steps:
+            break
+        best = (idx, steps)
+        if steps < ctx.plan.min_steps:
+            break
+    assert best is not None, "no candidate shapes"
+    return best
 
 
 def _load_train(recipe: dict[str, Any]) -> Any:
@@ -350,17 +389,18 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     from .train.run import distill
 
     vocab = ctx.done["tokenizer"]["vocab_size"]
-    step_s = _measure_step(ctx.plan.student, vocab) + _measure_step(ctx.plan.teacher, vocab, True)
-    steps = _steps(ctx.plan.seconds("distill") / 2, step_s, 4, 2000)
-    print(f"   student: {step_s * 1000:.0f} ms/step measured -> {steps} steps x 2 runs", flush=True)
+    t = ctx.done["pretrain"]["shape"]
+    teacher_s = _measure_step(_shape(*SHAPES[t]), vocab, forward_only=True)
+    idx, steps = _fit_shape(ctx, "distill", range(max(t, 1)), 2, teacher_s)
     out = ctx.dir("distill")
-    recipe = _lm_recipe(ctx, "student", ctx.plan.student, steps, out, 3e-3)
+    recipe = _lm_recipe(ctx, "student", _shape(*SHAPES[idx]), steps, out, 3e-3)
     recipe["distill"] = {"teacher": ctx.model("pretrain"), "top_k": min(128, vocab),
                          "sampling": "sample", "control": True}  # fmt: skip
     result = distill(_load_train(recipe), out, progress=ctx.progress)
     final = result["comparison"]["final_eval_loss"]
     return {"model": result["student"]["model"], "control_model": result["control"]["model"],
-            "steps": steps, "student_heldout_loss": final["student"],
+            "steps": steps, "hidden_size": SHAPES[idx][0], "layers": SHAPES[idx][1],
+            "student_heldout_loss": final["student"],
             "control_heldout_loss": final["control"],
             "distilled_below_control": final["student"] < final["control"]}  # fmt: skip
 
@@ -450,15 +490,17 @@ def stage_reward(ctx: Context) -> dict[str, Any]:
 
 
 def stage_dpo(ctx: Context) -> dict[str, Any]:
-    """One short offline DPO stage on the same pairs, the SFT model as reference."""
+    """One short OAIF stage (Guo et al. 2024): each step the policy samples two answers per
+    training prompt, the task verifier picks one, DPO's loss against the SFT model."""
     from .post.dpo import dpo
     from .post.recipe import load_post_recipe
 
-    init = ctx.model("sft")
-    steps = _post_steps(ctx, "dpo", init, 5.0, 2, 300)
+    init, p = ctx.model("sft"), ctx.plan
+    steps = _post_steps(ctx, "dpo", init, 12.0, 2, 300)  # sampling + 4 sequences per pair
+    online = {"judge": "verifier", "max_new_tokens": p.max_new_tokens, "prompts_per_step": 8,
+              "eval_prompts": p.eval_prompts, "eval_max_new_tokens": p.max_new_tokens}  # fmt: skip
     recipe = _post(ctx, "dpo", init, steps, 1e-4, objective={"kind": "dpo", "options": {"beta": 0.1}},
-                   pairs_data=True, online=None)  # fmt: skip
-    recipe.pop("online")
+                   pairs_data=True, online=online)  # fmt: skip
     s = dpo(load_post_recipe(recipe), ctx.dir("dpo"), progress=ctx.progress)
     win = s["policy_vs_start"]
     return {"model": s["model"], "steps": steps, **{f"vs_sft_{k}": v for k, v in win.items()
@@ -481,8 +523,9 @@ def stage_rl(ctx: Context) -> dict[str, Any]:
     steps = _post_steps(ctx, "rl", init, 40.0, 2, 200)  # sampling dominates an RL step
     sec = _rl_sections(ctx, 8, ctx.plan.max_new_tokens)
     sec["rl"]["thinking_budgets"] = [16, 32]
-    recipe = _post(ctx, "rl", init, steps, 2e-4, **sec, batch={"global_batch_size": 64,
-                   "micro_batch_size": 32})  # fmt: skip
+    rows = 16 if ctx.plan.tiny else 64
+    recipe = _post(ctx, "rl", init, steps, 2e-4, **sec, batch={"global_batch_size": rows,
+                   "micro_batch_size": min(rows, 32)})  # fmt: skip
     s = rl(load_post_recipe(recipe), ctx.dir("rl"), progress=ctx.progress)
     curve = [r for r in s.get("reward_curve", []) if r is not None]
     return {"model": s["model"], "steps": steps, "reward_first": curve[0] if curve else None,
@@ -503,7 +546,8 @@ def stage_score(ctx: Context) -> dict[str, Any]:
     sec["rl"].update(estimator="rloo", scale="none", mask_truncated=True)
     recipe = _post(ctx, "score", init, steps, 1e-4, **sec,
                    score={"stage1_steps": s1, "stage2_steps": max(1, steps - s1)},
-                   batch={"global_batch_size": 32, "micro_batch_size": 16})  # fmt: skip
+                   batch={"global_batch_size": 8 if ctx.plan.tiny else 32,
+                          "micro_batch_size": 8 if ctx.plan.tiny else 16})  # fmt: skip
     s = score(load_post_recipe(recipe), ctx.dir("score"), progress=ctx.progress)
     b, a = s["before"], s["after"]
     return {"model": s["model"], "steps": steps, "before": b, "after": a,

@@ -18,7 +18,7 @@ STAGE_WHAT = {
     "distill": "student from sampled top-K teacher logits (Gemma 3) + from-scratch control",
     "sft": "SFT on chat-formatted problems",
     "reward": "2 reward models + their weight average (WARM)",
-    "dpo": "offline DPO on preference pairs (SFT model as reference)",
+    "dpo": "OAIF: DPO on policy samples judged by the task verifier",
     "rl": "GRPO, task-verifier reward, thinking budgets",
     "score": "SCoRe two-attempt self-correction RL (Stage I + II)",
     "report": "REPORT.md, plots, OUT/final",
