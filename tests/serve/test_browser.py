@@ -22,6 +22,7 @@ import pytest
 from geode.chat import render
 from geode.infer import Engine, Request
 from tests.serve.helpers import LiveServer, wait_until
+from tests.serve.test_vlm_server import image_dir, vlm_dir, vlm_server  # noqa: F401 (fixtures)
 
 STEP_DELAY = 0.01  # seconds added to every engine step, so that a reply visibly streams
 
@@ -157,3 +158,69 @@ def test_chat_page_streams_stops_and_screenshots(page, slow_server, tmp_path: Pa
     width, height = _png_size(shot)
     assert width >= 600 and height >= 400, (width, height)
     assert shot.stat().st_size > 10_000, "screenshot looks blank"
+
+
+def test_chat_page_attaches_an_image(page, vlm_server, vlm_dir, tmp_path: Path):  # noqa: F811
+    """The attach button: a PNG from the file input shows as a thumbnail in the composer and
+    the transcript, goes as an `image_url` data: URL part, and the greedy reply equals the
+    engine's in process; a corrupt image is the server's 400, shown as an error, and the
+    refused message leaves the conversation."""
+    import base64
+    import json
+
+    from PIL import Image
+
+    import geode
+    from geode.chat import render_multimodal
+
+    png = tmp_path / "blue.png"
+    Image.new("RGB", (40, 28), "blue").save(png)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    bodies: list[dict[str, Any]] = []
+    page.on(
+        "request",
+        lambda req: req.url.endswith("/v1/chat/completions") and bodies.append(json.loads(req.post_data)),
+    )  # fmt: skip
+    page.goto(vlm_server.url + "/")
+    page.wait_for_function(
+        "!['loading…', 'unavailable'].includes(document.getElementById('model').textContent)"
+    )
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "8")
+
+    # 1. a corrupt image: the 400's message in the reply's place, nothing kept
+    page.set_input_files("#attach", str(bad))
+    page.wait_for_selector("#attachments img.thumb")
+    page.fill("#input", "what is this?")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.error")
+    error = page.inner_text(".msg.error .body")
+    assert "HTTP 400" in error and "corrupt or truncated" in error, error
+    assert page.evaluate("document.querySelectorAll('.msg.user.refused').length") == 1
+
+    # 2. a real PNG: thumbnails, the image_url part, the engine's reply
+    page.set_input_files("#attach", str(png))
+    page.wait_for_selector("#attachments img.thumb")
+    page.fill("#input", "what colour is this?")
+    page.press("#input", "Enter")
+    page.wait_for_function(
+        "document.querySelectorAll('.msg').length === 4 && !document.getElementById('send').disabled"
+    )
+    assert page.evaluate("document.querySelectorAll('#attachments img').length") == 0
+    assert page.evaluate("document.querySelectorAll('.msg.user img.thumb').length") == 2
+    url = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "what colour is this?"}]}]  # fmt: skip
+    assert len(bodies) == 2 and bodies[1]["messages"] == messages  # the refused turn is gone
+    assert bodies[0]["messages"][0]["content"][0]["image_url"]["url"].startswith(
+        "data:image/png;base64,"
+    )
+    model, tok = geode.load_model(vlm_dir), geode.load_tokenizer(vlm_dir)
+    prompt = render_multimodal(messages, mm_tokens_per_image=16)
+    (want,) = Engine(model, tok).generate([Request(prompt, temperature=0, max_new_tokens=8)])
+    assert _text(page, 0) == want.text  # the refused turn's bubble is an error, not a reply
+    assert (
+        page.evaluate("document.querySelector('.msg.user:not(.refused) img.thumb').naturalWidth")
+        == 40
+    )
