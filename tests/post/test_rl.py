@@ -195,3 +195,47 @@ def test_rlvr_on_the_task_family(tmp_path, task_dir, sft_policy):
         json.loads((out / "summary.json").read_text())["heldout_answered_after"]
         == (summary["heldout_answered_after"])
     )
+
+
+def test_rollout_logps_match_the_objective_and_the_update_follows_the_advantage(
+    tmp_path, task_dir, sft_policy
+):
+    """The objective's log-probs of a rollout batch equal the engine's at the sampled tokens
+    (loss_mask aligned with the samples: the ratio is 1 at the first update), and one SGD step
+    raises the log-likelihood of the positive-advantage episode and lowers the negative one's."""
+    from geode.infer import SamplingParams
+    from geode.post.rollout import Rollouts, episodes_batch
+    from geode.tokenizer import load_tokenizer
+    from geode.train.batches import TrainData
+    from geode.train.loop import Trainer
+
+    tok = load_tokenizer(sft_policy / "tokenizer.model")
+    recipe = _recipe(tmp_path / "lp", sft_policy, task_dir, obj={"loss_type": "dapo"})
+    trainer = Trainer(recipe, data=TrainData(batches=lambda: iter(()), vocab_size=0))
+    from geode.post.oaif import task_prompts
+
+    prompts = task_prompts(4, seed=0, **{"min_steps": 1, "max_steps": 1, "max_value": 20})
+    src = Rollouts(tok, prompts, None, sampling=SamplingParams(max_new_tokens=24, temperature=1.0),
+                   group_size=2, prompts_per_step=2)  # fmt: skip
+    src.attach(trainer)
+    eps, _, _ = src._round(2)
+    adv = torch.tensor([1.0, -1.0, 0.0, 0.0])  # (N,)
+    batch = episodes_batch(eps, adv, tok.pad_id, mask_truncated=False)
+    obj, model = trainer.objective, trainer.raw_model
+    with torch.no_grad():
+        before = obj.token_logps(model, batch)  # (B, T)
+    for i, e in enumerate(eps):
+        p = len(e.prompt_ids) - 1  # target index of the first sampled token
+        got = before[i, p : p + len(e.token_ids)]
+        torch.testing.assert_close(got, torch.tensor(e.logprobs), atol=1e-4, rtol=0)
+        assert int(batch.loss_mask[i].sum()) == sum(e.sampled_mask) == len(e.token_ids)
+    loss, n, _ = obj.loss_sum(model, batch)
+    (loss / n).backward()
+    with torch.no_grad():
+        for q in model.parameters():
+            if q.grad is not None:
+                q -= 0.05 * q.grad
+        after = obj.token_logps(model, batch)
+    seq = lambda x: (x * batch.loss_mask).sum(-1)  # noqa: E731  # (B,) sequence log-likelihood
+    assert float(seq(after)[0]) > float(seq(before)[0])
+    assert float(seq(after)[1]) < float(seq(before)[1])
