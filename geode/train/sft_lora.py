@@ -2,11 +2,13 @@
 
 LoRA (Hu et al. 2021, arXiv:2106.09685, eq. 3): a frozen weight W0 gets a trainable low-rank
 update, h = W0 x + (alpha / r) * B A x, with A (r, in) random and B (out, r) zero at the start.
-peft's `inject_adapter_in_model` wraps the matching `nn.Linear`s of geode's model (its module
-names are the Hugging Face ones without the `model.` prefix), so the adapters saved here
-(adapter_config.json + adapter_model.safetensors, keys `base_model.model.model.layers.N...`)
-load with `PeftModel.from_pretrained` on transformers' Gemma3ForCausalLM, and `merged_copy`
-folds W0 + (alpha / r) B A into plain weights for export.
+peft's `inject_adapter_in_model` wraps the matching `nn.Linear`s of geode's model; the saved
+keys (adapter_config.json + adapter_model.safetensors, `base_model.model.model.layers.N...`)
+carry the family's Hugging Face module names (the checkpoint key mapping of geode.family:
+RecurrentGemma's `temporal_block`/`mlp_block`, Gemma 4's MoE parts on the decoder layer), so
+they load with `PeftModel.from_pretrained` on transformers' Gemma3ForCausalLM,
+Gemma4ForCausalLM or RecurrentGemmaForCausalLM, and `merged_copy` folds W0 + (alpha / r) B A
+into plain weights for export.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..family import get_family
 from ..fileio import atomic_write_bytes, swap_dir_into_place
 from ..recipe import RecipeError
 
@@ -59,9 +62,22 @@ def add_lora(model: nn.Module, section: Any, base: str = "") -> nn.Module:
     return model
 
 
-def _hf_key(name: str) -> str:
-    """geode adapter key -> the key peft saves for Gemma3ForCausalLM."""
-    return _PEFT_PREFIX + (name if name.startswith("lm_head.") else f"model.{name}")
+def _map_key(model: nn.Module, name: str, to_hf: bool) -> str | None:
+    """An adapter key `<module>.lora_X.weight` with its module path mapped by the family's
+    checkpoint key mapping (applied to `<module>.weight`); None: the family ignores it."""
+    if name.startswith("lm_head."):
+        return name
+    config = model.config
+    spec = get_family(config.family)
+    module, sep, tail = name.partition(".lora_")
+    mapped = (spec.key_to_hf if to_hf else spec.key_from_hf)(config, f"{module}.weight")
+    return None if mapped is None else mapped.removesuffix(".weight") + sep + tail
+
+
+def _hf_key(model: nn.Module, name: str) -> str:
+    """geode adapter key -> the key peft saves for the family's HF model."""
+    key = _map_key(model, name, to_hf=True)
+    return _PEFT_PREFIX + (key if key.startswith("lm_head.") else f"model.{key}")
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -69,7 +85,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name="default", save_embedding_layers=False)
-    return {_hf_key(k): v.detach().cpu().contiguous() for k, v in state.items()}
+    return {_hf_key(model, k): v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def save_adapter(model: nn.Module, path: str | Path, section: Any = None, base: str = "") -> Path:
@@ -108,7 +124,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         if not k.startswith(_PEFT_PREFIX):
             raise RecipeError(f"{path / ADAPTER_WEIGHTS}: unexpected tensor {k!r}")
         k = k[len(_PEFT_PREFIX) :]
-        mine[k if k.startswith("lm_head.") else k.removeprefix("model.")] = v
+        k = _map_key(model, k if k.startswith("lm_head.") else k.removeprefix("model."), False)
+        if k is not None:  # None: a tensor the family's loader ignores (kv-shared k/v)
+            mine[k] = v
     result = set_peft_model_state_dict(model, mine, adapter_name="default")
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
