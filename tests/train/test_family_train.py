@@ -31,9 +31,7 @@ from tests.train.test_moe_train import MOE
 BASES = {
     "gemma4": (
         "Gemma4ForCausalLM",
-        lambda v: hf_gemma4(
-            3, **{**G4_CONFIGS["moe-kvshare-softcap"], "vocab_size": v, "num_kv_shared_layers": 0}
-        ),
+        lambda v: hf_gemma4(3, **{**G4_CONFIGS["moe-kvshare-softcap"], "vocab_size": v}),
     ),
     "recurrent_gemma": (
         "RecurrentGemmaForCausalLM",
