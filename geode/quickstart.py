@@ -32,8 +32,8 @@ from .fileio import atomic_write_bytes, swap_dir_into_place
 TASK = {"min_steps": 1, "max_steps": 1, "max_value": 20}  # problems a nano model learns in minutes
 STAGES = ("data", "tokenizer", "pretrain", "distill", "sft", "reward", "dpo", "rl", "score",
           "report")  # fmt: skip
-FRACTIONS = {"data": 0.02, "tokenizer": 0.02, "pretrain": 0.18, "distill": 0.22, "sft": 0.16,
-             "reward": 0.04, "dpo": 0.04, "rl": 0.16, "score": 0.14, "report": 0.02}  # fmt: skip
+FRACTIONS = {"data": 0.02, "tokenizer": 0.02, "pretrain": 0.22, "distill": 0.16, "sft": 0.24,
+             "reward": 0.03, "dpo": 0.03, "rl": 0.16, "score": 0.12, "report": 0.02}  # fmt: skip
 # (hidden, layers, heads, head_dim) of the nano models, smallest first: the teacher is the
 # largest that trains plan.min_steps steps within its budget, the student the largest smaller one
 SHAPES = ((32, 2, 2, 16), (64, 2, 2, 32), (96, 3, 2, 48), (128, 4, 2, 64), (192, 4, 4, 48),
@@ -60,7 +60,7 @@ class Plan:
     tasks_train: int = 3000
     tasks_heldout: int = 200
     max_shape: int = len(SHAPES) - 1  # the largest SHAPES entry the teacher may use
-    min_steps: int = 150  # a model is chosen only if this many steps fit its stage's budget
+    min_steps: int = 60  # a model is chosen only if this many steps fit its stage's budget
     eval_prompts: int = 100
     max_new_tokens: int = 48
 
@@ -346,7 +346,7 @@ def stage_pretrain(ctx: Context) -> dict[str, Any]:
     from .train.run import train
 
     _pack(ctx, ctx.dir("pretrain") / "data")
-    idx, steps = _fit_shape(ctx, "pretrain", range(ctx.plan.max_shape + 1), 1)
+    idx, steps = _fit_shape(ctx, "pretrain", range(1, ctx.plan.max_shape + 1), 1)
     shape = _shape(*SHAPES[idx])
     out = ctx.dir("pretrain") / "teacher"
     recipe = _lm_recipe(ctx, "teacher", shape, steps, out, 3e-3)
@@ -391,7 +391,7 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     vocab = ctx.done["tokenizer"]["vocab_size"]
     t = ctx.done["pretrain"]["shape"]
     teacher_s = _measure_step(_shape(*SHAPES[t]), vocab, forward_only=True)
-    idx, steps = _fit_shape(ctx, "distill", range(max(t, 1)), 2, teacher_s)
+    idx, steps = _fit_shape(ctx, "distill", range(t), 2, teacher_s)
     out = ctx.dir("distill")
     recipe = _lm_recipe(ctx, "student", _shape(*SHAPES[idx]), steps, out, 3e-3)
     recipe["distill"] = {"teacher": ctx.model("pretrain"), "top_k": min(128, vocab),
@@ -462,8 +462,8 @@ def stage_sft(ctx: Context) -> dict[str, Any]:
     from .train.sft import sft
 
     init, d = _base_model(ctx), ctx.dir("data")
-    steps = _post_steps(ctx, "sft", init, 3.0, 4, 1000)  # rows of 256 tokens, 2x of pretraining's
-    recipe = _post(ctx, "sft", init, steps, 3e-3, objective={"kind": "sft"},
+    steps = _post_steps(ctx, "sft", init, 1.1, 4, 1000)  # rows of 256 tokens, 2x of pretraining's
+    recipe = _post(ctx, "sft", init, steps, 1e-2, objective={"kind": "sft"},
                    data={"path": str(d / "sft" / "train.jsonl"),
                          "eval_path": str(d / "sft" / "heldout.jsonl"), "seq_len": 256},
                    optim={"schedule": "cosine", "warmup_steps": max(1, steps // 10)})  # fmt: skip
@@ -496,7 +496,7 @@ def stage_dpo(ctx: Context) -> dict[str, Any]:
     from .post.recipe import load_post_recipe
 
     init, p = ctx.model("sft"), ctx.plan
-    steps = _post_steps(ctx, "dpo", init, 12.0, 2, 300)  # sampling + 4 sequences per pair
+    steps = _post_steps(ctx, "dpo", init, 4.0, 2, 300)  # sampling + 4 sequences per pair
     online = {"judge": "verifier", "max_new_tokens": p.max_new_tokens, "prompts_per_step": 8,
               "eval_prompts": p.eval_prompts, "eval_max_new_tokens": p.max_new_tokens}  # fmt: skip
     recipe = _post(ctx, "dpo", init, steps, 1e-4, objective={"kind": "dpo", "options": {"beta": 0.1}},
@@ -520,7 +520,7 @@ def stage_rl(ctx: Context) -> dict[str, Any]:
     from .post.rl import rl
 
     init = ctx.model("dpo")
-    steps = _post_steps(ctx, "rl", init, 40.0, 2, 200)  # sampling dominates an RL step
+    steps = _post_steps(ctx, "rl", init, 8.0, 2, 200)  # sampling dominates an RL step
     sec = _rl_sections(ctx, 8, ctx.plan.max_new_tokens)
     sec["rl"]["thinking_budgets"] = [16, 32]
     rows = 16 if ctx.plan.tiny else 64
@@ -540,7 +540,7 @@ def stage_score(ctx: Context) -> dict[str, Any]:
     from .post.score import score
 
     init = ctx.model("rl")
-    steps = _post_steps(ctx, "score", init, 60.0, 2, 100)
+    steps = _post_steps(ctx, "score", init, 20.0, 2, 100)
     s1 = max(1, steps // 3)
     sec = _rl_sections(ctx, 4, ctx.plan.max_new_tokens)
     sec["rl"].update(estimator="rloo", scale="none", mask_truncated=True)
