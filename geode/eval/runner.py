@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..fileio import save_figure
 from .backends import Backend, Gen
 from .fit import fit_shots
 from .selfcorrect import second_turn, self_correction_metrics
@@ -345,8 +346,7 @@ def _bar_plot(path: Path, rows: list[tuple[str, float | None, list | None]]) -> 
     ax.set_ylabel("score")
     ax.set_title("geode eval")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def evaluate(

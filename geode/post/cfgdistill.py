@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from geode.data import tasks as synth
-from geode.fileio import atomic_write_bytes, sha256_file
+from geode.fileio import atomic_write_bytes, save_figure, sha256_file
 from geode.recipe import RecipeError
 
 from .oaif import Prompt, read_prompts, task_prompts
@@ -500,9 +500,4 @@ def plot_front(summary: dict[str, Any], path: Path) -> None:
     ax.set_title(f"CFG distillation front (γ = {summary['guidance_scale']:g})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)

@@ -18,14 +18,13 @@ and the greedy accuracy. OUT/front.json holds the points, OUT/front.png plots th
 from __future__ import annotations
 
 import copy
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from geode.fileio import atomic_write_bytes
+from geode.fileio import atomic_write_bytes, save_figure
 from geode.recipe import RecipeError
 from geode.train.objectives.base import token_logprobs
 from geode.train.sft import tokenizer_path
@@ -286,10 +285,7 @@ def plot_front(points: list[dict[str, Any]], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
     return path
 
 

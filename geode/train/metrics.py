@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, save_figure
 
 
 class MetricsLog:
@@ -120,10 +120,7 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def fmt_duration(seconds: float) -> str:

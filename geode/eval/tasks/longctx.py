@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ...fileio import save_figure
 from ..metrics import mean_with_ci
 from .base import Task, TaskError
 
@@ -197,9 +198,7 @@ class NeedleInHaystack(Task):
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         path = out_dir / "niah_heatmap.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [path]
+        return [save_figure(fig, path)]
 
 
 _KINDS = ["poem", "short story", "riddle", "essay", "limerick", "letter"]
