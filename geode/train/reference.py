@@ -187,6 +187,25 @@ class Reference:
         return cls(load_model(path, dtype=dtype, device=device), name=str(path), **kwargs)
 
     @classmethod
+    def for_trainer(
+        cls, trainer: Any, path: str | Path, where: str, *, tokenizer: bool = True, **kwargs: Any
+    ) -> Reference:
+        """`load` beside a trainer's policy: its config, dtype, device and autocast; with
+        `tokenizer`, the checkpoint's tokenizer must be the training data's."""
+        data = getattr(trainer, "train_data", None)
+        sha = (getattr(data, "tokenizer_sha256", None) or None) if tokenizer else None
+        return cls.load(
+            path,
+            policy_config=trainer.config,
+            dtype=trainer.raw_model.dtype,
+            device=trainer.info.device,
+            tokenizer_sha256=sha,
+            where=where,
+            autocast_dtype=trainer.autocast_dtype,
+            **kwargs,
+        )
+
+    @classmethod
     def snapshot(cls, model: nn.Module, **kwargs: Any) -> Reference:
         """A frozen copy of `model` as it is now (the DPO reference or RL anchor = the init)."""
         import copy

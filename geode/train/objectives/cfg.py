@@ -97,14 +97,8 @@ class CfgDistill(Objective):
         path = cfg.teacher or trainer.recipe.model.init
         if not path:
             raise RecipeError("[cfg] needs a teacher: set model.init or cfg.teacher")
-        self.teacher = Reference.load(
-            path,
-            policy_config=trainer.config,
-            dtype=trainer.raw_model.dtype,
-            device=trainer.info.device,
-            where="cfg.teacher" if cfg.teacher else "model.init",
-            autocast_dtype=trainer.autocast_dtype,
-        )
+        where = "cfg.teacher" if cfg.teacher else "model.init"
+        self.teacher = Reference.for_trainer(trainer, path, where, tokenizer=False)
         tok = load_tokenizer(tokenizer_path(trainer.recipe))
         self.pad_id = tok.pad_id
         self.uncond_ids = unconditional_ids(tok, cfg.unconditional)

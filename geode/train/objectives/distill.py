@@ -45,13 +45,8 @@ class Distill(Objective):
         self.cache: D.TargetCache | None = None
         self._engine = None  # on-policy: the student's sampler (built on first use)
         if d.teacher and d.mode == "online":
-            self.teacher = Reference.load(
-                d.teacher,
-                policy_config=trainer.config,
-                dtype=trainer.raw_model.dtype,
-                device=trainer.info.device,
-                where="distill.teacher",
-                autocast_dtype=trainer.autocast_dtype,
+            self.teacher = Reference.for_trainer(
+                trainer, d.teacher, "distill.teacher", tokenizer=False
             )
         if d.mode == "offline":
             self._ensure_cache()
@@ -215,11 +210,7 @@ class Distill(Objective):
                     f"{root}: {n_todo} windows this run needs are not in the cache and "
                     "distill.teacher is not set to compute them"
                 )
-            teacher = Reference.load(
-                d.teacher, policy_config=tr.config, dtype=tr.raw_model.dtype,
-                device=tr.info.device, where="distill.teacher",
-                autocast_dtype=tr.autocast_dtype,
-            )  # fmt: skip
+            teacher = Reference.for_trainer(tr, d.teacher, "distill.teacher", tokenizer=False)
             self._fill_cache(cache, teacher, todo)
             del teacher
         barrier(tr.info)

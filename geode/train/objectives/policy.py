@@ -98,16 +98,8 @@ class PolicyGradient(Objective):
         kw = {"autocast_dtype": trainer.autocast_dtype}
         if not path:
             return Reference.snapshot(trainer.raw_model, name=f"{o.anchor} anchor", **kw)
-        data = getattr(trainer, "train_data", None)
-        return Reference.load(
-            path,
-            policy_config=trainer.config,
-            dtype=trainer.raw_model.dtype,
-            device=trainer.info.device,
-            tokenizer_sha256=getattr(data, "tokenizer_sha256", None) or None,
-            where="objective.options.reference" if o.reference else "model.init",
-            **kw,
-        )
+        where = "objective.options.reference" if o.reference else "model.init"
+        return Reference.for_trainer(trainer, path, where)
 
     def set_reference(self, reference: Reference | None) -> None:
         """Use `reference` as the KL anchor (WARP / SCoRe hand in their own)."""

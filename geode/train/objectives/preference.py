@@ -73,16 +73,11 @@ class Preference(Objective):
                 "objective.options.reference"
             )
         self.online: Any = None  # OAIF: the OnlinePairs source feeding this run (geode.post.oaif)
-        data = getattr(trainer, "train_data", None)
         online = getattr(trainer.recipe, "online", None) is not None  # fresh samples: no cache
-        self.reference = Reference.load(
+        self.reference = Reference.for_trainer(
+            trainer,
             path,
-            policy_config=trainer.config,
-            dtype=trainer.raw_model.dtype,
-            device=trainer.info.device,
-            tokenizer_sha256=getattr(data, "tokenizer_sha256", None) or None,
-            where="objective.options.reference" if o.reference else "model.init",
-            autocast_dtype=trainer.autocast_dtype,
+            "objective.options.reference" if o.reference else "model.init",
             cache_dir=Path(trainer.out) / "reference" if o.cache and not online else None,
         )
 

@@ -129,15 +129,10 @@ class ScoreObjective(Objective):
                 "objective.kind = 'score' needs the base model as reference: set model.init "
                 "or objective.options.reference"
             )
-        data = getattr(trainer, "train_data", None)
-        self.reference = Reference.load(
+        self.reference = Reference.for_trainer(
+            trainer,
             path,
-            policy_config=trainer.config,
-            dtype=trainer.raw_model.dtype,
-            device=trainer.info.device,
-            tokenizer_sha256=getattr(data, "tokenizer_sha256", None) or None,
-            where="objective.options.reference" if self.options.reference else "model.init",
-            autocast_dtype=trainer.autocast_dtype,
+            "objective.options.reference" if self.options.reference else "model.init",
         )
         self.source: Any = None  # the episode source (its step statistics join the report)
 
