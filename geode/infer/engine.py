@@ -339,13 +339,15 @@ class Engine:
             raise RequestError(
                 f"append: token id {bad} is outside the vocabulary [0, {self.token_vocab_size})"
             )
-        need = self._need(seq) + len(ids)
-        if need > self.max_seq_len:
-            raise RequestError(
-                f"append: {len(ids)} forced tokens make request {request_id!r} need {need} "
-                f"positions, more than max_seq_len {self.max_seq_len}"
-            )
-        seq.pending += ids
+        for s in (seq, seq.uncond) if seq.uncond is not None else (seq,):
+            need = self._need(s) + len(ids)
+            if need > self.max_seq_len:
+                what = "" if s is seq else "'s unconditional row (guidance_prompt)"
+                raise RequestError(
+                    f"append: {len(ids)} forced tokens make request {request_id!r}{what} need "
+                    f"{need} positions, more than max_seq_len {self.max_seq_len}"
+                )
+        self._queue(seq, ids)
 
     @torch.inference_mode()
     def fork(self, request_id: str, n: int) -> list[str]:
@@ -507,9 +509,6 @@ class Engine:
             raise RequestError(f"request_id {rid!r} is already in flight")
         seq = Sequence(rid, ids, params, self._new_generator(params.seed))
         seq.images = images
-        if params.thinking_budget is not None:
-            seq.thinking = ThinkingBudget.for_prompt(params.thinking_budget, self.tokenizer, ids)
-            self._force(seq, seq.thinking.due())  # b = 0 closes a prompt-opened section at once
         if self.tokenizer is not None:
             seq.decoder = new_decoder(self.tokenizer, params.skip_special_tokens)
         if params.has_penalties:
@@ -527,6 +526,9 @@ class Engine:
                     f"guidance_prompt of {len(seq.uncond.prompt)} tokens + max_new_tokens = "
                     f"{need} exceeds max_seq_len {self.max_seq_len}"
                 )
+        if params.thinking_budget is not None:
+            seq.thinking = ThinkingBudget.for_prompt(params.thinking_budget, self.tokenizer, ids)
+            self._force(seq, seq.thinking.due())  # b = 0 closes a prompt-opened section at once
         return seq
 
     def _guidance_ids(self, request: Request) -> list[int]:
@@ -810,7 +812,7 @@ class Engine:
         """Append token t to sequence s and to its delta d (ignored once s has finished)."""
         if s.finish_reason is not None:
             return
-        if s.uncond is not None:
+        if s.uncond is not None and sampled:
             s.uncond.pending.append(t)  # the unconditional row is fed the same tokens
         d.text += s.emit(t, sampled, self.eos_token_ids, lp, top)
         d.token_ids.append(t)
@@ -832,7 +834,15 @@ class Engine:
             s.params = dataclasses.replace(
                 s.params, max_new_tokens=s.params.max_new_tokens - len(ids)
             )
-            s.pending += ids
+            Engine._queue(s, ids)
+
+    @staticmethod
+    def _queue(s: Sequence, ids: list[int]) -> None:
+        """Forced tokens run next step; a guided sequence's unconditional row gets them at once,
+        so the step that samples after them has both rows' logits past them."""
+        s.pending += ids
+        if s.uncond is not None:
+            s.uncond.pending += ids
 
     @staticmethod
     def _token_logprobs(

@@ -221,3 +221,32 @@ def test_classifier_free_guidance_equals_both_forwards_by_hand(model, native):
     assert got[0].token_ids != unguided and not eng.running  # guidance changed the output
     with pytest.raises(RequestError, match="guidance_scale"):
         eng.add_request(_greedy(prompt, 2, guidance_scale=float("nan")))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_guidance_after_forced_tokens_sees_them_in_both_rows(model, native):
+    """append() on a guided sequence: its unconditional row gets the forced tokens in the same
+    step, so every sampled token (before and after them) is argmax(u + g (c - u)) with both rows
+    past the whole output so far (g = -3: the unconditional row dominates, so a row that has not
+    seen the forced tokens changes the argmax — it did before the fix)."""
+    prompt, uncond, g = _prompt(8, 7), [2, 40, 41], -3.0
+
+    def guided_next(out: list[int]) -> int:
+        with torch.no_grad():
+            c = model(torch.tensor([prompt + out]))[0, -1].float()
+            u = model(torch.tensor([uncond + out]))[0, -1].float()
+        return int((u + g * (c - u)).argmax())
+
+    eng = Engine(model, native=native)
+    req = _greedy(prompt, 8, guidance_scale=g, guidance_prompt=uncond)
+    rid = eng.add_request(req)
+    out, mask = [], []
+    while eng.has_unfinished():
+        for d in eng.step():
+            out, mask = out + d.token_ids, mask + d.sampled_mask
+        if len(out) == 2:
+            eng.append(rid, [50, 51, 52, 53, 54])
+    assert mask.count(0) == 5 and out[2:7] == [50, 51, 52, 53, 54]
+    assert [t for t, m in zip(out, mask, strict=True) if m] == [
+        guided_next(out[:i]) for i, m in enumerate(mask) if m
+    ]
