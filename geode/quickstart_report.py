@@ -71,7 +71,8 @@ def verdicts(done: dict[str, dict[str, Any]]) -> dict[str, str]:
         start = r["heldout_before"]
         ok = r["heldout_after"] > start
         out["RL raises held-out accuracy"] = (
-            f"{'yes' if ok else 'NO'}: {start:.3f} -> {r['heldout_after']:.3f} "
+            f"{'yes' if ok else 'NO'}: {start:.3f} -> {r['heldout_after']:.3f}"
+            f"{_noise(start, r['heldout_after'], r.get('heldout_prompts'))} "
             f"(reward {_f(r.get('reward_first'))} -> {_f(r.get('reward_last'))})"
         )
     c = done.get("score")
@@ -79,10 +80,20 @@ def verdicts(done: dict[str, dict[str, Any]]) -> dict[str, str]:
         ok = (c["delta_after"] or 0) > 0
         out["SCoRe gives a positive delta(t1, t2)"] = (
             f"{'yes' if ok else 'NO'}: delta {_f(c['delta_before'])} before -> "
-            f"{_f(c['delta_after'])} after (Acc@t1 {_f(c['after'].get('accuracy@t1'))}, "
+            f"{_f(c['delta_after'])} after{_noise(c['delta_before'], c['delta_after'], c['after'].get('n'))} (Acc@t1 {_f(c['after'].get('accuracy@t1'))}, "
             f"Acc@t2 {_f(c['after'].get('accuracy@t2'))})"
         )
     return out
+
+
+def _noise(a: float | None, b: float | None, n: int | None) -> str:
+    """', within noise (2 s.e. = x)' when |b - a| is under two standard errors of a difference
+    of two proportions over n problems; empty otherwise."""
+    if a is None or b is None or not n:
+        return ""
+    p = min(max((abs(a) + abs(b)) / 2, 1.0 / n), 1 - 1.0 / n)
+    se2 = 2 * math.sqrt(2 * p * (1 - p) / n)
+    return f", within noise (2 s.e. = {se2:.3f}, n = {n})" if abs(b - a) < se2 else ""
 
 
 def plot_training_curves(out: Path, path: Path) -> Path | None:
