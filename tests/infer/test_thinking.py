@@ -189,9 +189,10 @@ def test_budget_policy_and_request_errors(model, tok):
         r = engine.generate(Request([BOS, START], max_new_tokens=n, thinking_budget=0))[0]
         assert r.token_ids[0] == END and len(r.token_ids) == n and r.finish_reason == "length"
         assert r.sampled_mask == [0, 1][:n]
-    r = engine.generate(  # b = 3 of max_new_tokens 4: the close is the last token
-        Request([BOS, START], max_new_tokens=4, thinking_budget=3, logits_processors=(_ban(END),))
-    )[0]
+    r = engine.generate(  # b = 3 of max_new_tokens 4: the close is the last token (seeded, and
+        Request([BOS, START], max_new_tokens=4, thinking_budget=3, seed=0, ignore_eos=True,
+                logits_processors=(_ban(END),))  # no <eos>: a sampled one ended it early)
+    )[0]  # fmt: skip
     assert r.token_ids[3:] == [END] and r.sampled_mask == [1, 1, 1, 0]
     assert r.finish_reason == "length"
 
