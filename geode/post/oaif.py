@@ -15,7 +15,6 @@ verified accuracy of greedy answers.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,13 +89,10 @@ class OnlinePairs:
         self.last: dict[str, float] = {}  # the statistics of the latest batch
 
     def _next_prompts(self) -> list[Prompt]:
-        out = []
-        for _ in range(self.prompts_per_step):
-            epoch, i = divmod(self.draws, len(self.prompts))
-            order = list(range(len(self.prompts)))
-            random.Random(f"oaif:{self.seed}:{epoch}").shuffle(order)
-            out.append(self.prompts[order[i]])
-            self.draws += 1
+        from .rollout import next_prompts
+
+        out = next_prompts(self.prompts, self.draws, self.prompts_per_step, self.seed, "oaif")
+        self.draws += self.prompts_per_step
         return out
 
     @torch.no_grad()

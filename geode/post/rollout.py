@@ -263,13 +263,16 @@ def episodes_batch(
     return batch
 
 
-def next_prompts(prompts: Sequence[Any], draws: int, n: int, seed: int) -> list[Any]:
-    """Prompts number draws .. draws + n of the endless stream (reshuffled every epoch)."""
+def next_prompts(
+    prompts: Sequence[Any], draws: int, n: int, seed: int, tag: str = "rollouts"
+) -> list[Any]:
+    """Prompts number draws .. draws + n of the endless stream (reshuffled every epoch, by an
+    RNG seeded with tag, seed and epoch)."""
     out = []
     for d in range(draws, draws + n):
         epoch, i = divmod(d, len(prompts))
         order = list(range(len(prompts)))
-        random.Random(f"rollouts:{seed}:{epoch}").shuffle(order)
+        random.Random(f"{tag}:{seed}:{epoch}").shuffle(order)
         out.append(prompts[order[i]])
     return out
 
