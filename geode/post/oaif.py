@@ -174,19 +174,34 @@ class OnlinePairs:
         self.draws = int(state["draws"])
 
 
-@torch.no_grad()
 def greedy_answers(
     engine: Any, tokenizer: Any, prompts: Sequence[Prompt], max_new_tokens: int
 ) -> list[str]:
     """The greedy response text of each prompt."""
+    return responses(engine, tokenizer, prompts, max_new_tokens)
+
+
+@torch.no_grad()
+def responses(
+    engine: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+    *,
+    k: int = 1,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> list[str]:
+    """k response texts per prompt (prompt-major); with a seed, sample j of prompt i draws with
+    seed + i * k + j (the same draws before and after training). The model's mode is kept."""
     from geode.infer import Request
 
     model = engine.model
     was_training = model.training
     reqs = [
         Request(list(tokenizer.encode(prompt_text(p.messages))), max_new_tokens=max_new_tokens,
-                temperature=0.0)
-        for p in prompts
+                temperature=temperature, seed=None if seed is None else seed + i * k + j)
+        for i, p in enumerate(prompts) for j in range(k)
     ]  # fmt: skip
     try:
         return [r.text or "" for r in engine.generate(reqs)]

@@ -30,7 +30,7 @@ from geode.train.loop import Trainer
 from geode.train.sft import tokenizer_path
 
 from .dpo import heldout_prompts
-from .oaif import Prompt, greedy_answers, read_prompts, task_prompts
+from .oaif import Prompt, greedy_answers, read_prompts, responses, task_prompts
 from .recipe import PostRecipe, RLSection
 from .rollout import Rollouts
 
@@ -103,38 +103,11 @@ def heldout_scores(
         "answered": sum(synth.parse_answer(a) is not None for a in answers) / n,
     }
     if samples > 0:
-        texts = sampled_answers(engine, tokenizer, checked, max_new, samples, temperature, seed)
+        texts = responses(engine, tokenizer, checked, max_new, k=samples, temperature=temperature,
+                        seed=seed)  # fmt: skip
         hits = [synth.verify(checked[i // samples].answer, a) for i, a in enumerate(texts)]
         out["avg_at_k"] = sum(hits) / len(hits)
     return out
-
-
-def sampled_answers(
-    engine: Any,
-    tokenizer: Any,
-    prompts: list[Prompt],
-    max_new: int,
-    k: int,
-    temperature: float,
-    seed: int,
-) -> list[str]:
-    """k sampled response texts per prompt (prompt-major), with fixed per-sample seeds (the
-    same draws before and after training)."""
-    from geode.infer import Request
-
-    from .pairs import prompt_text
-
-    model = engine.model
-    was_training = model.training
-    reqs = [
-        Request(list(tokenizer.encode(prompt_text(p.messages))), max_new_tokens=max_new,
-                temperature=temperature, seed=seed + i * k + j)
-        for i, p in enumerate(prompts) for j in range(k)
-    ]  # fmt: skip
-    try:
-        return [r.text or "" for r in engine.generate(reqs)]
-    finally:
-        model.train(was_training)
 
 
 def train_policy(
