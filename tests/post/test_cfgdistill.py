@@ -100,19 +100,25 @@ def test_distill_kl_matches_a_hand_computation():
     assert float(distill_kl(guided_logprobs(c, u, 1.0), c).abs().max()) < 1e-5
 
 
-def _objective(model, sft_policy, task_dir, tmp_path, beta: float):
+def _cfg_recipe(sft_policy, tmp_path, cfg: dict):
+    """A cfg_distill recipe from the SFT policy, prompts under tmp_path, with `[cfg]` = cfg."""
     from geode.post.recipe import load_post_recipe
-    from geode.train.objectives.cfg import CfgDistill
 
-    recipe = load_post_recipe(
+    return load_post_recipe(
         post_recipe(
             tmp_path,
             model={"init": str(sft_policy)},
             data={"path": str(tmp_path / "prompts.jsonl"), "seq_len": 128},
             objective={"kind": "cfg_distill"},
-            cfg={"guidance_scale": GAMMA, "diversity_weight": beta},
+            cfg=cfg,
         )
     )
+
+
+def _objective(model, sft_policy, task_dir, tmp_path, beta: float):
+    from geode.train.objectives.cfg import CfgDistill
+
+    recipe = _cfg_recipe(sft_policy, tmp_path, {"guidance_scale": GAMMA, "diversity_weight": beta})
     trainer = SimpleNamespace(
         recipe=recipe, config=model.config, raw_model=model, autocast_dtype=None,
         info=SimpleNamespace(device=torch.device("cpu")), _autocast=contextlib.nullcontext,
@@ -249,17 +255,8 @@ def test_rollouts_from_the_guided_teacher(teacher):
 )
 def test_bad_cfg_sections_are_named(cfg, match, sft_policy, tmp_path):
     from geode.post.cfgdistill import cfg_distill
-    from geode.post.recipe import load_post_recipe
     from geode.recipe import RecipeError
 
-    recipe = load_post_recipe(
-        post_recipe(
-            tmp_path,
-            model={"init": str(sft_policy)},
-            data={"path": str(tmp_path / "prompts.jsonl"), "seq_len": 128},
-            objective={"kind": "cfg_distill"},
-            cfg=cfg,
-        )
-    )
+    recipe = _cfg_recipe(sft_policy, tmp_path, cfg)
     with pytest.raises(RecipeError, match=match):
         cfg_distill(recipe)
