@@ -35,13 +35,14 @@ from tests.reference import hf_text_config, randomize_
 IMAGE_ID, BOI_ID, EOI_ID = 299, 297, 298  # inside the tiny vocabulary (300)
 
 
-def _hf_vlm(vision: VisionConfig, seed: int = 0):
-    """A random-weight transformers Gemma3ForConditionalGeneration with this vision shape."""
+def _hf_vlm(vision: VisionConfig, seed: int = 0, window: int = 8):
+    """A random-weight transformers Gemma3ForConditionalGeneration with this vision shape and
+    sliding window, every tensor randomised."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     hf_vision = vision.to_hf()
     config = Gemma3Config(
-        text_config=hf_text_config(sliding_window=8).to_dict(),
+        text_config=hf_text_config(sliding_window=window).to_dict(),
         vision_config=hf_vision["vision_config"],
         mm_tokens_per_image=hf_vision["mm_tokens_per_image"],
         image_token_index=IMAGE_ID,

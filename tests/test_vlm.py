@@ -14,7 +14,6 @@ import geode
 from geode.checkpoint import CheckpointError, save_model
 from geode.model.attention import attention_mask
 from geode.model.vision import VisionConfig, image_group_ids, place_image_features
-from tests.reference import hf_text_config, randomize_
 
 IMAGE_ID, BOI_ID, EOI_ID = 299, 297, 298  # inside the tiny vocabulary (300)
 WINDOW = 8  # shorter than every sequence below and than one image (16 soft tokens)
@@ -27,21 +26,11 @@ N = VISION.mm_tokens_per_image
 
 
 def _hf_vlm(seed: int = 0):
-    """A random-weight transformers Gemma3ForConditionalGeneration, every tensor randomised."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    """A random-weight transformers Gemma3ForConditionalGeneration, every tensor randomised,
+    with VISION's shape and the sliding window WINDOW."""
+    from tests.test_vision import _hf_vlm as hf_vlm
 
-    hf = VISION.to_hf()
-    config = Gemma3Config(
-        text_config=hf_text_config(sliding_window=WINDOW).to_dict(),
-        vision_config=hf["vision_config"],
-        mm_tokens_per_image=N,
-        image_token_index=IMAGE_ID,
-        boi_token_index=BOI_ID,
-        eoi_token_index=EOI_ID,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    return randomize_(Gemma3ForConditionalGeneration(config), seed).eval()
+    return hf_vlm(VISION, seed, WINDOW)
 
 
 def _image(n: int = N) -> list[int]:
