@@ -206,9 +206,7 @@ def geode_step(args, init: Path, prompts: list[Prompt], out: Path, precision: st
     built as geode.post.rl.train_policy builds them); returns the step's parts."""
     from geode.fileio import atomic_write_bytes
     from geode.post.recipe import load_post_recipe
-    from geode.post.rl import build_source
-    from geode.train.batches import TrainData
-    from geode.train.loop import Trainer
+    from geode.post.rl import policy_trainer
 
     out.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"prompt": p.messages, "answer": p.answer}) for p in prompts]
@@ -228,12 +226,7 @@ def geode_step(args, init: Path, prompts: list[Prompt], out: Path, precision: st
                "prompts_per_step": args.prompts, "max_new_tokens": args.tokens,
                "temperature": 1.0, "rewards": [{"kind": "synth"}], "eval_prompts": 0},
     })  # fmt: skip
-    tok = geode.load_tokenizer(init / "tokenizer.model")
-    source = build_source(recipe, tok)
-    data = TrainData(batches=source, vocab_size=len(tok), tokenizer=str(init / "tokenizer.model"))
-    trainer = Trainer(recipe, out / "run", data=data)
-    trainer.objective.source = source
-    source.attach(trainer)
+    trainer = policy_trainer(recipe, out / "run")[0]
 
     def step() -> dict:
         rec = trainer.train_step()

@@ -110,7 +110,7 @@ def heldout_scores(
     return out
 
 
-def train_policy(
+def policy_trainer(
     recipe: PostRecipe,
     out: str | Path | None = None,
     *,
@@ -118,11 +118,10 @@ def train_policy(
     reference: Any = None,
     progress: bool | None = None,
     resume: bool = False,
-) -> tuple[Trainer, dict[str, Any]]:
-    """Train the recipe's policy on rollouts; (the trainer, the summary with held-out accuracy
-    before / after, per-step series and timings). `source`: a BatchSource with
-    `attach(trainer)` (default: the [rl] Rollouts); `reference`: the objective's KL anchor
-    (a geode.train.reference.Reference) instead of the one it loads."""
+) -> tuple[Trainer, Any, Any]:
+    """(trainer, rollout source, tokenizer) of an RL run, wired: the objective reads the
+    source's statistics and sampling temperature, and the source samples on the trainer's
+    model (train_policy's arguments)."""
     from geode.tokenizer import load_tokenizer
 
     tok_path = tokenizer_path(recipe)
@@ -142,6 +141,25 @@ def train_policy(
     objective.source = source
     objective.temperature = getattr(getattr(source, "sampling", None), "temperature", 1.0)
     source.attach(trainer)
+    return trainer, source, tok
+
+
+def train_policy(
+    recipe: PostRecipe,
+    out: str | Path | None = None,
+    *,
+    source: Any = None,
+    reference: Any = None,
+    progress: bool | None = None,
+    resume: bool = False,
+) -> tuple[Trainer, dict[str, Any]]:
+    """Train the recipe's policy on rollouts; (the trainer, the summary with held-out accuracy
+    before / after, per-step series and timings). `source`: a BatchSource with
+    `attach(trainer)` (default: the [rl] Rollouts); `reference`: the objective's KL anchor
+    (a geode.train.reference.Reference) instead of the one it loads."""
+    trainer, source, tok = policy_trainer(
+        recipe, out, source=source, reference=reference, progress=progress, resume=resume
+    )
     rl = recipe.rl or RLSection()
     held = heldout_prompts(recipe, rl.eval_prompts) if rl.eval_prompts else []
     t0 = time.perf_counter()
