@@ -1,0 +1,159 @@
+"""Agent environments: MiniGrid / BabyAI (text and image observations, the scripted expert,
+mission families) and TextWorld (generated games, scores, walkthroughs); episode GIFs."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import pytest
+
+from geode.agents.envs.minigrid import (
+    ACTIONS,
+    FAMILIES,
+    MiniGridEnv,
+    expert_action,
+    mission_family,
+    parse_action,
+)
+
+
+def _play(env, policy) -> float:
+    """One episode of `policy(env) -> text`; the summed reward."""
+    env.reset()
+    total, done = 0.0, False
+    while not done:
+        _, r, done = env.step(policy(env))
+        total += r
+    return total
+
+
+# ------------------------------------------------------------------------------ MiniGrid
+@pytest.mark.parametrize(
+    "family", ["goto-obj-s4", "goto-local", "pickup", "open", "empty", "doorkey"]
+)
+def test_expert_solves_heldout_episodes_with_minigrid_reward(family):
+    for env_id, seed in mission_family(family, "heldout", 4):
+        env = MiniGridEnv(env_id, seed, max_turns=64)
+        total = _play(env, expert_action)
+        u = env.unwrapped
+        assert env.info["success"], (env_id, seed, env.info)
+        assert env.info["steps"] == u.step_count and env.info["invalid_actions"] == 0
+        assert total == pytest.approx(1 - 0.9 * u.step_count / u.max_steps)  # MiniGrid's reward
+
+
+def test_random_policy_mostly_fails_where_the_expert_succeeds():
+    rng = random.Random(0)
+    episodes = mission_family("goto-obj", "heldout", 30)
+    wins = sum(_play(MiniGridEnv(i, s), lambda e: rng.choice(ACTIONS)) > 0 for i, s in episodes)
+    assert wins <= 0.3 * len(episodes)
+    assert all(_play(MiniGridEnv(i, s), expert_action) > 0 for i, s in episodes)
+
+
+def test_text_observation_places_objects_where_they_are():
+    """Each "X: a ahead b left/right" of the text is at agent + a * forward + b * right."""
+    checked = 0
+    for env_id, seed in mission_family("pickup", "train", 6):
+        env = MiniGridEnv(env_id, seed)
+        text = env.reset()[0]["content"]
+        assert text == MiniGridEnv(env_id, seed).reset()[0]["content"]  # deterministic
+        assert text.startswith(f"Mission: {env.mission}\n") and "Actions: left, right" in text
+        u = env.unwrapped
+        seen = re.search(r"You see: (.*)", text).group(1)
+        for item in seen.split("; "):
+            m = re.fullmatch(r"(\w+) (\w+)(?: (\d+) ahead)?(?: (\d+) (left|right))?", item)
+            color, kind = m.group(1), m.group(2)
+            ahead, side = (
+                int(m.group(3) or 0),
+                int(m.group(4) or 0) * (-1 if m.group(5) == "left" else 1),
+            )
+            x, y = np.asarray(u.agent_pos) + ahead * u.dir_vec + side * u.right_vec
+            obj = u.grid.get(int(x), int(y))
+            assert (obj.color, obj.type) == (color, kind), (item, text)
+            checked += 1
+    assert checked >= 6
+
+
+def test_image_observation_and_frames():
+    env_id, seed = mission_family("goto-obj-s4", "heldout", 1)[0]
+    env = MiniGridEnv(env_id, seed, observation="image")
+    first = env.reset()[0]
+    image, text = first["content"]
+    assert image["type"] == "image" and text["type"] == "text"
+    assert np.array_equal(np.asarray(image["image"]), env.unwrapped.get_frame(tile_size=16))
+    assert "You see" not in text["text"] and env.mission in text["text"]
+    done = False
+    while not done:
+        _, r, done = env.step(expert_action(env))
+    frames = env.frames()
+    assert env.info["success"] and len(frames) == env.info["steps"] + 1
+    assert all(f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in frames)
+    assert not np.array_equal(frames[0], frames[-1])
+    both = MiniGridEnv(env_id, seed, observation="both").reset()[0]["content"]
+    assert both[0]["type"] == "image" and "You see" in both[1]["text"]
+    assert (
+        MiniGridEnv(env_id, seed).frames() == [] and MiniGridEnv(env_id, seed).reset()
+    )  # text: none
+
+
+def test_invalid_actions_are_counted_no_ops():
+    env = MiniGridEnv("BabyAI-GoToObj-v0", 5, max_turns=3, invalid_penalty=0.1)
+    env.reset()
+    pos, d = tuple(env.unwrapped.agent_pos), env.unwrapped.agent_dir
+    msgs, r, done = env.step("I am not sure what to do")
+    assert r == pytest.approx(-0.1) and not done and env.info["invalid_actions"] == 1
+    assert msgs[0]["content"].startswith("Invalid action.")
+    assert (tuple(env.unwrapped.agent_pos), env.unwrapped.agent_dir) == (pos, d)
+    assert env.unwrapped.step_count == 0
+    env.step("Turn LEFT now")
+    assert env.unwrapped.agent_dir == (d - 1) % 4 and env.info["invalid_actions"] == 1
+    _, _, done = env.step("?")
+    assert done and env.info == {**env.info, "steps": 3, "invalid_actions": 2, "success": False}
+    with pytest.raises(RuntimeError, match="without a running episode"):
+        env.step("left")
+
+
+def test_parse_action_is_lenient():
+    assert parse_action("forward") == "forward"
+    assert parse_action("I will pick up the key, then go forward") == "pickup"
+    assert parse_action("Action: Toggle.") == "toggle"
+    assert parse_action("leftover") is None and parse_action("") is None
+
+
+def test_mission_families_split_seeds():
+    for name in FAMILIES:
+        train, held = mission_family(name, "train", 200), mission_family(name, "heldout", 200)
+        assert len(train) == len(held) == 200
+        assert not {s for _, s in train} & {s for _, s in held}
+    with pytest.raises(ValueError, match="unknown family 'nope'"):
+        mission_family("nope", "train", 1)
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        mission_family("goto-obj", "test", 1)
+
+
+def test_bad_env_id_and_a_crashing_step_are_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="BabyAI-Nope-v0"):
+        MiniGridEnv("BabyAI-Nope-v0")
+    with pytest.raises(ValueError, match="CartPole-v1"):
+        MiniGridEnv("CartPole-v1")
+    env = MiniGridEnv("BabyAI-GoToObjS4-v0", 1)
+    env.reset()
+
+    def boom(action):
+        raise IndexError("grid index out of range")
+
+    monkeypatch.setattr(env.gym, "step", boom)
+    with pytest.raises(
+        RuntimeError, match=r"MiniGridEnv BabyAI-GoToObjS4-v0 \(seed 1\).*IndexError"
+    ):
+        env.step("forward")
+
+
+def test_spawned_copies_run_their_own_episodes():
+    env = MiniGridEnv("BabyAI-GoToObjS4-v0", 7)
+    a, b = env.spawn(), env.spawn()
+    assert a.reset() == b.reset()
+    a.step("left")
+    assert a.unwrapped is not b.unwrapped and b.unwrapped.step_count == 0
+    assert a.meta == {"env_id": "BabyAI-GoToObjS4-v0", "seed": 7}
