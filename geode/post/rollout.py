@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from geode.chat import render
+from geode.chat import parse, render
 from geode.data import tasks as synth
 from geode.data.loader import Batch
 from geode.tokenizer import END_OF_TURN
@@ -70,15 +70,18 @@ class _Live:
     turn_sampled: int = 0
 
 
-def _prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
-    """The rendered prompt (with <bos>, ending with the model's generation prompt) as ids."""
-    return list(tokenizer.encode(render(messages, add_generation_prompt=True)))
+def _prompt_ids(tokenizer: Any, messages: Messages, tools: Any = None) -> list[int]:
+    """The rendered prompt (with <bos>, the env's tool declarations, ending with the model's
+    generation prompt) as ids."""
+    return list(tokenizer.encode(render(messages, add_generation_prompt=True, tools=tools)))
 
 
-def _env_ids(tokenizer: Any, history: Messages, new: Messages, ended_with_eot: bool) -> list[int]:
+def _env_ids(
+    tokenizer: Any, history: Messages, new: Messages, ended_with_eot: bool, tools: Any = None
+) -> list[int]:
     """Forced ids after a model turn: the rest of its turn, `new`, then the generation prompt."""
-    head = render(history, add_generation_prompt=False)  # ends "<end_of_turn>\n"
-    full = render([*history, *new], add_generation_prompt=True)
+    head = render(history, add_generation_prompt=False, tools=tools)  # ends "<end_of_turn>\n"
+    full = render([*history, *new], add_generation_prompt=True, tools=tools)
     text = full[len(head) - 1 :]  # from the "\n" after the model's <end_of_turn>
     return list(tokenizer.encode(("" if ended_with_eot else END_OF_TURN) + text))
 
@@ -135,7 +138,11 @@ def rollout(
             for j in range(group_size):
                 e = spawn(env)
                 messages = e.reset()
-                ids = _prompt_ids(tok, messages) if first is None else first
+                ids = (
+                    _prompt_ids(tok, messages, getattr(e, "tools", None))
+                    if first is None
+                    else first
+                )
                 first = ids
                 turns = int(getattr(e, "max_turns", 1))
                 seed = None if sampling.seed is None else sampling.seed + g * group_size + j
@@ -207,8 +214,21 @@ def _end_turn(
     ep.turns.append((start, end))
     st.turn_start = None
     text = tok.decode(ep.token_ids[start:end], skip_special=True)
-    ep.messages.append({"role": "assistant", "content": text})
-    new, reward, done = st.env.step(text)
+    tools = getattr(st.env, "tools", None)
+    raw = tok.decode(ep.token_ids[start:end], skip_special=False)  # tool-call markers kept
+    parsed = parse(raw) if tools else None
+    # with tools, a turn with calls is stored parsed (content, thinking, calls); the env sees them
+    ep.messages.append(parsed.to_message() if parsed and parsed.tool_calls else
+                       {"role": "assistant", "content": text})  # fmt: skip
+    try:
+        new, reward, done = st.env.step(raw if tools else text)
+    except Exception as e:  # a crashing env ends its own episode (reward 0); the rest go on
+        why = f"{type(st.env).__name__}.step raised {type(e).__name__}: {e}"
+        ep.rewards.append(0.0)
+        ep.meta["error"] = why
+        if isinstance(getattr(st.env, "info", None), dict):
+            st.env.info["error"] = why
+        return True
     ep.rewards.append(float(reward))
     if truncated:
         ep.truncated = True
@@ -216,7 +236,7 @@ def _end_turn(
     if done or not new or final:  # final: the engine ended the sequence (e.g. a stop string)
         return True
     history = ep.messages
-    forced = _env_ids(tok, history, list(new), ep.token_ids[end - 1] == eot)
+    forced = _env_ids(tok, history, list(new), ep.token_ids[end - 1] == eot, tools)
     ep.messages = [*history, *new]
     engine.append(rid, forced)
     return False
