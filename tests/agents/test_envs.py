@@ -17,6 +17,16 @@ from geode.agents.envs.minigrid import (
     mission_family,
     parse_action,
 )
+from geode.agents.envs.textworld import TextWorldEnv, expert_command, make_games, pick_command
+
+TW = {"nb_rooms": 2, "nb_objects": 3, "quest_length": 3}  # small games: ~2 s each to compile
+
+
+@pytest.fixture(scope="session")
+def tw_games(tmp_path_factory):
+    """Two training games and one held-out game, compiled once per session."""
+    out = tmp_path_factory.mktemp("tw")
+    return make_games(2, 0, out, **TW), make_games(1, 0, out, split="heldout", **TW), out
 
 
 def _play(env, policy) -> float:
@@ -157,3 +167,116 @@ def test_spawned_copies_run_their_own_episodes():
     a.step("left")
     assert a.unwrapped is not b.unwrapped and b.unwrapped.step_count == 0
     assert a.meta == {"env_id": "BabyAI-GoToObjS4-v0", "seed": 7}
+
+
+# ------------------------------------------------------------------------------- GIFs
+def test_episode_frames_become_a_readable_gif(tmp_path):
+    from PIL import Image
+
+    from geode.agents.frames import save_gif
+
+    env = MiniGridEnv("BabyAI-GoToObj-v0", 3, observation="image")
+    _play(env, expert_action)
+    frames = env.frames()
+    path = save_gif(frames, tmp_path / "episode.gif", fps=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["episode.gif"]  # no temporaries left
+    with Image.open(path) as gif:
+        assert gif.n_frames == len(frames) and gif.size == frames[0].shape[1::-1]
+        assert gif.info["duration"] == 200
+        for i in (0, len(frames) - 1):
+            gif.seek(i)
+            got = np.asarray(gif.convert("RGB"), dtype=np.int16)
+            assert np.abs(got - frames[i]).mean() < 2.0  # the palette of a few flat colours
+    with pytest.raises(ValueError, match="no frames"):
+        save_gif([], tmp_path / "x.gif")
+    with pytest.raises(ValueError, match="frame 1 is"):
+        save_gif([frames[0], frames[0][:8]], tmp_path / "x.gif")
+    with pytest.raises(ValueError, match=r"frame 0 must be \(H, W, 3\) uint8"):
+        save_gif([frames[0].astype(np.float32)], tmp_path / "x.gif")
+    assert not (tmp_path / "x.gif").exists()
+
+
+# ------------------------------------------------------------------------------ TextWorld
+def test_textworld_walkthrough_wins_with_normalised_score(tw_games):
+    train, held, _ = tw_games
+    for path in [*train, *held]:
+        env = TextWorldEnv(path)
+        first = env.reset()[0]["content"]
+        assert "Commands: " in first and "-= " in first  # the objective, the room, the commands
+        rewards, done, msgs = [], False, None
+        walk = env.walkthrough()
+        for command in walk:
+            assert not done
+            msgs, r, done = env.step(f"I think I should {command.upper()} now.")  # lenient
+            rewards.append(r)
+            if not done:
+                assert msgs[0]["content"].splitlines()[-1].startswith("Commands: ")
+        assert done and msgs is None and sum(rewards) == pytest.approx(1.0)
+        assert env.info["success"] and env.info["score"] == env.info["max_score"] >= 1
+        assert env.info["steps"] == len(walk)
+        with pytest.raises(RuntimeError, match="without a running episode"):
+            env.step("look")
+        env.close()
+
+
+def test_textworld_expert_recovers_and_random_mostly_fails(tw_games):
+    train, held, _ = tw_games
+    env = TextWorldEnv(held[0])
+    env.reset()
+    msgs, r, done = env.step("xyzzy")
+    assert r == 0.0 and not done and "not a verb" in msgs[0]["content"]
+    env.step("inventory")
+    while not env.done:
+        env.step(expert_command(env))
+    assert env.info["success"] and env.info["steps"] == len(env.walkthrough()) + 2
+    rng, wins, n = random.Random(0), 0, 0
+    for path in train:
+        for _ in range(4):
+            env = TextWorldEnv(path, max_turns=4)
+            env.reset()
+            while not env.done:
+                env.step(rng.choice(env.state.admissible_commands))
+            wins, n = wins + env.info["success"], n + 1
+        env.close()
+    assert wins <= n // 4
+
+
+def test_make_games_caches_and_splits_by_seed(tw_games):
+    train, held, out = tw_games
+    stamps = [p.stat().st_mtime_ns for p in train]
+    assert make_games(2, 0, out, **TW) == train  # reused, not recompiled
+    assert [p.stat().st_mtime_ns for p in train] == stamps
+    assert [p.name.rsplit("-", 1)[1] for p in [*train, *held]] == ["0.z8", "1.z8", "1000000.z8"]
+    assert all(p.with_suffix(".json").is_file() for p in [*train, *held])
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
+    assert len({TextWorldEnv(p).walkthrough().__repr__() for p in [*train, *held]}) == 3
+    other = make_games(0, 0, out, nb_rooms=3, nb_objects=3, quest_length=3)
+    assert other == []
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        make_games(1, 0, out, split="dev")
+
+
+def test_textworld_bad_inputs_are_clear_errors(tw_games, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="no game file .*missing.z8"):
+        TextWorldEnv(tmp_path / "missing.z8")
+    env = TextWorldEnv(tw_games[0][0])
+    env.reset()
+
+    def boom(command):
+        raise OSError("interpreter died")
+
+    monkeypatch.setattr(env.game, "step", boom)
+    with pytest.raises(
+        RuntimeError, match=r"TextWorldEnv tw-\w+-0.z8: step 'look' failed: OSError"
+    ):
+        env.step("look")
+
+
+def test_pick_command_is_lenient():
+    cmds = ["go south", "take teaspoon", "take teaspoon from shelf", "look"]
+    assert (
+        pick_command("Let me take teaspoon from shelf, then go south", cmds)
+        == "take teaspoon from shelf"
+    )
+    assert pick_command("GO SOUTH!", cmds) == "go south"
+    assert pick_command('"open the door."\nmore', cmds) == "open the door"
