@@ -18,6 +18,7 @@ from geode.agents.envs.minigrid import (
     parse_action,
 )
 from geode.agents.envs.textworld import TextWorldEnv, expert_command, make_games, pick_command
+from tests.agents.test_judge import TINY, one_thread  # noqa: F401  (one torch thread)
 
 TW = {"nb_rooms": 2, "nb_objects": 3, "quest_length": 3}  # small games: ~2 s each to compile
 
@@ -280,3 +281,97 @@ def test_pick_command_is_lenient():
     )
     assert pick_command("GO SOUTH!", cmds) == "go south"
     assert pick_command('"open the door."\nmore', cmds) == "open the door"
+
+
+# ------------------------------------------------------------- end to end on the engine
+def _transcript(env, policy) -> list[dict]:
+    """The chat messages of one episode played directly (a tokenizer corpus)."""
+    msgs, done = env.reset(), False
+    while not done:
+        action = policy(env)
+        new, _, done = env.step(action)
+        msgs += [{"role": "assistant", "content": action}, *(new or [])]
+    return msgs
+
+
+@pytest.fixture(scope="module")
+def engine(tw_games, tmp_path_factory):
+    """A random tiny model on a tokenizer trained on MiniGrid and TextWorld transcripts."""
+    import geode
+    from geode.chat import render
+    from geode.infer import Engine
+    from geode.tokenizer import train_tokenizer
+
+    texts = [render(_transcript(MiniGridEnv(i, s), expert_action), add_generation_prompt=False)
+             for i, s in mission_family("goto-obj", "train", 20)]  # fmt: skip
+    for path in tw_games[0]:
+        texts.append(
+            render(_transcript(TextWorldEnv(path), expert_command), add_generation_prompt=False)
+        )
+    tok = train_tokenizer(
+        texts=texts, vocab_size=500, out=tmp_path_factory.mktemp("tok"), num_threads=1
+    )
+    cfg = geode.get_preset("nano-1m").replace(
+        **{**TINY, "vocab_size": len(tok), "max_position_embeddings": 4096}
+    )
+    return Engine(geode.build_model(cfg, seed=0).eval(), tok, max_batch=4, optimize=False, seed=0)
+
+
+def _scripted(engine, env, script: list[str]):
+    """One episode of `env` through rollout (run_agent) with the model forced to `script`."""
+    from geode.agents.loop import ScriptedPolicy, run_agent
+
+    policy = ScriptedPolicy(engine.tokenizer, script)
+    return run_agent(engine, [env], sampling=policy.sampling(max_new_tokens=16))[0]
+
+
+def _expert_script(env, policy) -> list[str]:
+    """The expert's actions on a copy of `env` (episodes are deterministic per seed)."""
+    return [m["content"] for m in _transcript(env.spawn(), policy) if m["role"] == "assistant"]
+
+
+@pytest.mark.parametrize("observation", ["text", "image"])
+def test_scripted_expert_solves_minigrid_through_rollout(engine, observation):
+    for env_id, seed in mission_family("goto-obj", "heldout", 2):
+        env = MiniGridEnv(env_id, seed, observation=observation)
+        script = _expert_script(env, expert_action)
+        res = _scripted(engine, env, script)
+        ep = res.episode
+        assert res.success and res.info["error"] is None and res.info["steps"] == len(script)
+        assert [
+            engine.tokenizer.decode(ep.token_ids[a:b], skip_special=True) for a, b in ep.turns
+        ] == script
+        assert res.reward == pytest.approx(1 - 0.9 * len(script) / 64)  # an 8x8 room: 64 steps
+        assert ep.meta["env_id"] == env_id and ep.meta["seed"] == seed
+        observations = [m for m in ep.messages if m["role"] == "user"]
+        assert len(observations) == len(script)  # the first + one after each non-final action
+        if observation == "image":
+            assert all(m["content"][0]["type"] == "image" for m in observations)
+    # a random script mostly fails on the same missions
+    rng = random.Random(1)
+    fails = 0
+    for env_id, seed in mission_family("goto-obj", "heldout", 4):
+        res = _scripted(
+            engine, MiniGridEnv(env_id, seed, max_turns=8), [rng.choice(ACTIONS) for _ in range(8)]
+        )
+        fails += not res.success
+    assert fails >= 3
+
+
+def test_scripted_walkthrough_wins_textworld_through_rollout(engine, tw_games):
+    env = TextWorldEnv(tw_games[1][0])
+    script = _expert_script(env, expert_command)
+    res = _scripted(engine, env, script)
+    assert script == env.walkthrough()
+    assert res.success and res.reward == pytest.approx(1.0) and res.info["steps"] == len(script)
+    assert res.episode.messages[0]["content"].startswith(env.reset()[0]["content"][:40])
+    # a crashing game ends its episode as a counted failure, named
+    broken = TextWorldEnv(tw_games[1][0])
+    broken.spawn = lambda: _Crashing(tw_games[1][0])
+    res = _scripted(engine, broken, script)
+    assert not res.success and "interpreter died" in res.info["error"]
+
+
+class _Crashing(TextWorldEnv):
+    def step(self, message):
+        raise RuntimeError(f"TextWorldEnv {self.game_path.name}: step failed: interpreter died")
