@@ -457,7 +457,8 @@ def file_tools(workspace: str | os.PathLike, max_write_bytes: int = 1 << 20) -> 
         p = _inside(ws, path)
         if not p.is_dir():
             raise ToolError(f"no directory {path!r} in the workspace")
-        return sorted(q.relative_to(ws).as_posix() for q in p.rglob("*") if q.is_file())
+        return sorted(q.relative_to(ws).as_posix() for q in p.rglob("*")
+                      if q.is_file() and q.resolve().is_relative_to(ws))  # fmt: skip
 
     return [tool(read_file), tool(write_file), tool(list_files)]
 
@@ -577,8 +578,8 @@ class MCPClient:
         schema.pop("title", None)
 
         def call(**arguments: Any) -> str:
-            if self._failure is not None:
-                raise ToolError(f"the MCP server is gone: {self._failure}")
+            if self._failure is not None or self._loop.is_closed():
+                raise ToolError(f"the MCP server is gone ({self._failure or 'closed'})")
             r = self._run(self._client.call_tool(t.name, arguments), self.timeout)
             text = "\n".join(getattr(c, "text", "") or json.dumps(c.model_dump(mode="json"))
                              for c in r.content)  # fmt: skip

@@ -25,6 +25,7 @@ VERB_MODULES: list[str] = [
     "geode.cli.eval",
     "geode.cli.bench",
     "geode.cli.quickstart",
+    "geode.cli.agent",
     "geode.cli.reproduce",
 ]
 

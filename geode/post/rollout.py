@@ -223,12 +223,8 @@ def _end_turn(
     try:
         new, reward, done = st.env.step(raw if tools else text)
     except Exception as e:  # a crashing env ends its own episode (reward 0); the rest go on
-        why = f"{type(st.env).__name__}.step raised {type(e).__name__}: {e}"
         ep.rewards.append(0.0)
-        ep.meta["error"] = why
-        if isinstance(getattr(st.env, "info", None), dict):
-            st.env.info["error"] = why
-        return True
+        return _failed(st, f"{type(st.env).__name__}.step raised {type(e).__name__}: {e}")
     ep.rewards.append(float(reward))
     if truncated:
         ep.truncated = True
@@ -238,8 +234,21 @@ def _end_turn(
     history = ep.messages
     forced = _env_ids(tok, history, list(new), ep.token_ids[end - 1] == eot, tools)
     ep.messages = [*history, *new]
-    engine.append(rid, forced)
+    from geode.infer import RequestError
+
+    try:
+        engine.append(rid, forced)
+    except RequestError as e:  # e.g. the env's messages do not fit the context: this episode ends
+        return _failed(st, f"{type(st.env).__name__}'s messages cannot be appended: {e}")
     return False
+
+
+def _failed(st: _Live, why: str) -> bool:
+    """End an episode on an env failure: `why` in its meta and the env's info; True (done)."""
+    st.episode.meta["error"] = why
+    if isinstance(getattr(st.env, "info", None), dict):
+        st.env.info["error"] = why
+    return True
 
 
 # ---------------------------------------------------------------------- the RL batch source
