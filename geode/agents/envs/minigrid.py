@@ -25,7 +25,8 @@ Observations (`observation=`):
   (the mission and the action line only in the first message);
 - "image": the rendered RGB frame of the whole grid (`env.render()`, `render_mode=
   "rgb_array"`) as an image part `{"type": "image", "image": PIL.Image}` of the user message,
-  with the mission and the action words as text (a VLM acts on the picture);
+  with the mission and the action words as text in the first message (a VLM acts on the
+  picture; later messages are the frame alone, with a note after an invalid action);
 - "both": the text and the image.
 Every frame is kept when the observation has an image, or with `record=True`: `frames()`
 returns them ((H, W, 3) uint8; geode.agents.frames.save_gif writes a GIF).
@@ -290,8 +291,11 @@ class MiniGridEnv(AgentEnv):
             return {"role": "user", "content": text}
         from PIL import Image
 
-        return {"role": "user", "content": [{"type": "image", "image": Image.fromarray(frame)},
-                                            {"type": "text", "text": text}]}  # fmt: skip
+        parts: list[dict[str, Any]] = [{"type": "image", "image": Image.fromarray(frame)}]
+        return {
+            "role": "user",
+            "content": parts + ([{"type": "text", "text": text}] if text else []),
+        }
 
 
 # ---------------------------------------------------------------------------- the expert
