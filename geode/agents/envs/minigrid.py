@@ -43,8 +43,10 @@ Mission families with disjoint train / held-out seeds: `mission_family(name, spl
 needs 1-3 actions) is the small easy family a nano model learns in CPU minutes (the agentic-RL
 runs use it); "goto-obj", "goto-local", "pickup", "open" (BabyAI GoTo / Pickup / Open) and
 "empty", "doorkey" (plain MiniGrid) are harder. Seeds: train 0, 1, 2, ...; held-out
-1_000_000, 1_000_001, ... (disjoint; in a room as small as GoToObjS4's a held-out layout can
-equal a training one, since there are only a few hundred).
+1_000_000, 1_000_001, ... (disjoint seeds; but GoToObjS4 has only a few hundred distinct
+layouts (mission, agent, object): 98% of 200 held-out layouts occur among 1000 training
+seeds' — its held-out success measures the policy, not generalisation to unseen rooms;
+GoToObj's 8x8 room: 1.5%).
 """
 
 from __future__ import annotations
