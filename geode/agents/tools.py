@@ -244,6 +244,8 @@ class Toolbox:
     def call(self, call: ToolCall, timeout: float | None = None) -> ToolResult:
         """Run one call; faults come back as an error result (never raised). `timeout` caps
         the tool's own (the caller's remaining tool-time budget)."""
+        from jsonschema.exceptions import best_match
+
         t0 = time.perf_counter()
         name = getattr(call, "name", None)
 
@@ -256,12 +258,11 @@ class Toolbox:
         args = call.arguments
         if not isinstance(args, dict):
             return fail(f"tool {name!r}: arguments must be a JSON object, got {args!r}")
-        problems = sorted(self._validators[name].iter_errors(args), key=lambda e: list(e.path))
-        if problems:
-            e = problems[0]
-            at = "/".join(str(p) for p in e.absolute_path)
+        problem = best_match(self._validators[name].iter_errors(args))
+        if problem is not None:
+            at = "/".join(str(p) for p in problem.absolute_path)
             return fail(f"bad arguments for tool {name!r}{f' at {at}' if at else ''}: "
-                        f"{e.message}")  # fmt: skip
+                        f"{problem.message}")  # fmt: skip
         limit = t.timeout if timeout is None else max(0.0, min(t.timeout, timeout))
         done, value, exc = _run_abandonable(lambda: t.fn(**args), limit)
         if not done:
@@ -309,7 +310,6 @@ def python_tool(
 
     def run_python(code: str) -> str:
         files = _workspace_files(ws, lim.work_dir_bytes // 2) if ws is not None else {}
-        files.pop("main.py", None)
         r = sandbox.run_code(code, limits=lim, files=files)
         parts = [r.stdout]
         if r.stderr:
