@@ -149,16 +149,20 @@ def test_bad_env_id_and_a_crashing_step_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="CartPole-v1"):
         MiniGridEnv("CartPole-v1")
     env = MiniGridEnv("BabyAI-GoToObjS4-v0", 1)
+    match = r"MiniGridEnv BabyAI-GoToObjS4-v0 \(seed 1\).*IndexError"
+    _crash_step(monkeypatch, env, lambda: env.gym, IndexError("grid index"), "forward", match)
+
+
+def _crash_step(monkeypatch, env, library, error: Exception, action: str, match: str) -> None:
+    """A library exception inside env.step comes out as a RuntimeError naming the env."""
+
+    def boom(*args):
+        raise error
+
     env.reset()
-
-    def boom(action):
-        raise IndexError("grid index out of range")
-
-    monkeypatch.setattr(env.gym, "step", boom)
-    with pytest.raises(
-        RuntimeError, match=r"MiniGridEnv BabyAI-GoToObjS4-v0 \(seed 1\).*IndexError"
-    ):
-        env.step("forward")
+    monkeypatch.setattr(library(), "step", boom)
+    with pytest.raises(RuntimeError, match=match):
+        env.step(action)
 
 
 def test_spawned_copies_run_their_own_episodes():
@@ -261,16 +265,8 @@ def test_textworld_bad_inputs_are_clear_errors(tw_games, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no game file .*missing.z8"):
         TextWorldEnv(tmp_path / "missing.z8")
     env = TextWorldEnv(tw_games[0][0])
-    env.reset()
-
-    def boom(command):
-        raise OSError("interpreter died")
-
-    monkeypatch.setattr(env.game, "step", boom)
-    with pytest.raises(
-        RuntimeError, match=r"TextWorldEnv tw-\w+-0.z8: step 'look' failed: OSError"
-    ):
-        env.step("look")
+    match = r"TextWorldEnv tw-\w+-0.z8: step 'look' failed: OSError: interpreter died"
+    _crash_step(monkeypatch, env, lambda: env.game, OSError("interpreter died"), "look", match)
 
 
 def test_pick_command_is_lenient():
