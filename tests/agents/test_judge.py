@@ -5,8 +5,6 @@ classifier agrees with the labels it was not trained on."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -90,19 +88,14 @@ def tok(tmp_path_factory):
 
 
 def minigrid_frames(n: int, seed: int = 0) -> list[np.ndarray]:
-    """Real rendered frames of BabyAI-GoToObj (RGB, 256 x 256), one per seed."""
-    import gymnasium as gym
+    """Real rendered frames of BabyAI-GoToObj (MiniGridEnv's recording), one per seed."""
+    from geode.agents.envs.minigrid import MiniGridEnv
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import minigrid  # noqa: F401  (registers the environments)
-
-        env = gym.make("BabyAI-GoToObj-v0", render_mode="rgb_array")
     frames = []
     for s in range(seed, seed + n):
-        env.reset(seed=s)
-        frames.append(env.render())
-    env.close()
+        env = MiniGridEnv("BabyAI-GoToObj-v0", s, record=True)
+        env.reset()
+        frames += env.frames()
     return frames
 
 
@@ -176,7 +169,7 @@ def test_agreement_metrics_on_known_labels():
 def test_vlm_judge_on_a_real_minigrid_frame(tok):
     model = tiny_model(tok.vocab_size, seed=2, vision_ids=vision_ids(tok))
     frames = minigrid_frames(3)
-    assert frames[0].shape == (256, 256, 3) and frames[0].dtype == np.uint8
+    assert frames[0].shape == (128, 128, 3) and frames[0].dtype == np.uint8
     judge = VLMJudge(model, tok)
     attempts = [Attempt(goal(i), frame=f) for i, f in enumerate(frames)]
     got = judge.p_yes(attempts)
