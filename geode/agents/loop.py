@@ -245,9 +245,10 @@ def turn_text(message: dict[str, Any]) -> str:
 
 class ScriptedPolicy:
     """A fixed policy run by the real engine: a logits processor that allows only the
-    script's next token (module doc). `policy`: the turns (text or assistant messages) in
-    order, or a function (the conversation after the prompt, special tokens included, i.e.
-    the tool results) -> the next turn's text."""
+    script's next token (module doc). `policy`: the turns in order (text, or messages of
+    which the assistant ones are the turns, e.g. `geode.agents.tasks.expert(task)`), or a
+    function (the conversation after the prompt, special tokens included, i.e. the tool
+    results) -> the next turn's text."""
 
     def __init__(self, tokenizer: Any, policy: Sequence[str | dict] | Callable[[str], str]):
         ids = getattr(tokenizer, "special_ids", {}) or {}
@@ -256,6 +257,8 @@ class ScriptedPolicy:
         self.tok = tokenizer
         self.sot, self.eot = ids[START_OF_TURN], ids[END_OF_TURN]
         self.header = list(tokenizer.encode("model\n"))
+        if not callable(policy):  # a conversation's other messages (tool results) are skipped
+            policy = [m for m in policy if isinstance(m, str) or m.get("role") == "assistant"]
         self.policy = policy
         self._targets: dict[tuple[int, ...], list[int]] = {}
 

@@ -283,6 +283,9 @@ def test_task_family_experts_solve_their_tasks_in_plan_act_verify(engine, family
     d = tt.demonstration(task, "plan-act-verify")
     n = len(d["messages"]) - 1
     assert r.transcript[:n] == d["messages"][:n]
+    # act mode: the expert's conversation as the script (its tool messages are skipped)
+    [r] = drive(engine, [tt.make_env(task)], tt.expert(task), max_new_tokens=300)
+    assert r.success and r.transcript == tt.demonstration(task)["messages"]
 
 
 def test_task_families_splits_are_disjoint_and_verifiers_exact():
