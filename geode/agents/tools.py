@@ -228,6 +228,13 @@ class Toolbox:
     def __len__(self) -> int:
         return len(self.tools)
 
+    def close(self) -> None:
+        """Stop what the tools hold open (the MCP servers behind mcp_tools)."""
+        for t in self.tools.values():
+            client = getattr(t.fn, "client", None)
+            if isinstance(client, MCPClient):
+                client.close()
+
     def declarations(self) -> list[dict[str, Any]]:
         """The tools' declarations, in order (for `geode.chat.render(tools=...)`)."""
         return [t.declaration() for t in self.tools.values()]

@@ -111,6 +111,21 @@ def format_message(m: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the episode and print its transcript and outcome."""
+    from . import CLIError
+
+    for flag, value in (("--max-turns", args.max_turns), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise CLIError(f"{flag} must be >= 1, got {value}")
+    box = build_toolbox(args)
+    try:
+        episode(args, box)
+    finally:
+        box.close()  # the MCP servers
+    return 0
+
+
+def episode(args: argparse.Namespace, box) -> None:
+    """One ToolEnv episode of --task on the model with `box`; prints it, writes --transcript."""
     import json
 
     from ..agents.loop import ToolEnv, run_agent
@@ -119,10 +134,6 @@ def run(args: argparse.Namespace) -> int:
     from ..infer.load import load_for_inference
     from . import CLIError
 
-    for flag, value in (("--max-turns", args.max_turns), ("--max-new-tokens", args.max_new_tokens)):
-        if value < 1:
-            raise CLIError(f"{flag} must be >= 1, got {value}")
-    box = build_toolbox(args)
     try:
         env = ToolEnv(args.task, box, mode=args.mode, max_turns=args.max_turns,
                       tool_seconds=args.tool_seconds)  # fmt: skip
@@ -134,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               seed=args.seed)  # fmt: skip
     [r] = run_agent(engine, [env], sampling=sampling)
+    print(f"tools: {', '.join(box.tools) or '(none)'}\n")
     for m in r.transcript:
         print(format_message(m) + "\n")
     info = r.info
@@ -142,6 +154,5 @@ def run(args: argparse.Namespace) -> int:
           + (f", error: {info['error']}" if info.get("error") else ""))  # fmt: skip
     if args.transcript:
         row = {"task": args.task, "mode": args.mode, "success": r.success, "reward": r.reward,
-               "info": info, "messages": r.transcript}  # fmt: skip
+               "info": info, "messages": r.transcript, "tools": env.tools}  # fmt: skip
         atomic_write_bytes(args.transcript, (json.dumps(row, ensure_ascii=False) + "\n").encode())
-    return 0

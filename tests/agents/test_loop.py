@@ -97,10 +97,9 @@ def test_scripted_model_drives_every_tool_through_the_loop_on_one_kv_cache(engin
     (ws / "notes.txt").write_text("meet at noon")
     corpus = ["Paris is the capital of France.", "The Nile is a river.", "Cats purr."]
     lim = Limits(timeout=5, cpu_seconds=5, memory_bytes=256 << 20, total_memory_bytes=256 << 20)
-    mcp = mcp_tools(write_mcp_server(tmp_path))
+    box = Toolbox([calculator_tool(), python_tool(ws, limits=lim), *file_tools(ws),
+                   search_tool(corpus, k=1), *mcp_tools(write_mcp_server(tmp_path))])  # fmt: skip
     try:
-        box = Toolbox([calculator_tool(), python_tool(ws, limits=lim), *file_tools(ws),
-                       search_tool(corpus, k=1), *mcp])  # fmt: skip
         script = [
             call_turn(
                 ("calculator", {"expression": "2**64 + 1"}),
@@ -129,7 +128,7 @@ def test_scripted_model_drives_every_tool_through_the_loop_on_one_kv_cache(engin
         before = dict(engine.stats)
         [r] = drive(engine, [env], policy)
     finally:
-        mcp[0].fn.client.close()
+        box.close()
     assert r.success and r.reward == 1.0, r.transcript
     assert r.info["steps"] == 6 and r.info["tool_calls"] == 8 and r.info["tool_errors"] == 0
     assert r.info["error"] is None and (ws / "out" / "a.txt").read_text() == "written"
@@ -340,6 +339,13 @@ def test_geode_agent_cli_runs_on_a_tiny_saved_model(saved_model, tmp_path, capsy
     assert "unknown tool(s) ['shell']" in capsys.readouterr().err
     assert main(["agent", str(saved_model), "--task", "x", "--tools", "search"]) == 2
     assert "--tools search needs --corpus" in capsys.readouterr().err
+    server = " ".join(write_mcp_server(tmp_path))
+    argv = ["agent", str(saved_model), "--task", "Add 2 and 3.", "--tools", "", "--mcp", server,
+            "--max-turns", "1", "--max-new-tokens", "4", "--transcript", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "tools: add, shout, broken" in capsys.readouterr().out
+    assert [t["function"]["name"] for t in json.loads(out.read_text())["tools"]] == [
+        "add", "shout", "broken"]  # fmt: skip
     bad_mcp = f"{sys.executable} -c 'raise SystemExit(1)'"
     assert main(["agent", str(saved_model), "--task", "x", "--mcp", bad_mcp]) == 2
     assert "cannot connect" in capsys.readouterr().err

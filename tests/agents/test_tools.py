@@ -318,11 +318,11 @@ def test_python_tool_runs_agent_code_inside_the_sandbox_limits(tmp_path):
 
 def test_mcp_server_tools_are_listed_and_called(tmp_path):
     tools = mcp_tools(write_mcp_server(tmp_path))
+    box = Toolbox(tools)
     try:
         assert [t.name for t in tools] == ["add", "shout", "broken"]
         add = tools[0]
         assert add.description == "Add two integers." and add.parameters["required"] == ["a", "b"]
-        box = Toolbox(tools)
         assert box.call(ToolCall("add", {"a": 2, "b": 40})).content == "42"
         assert box.call(ToolCall("shout", {"text": "hi"})).content == "HI!"
         r = box.call(ToolCall("broken", {"x": "y"}))
@@ -330,7 +330,8 @@ def test_mcp_server_tools_are_listed_and_called(tmp_path):
         r = box.call(ToolCall("add", {"a": "two", "b": 1}))  # checked here against its schema
         assert r.error and "bad arguments for tool 'add' at a" in r.content
     finally:
-        tools[0].fn.client.close()
+        box.close()  # stops the server
+    assert tools[0].fn.client._loop.is_closed()
     r = box.call(ToolCall("add", {"a": 1, "b": 1}))  # the server is gone: an error, no raise
     assert r.error and r.content.startswith("error: tool 'add'")
     with pytest.raises(RuntimeError, match="cannot connect"):
