@@ -62,7 +62,12 @@ Verifier = Callable[[str], Any]  # final answer -> reward, or (reward, feedback 
 
 class ToolEnv(AgentEnv):
     """An episode of tool use on one task (module doc): the model's message -> tool calls
-    executed -> role "tool" messages; a final answer -> verify -> reward, done."""
+    executed -> role "tool" messages; a final answer -> verify -> reward, done.
+
+    info: success, steps, tool_calls, error (base.py), tool_errors, tool_seconds, answer, and
+    in plan-act-verify plan and revisions. The samples of a group (`spawn`, a shallow copy)
+    share the toolbox, so file tools of a group share one workspace.
+    """
 
     def __init__(
         self,
