@@ -26,6 +26,7 @@ VERB_MODULES: list[str] = [
     "geode.cli.bench",
     "geode.cli.quickstart",
     "geode.cli.agent",
+    "geode.cli.agent_rl",
     "geode.cli.reproduce",
 ]
 
