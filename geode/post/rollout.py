@@ -216,10 +216,8 @@ def _end_turn(
     text = tok.decode(ep.token_ids[start:end], skip_special=True)
     tools = getattr(st.env, "tools", None)
     raw = tok.decode(ep.token_ids[start:end], skip_special=False)  # tool-call markers kept
-    parsed = parse(raw) if tools else None
-    # with tools, a turn with calls is stored parsed (content, thinking, calls); the env sees them
-    ep.messages.append(parsed.to_message() if parsed and parsed.tool_calls else
-                       {"role": "assistant", "content": text})  # fmt: skip
+    # with tools, turns are stored parsed (content, thinking, tool calls); the env sees the calls
+    ep.messages.append(parse(raw).to_message() if tools else {"role": "assistant", "content": text})
     try:
         new, reward, done = st.env.step(raw if tools else text)
     except Exception as e:  # a crashing env ends its own episode (reward 0); the rest go on
