@@ -118,7 +118,10 @@ def run_task(
     try:
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
-            records = _evaluate_chunk(task, backend, chunk, self_correct, bar.update)
+            if task.kind == "episodes":  # agent tasks run whole episodes (tasks/agents.py)
+                records = task.run_episodes(backend, chunk, bar.update, task_dir)
+            else:
+                records = _evaluate_chunk(task, backend, chunk, self_correct, bar.update)
             if f is None:  # the first records: now the run's files exist
                 task_dir.mkdir(parents=True, exist_ok=True)
                 run_file.write_text(json.dumps(meta, indent=2))

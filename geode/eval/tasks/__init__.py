@@ -16,6 +16,10 @@ TASKS: dict[str, str] = {
     "mrcr": "longctx:MRCR",
     "tasks": "synthetic:SyntheticTasks",
     "shapes": "shapes:Shapes",
+    "agent-minigrid": "agents:MiniGridTask",
+    "agent-textworld": "agents:TextWorldTask",
+    "agent-math": "agents:MathToolTask",
+    "agent-code": "agents:CodeToolTask",
 }
 
 

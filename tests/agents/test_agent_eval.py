@@ -1,0 +1,111 @@
+"""Agent evaluation (`geode eval agent-*`): the client-side tool-call loop against an endpoint
+(geode.agents.remote), the eval tasks' records, metrics, transcripts and GIFs, and greedy
+parity of the in-process engine and `geode serve` on a tiny model trained on the episodes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from geode.eval import TaskConfig
+
+MATH = TaskConfig(limit=2, options={"max_turns": 3})
+
+
+def _demonstrations() -> list[dict]:
+    """The expert episodes (calculator call, result, answer) of the first two held-out
+    agent-math documents, from the task's own envs: the trained model meets these prompts."""
+    from geode.agents import tasks
+    from geode.eval.tasks import get_task
+
+    convs = []
+    math = get_task("agent-math", MATH)
+    for doc in math.load():
+        env = math.make_env(doc)
+        convs.append({"messages": env.reset() + tasks.expert(doc["task"]), "tools": env.tools})
+    return convs
+
+
+@pytest.fixture(scope="module")
+def agent_ckpt(tmp_path_factory) -> Path:
+    """A 1-layer model with a tokenizer of its own, trained until it replays the expert
+    episodes greedily (the tool call with its id, <end_of_turn>, the answer)."""
+    import geode
+    from geode.chat import render
+    from geode.tokenizer import train_tokenizer
+    from geode.train.sft import encode_conversation
+
+    path = tmp_path_factory.mktemp("agent-ckpt")
+    convs = _demonstrations()
+    texts = [render(c["messages"], tools=c.get("tools")) for c in convs]
+    tok = train_tokenizer(texts=texts * 4, vocab_size=400, out=path, num_threads=1)
+    cfg = dataclasses.replace(
+        geode.get_preset("nano-1m"), vocab_size=len(tok), max_position_embeddings=1024,
+        num_hidden_layers=1, layer_types=None, hidden_size=64, intermediate_size=128,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+    )  # fmt: skip
+    model = geode.build_model(cfg, seed=0)
+    enc = [encode_conversation(tok, c, tool_calls=True) for c in convs]
+    width = max(len(e.ids) for e in enc)
+    ids = torch.zeros(len(enc), width, dtype=torch.long)  # (B, T)
+    trained = torch.zeros(len(enc), width, dtype=torch.bool)  # (B, T)
+    for i, e in enumerate(enc):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        trained[i, : len(e.ids)] = torch.tensor(e.trained)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread
+    try:
+        for _ in range(300):
+            logits = model(ids[:, :-1]).float()  # (B, T-1, V)
+            mask = trained[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits[mask], ids[:, 1:][mask])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if loss.item() < 2e-2:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    geode.save_model(model, path, files={"tokenizer.model": path / "tokenizer.model"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(agent_ckpt):
+    """`geode serve` of the trained model on a free local port (its URL)."""
+    from tests.eval.test_engine import geode_server
+
+    yield from geode_server._fixture_function(agent_ckpt)
+
+
+def _samples(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_greedy_episodes_in_process_and_through_geode_serve_are_the_same(
+    agent_ckpt, served, tmp_path
+):
+    from geode.eval import EndpointBackend, EngineBackend, evaluate
+
+    engine = EngineBackend.from_path(str(agent_ckpt), batch_size=4)
+    endpoint = EndpointBackend(served, concurrency=2)
+    a = evaluate(["agent-math"], engine, tmp_path / "engine", MATH, progress=False)
+    b = evaluate(["agent-math"], endpoint, tmp_path / "endpoint", MATH, progress=False)
+    ea = _samples(tmp_path / "engine" / "agent-math" / "samples.jsonl")
+    eb = _samples(tmp_path / "endpoint" / "agent-math" / "samples.jsonl")
+    fields = ("success", "reward", "steps", "tool_calls", "tokens", "turns", "truncated", "error")
+    for x, y in zip(ea, eb, strict=True):
+        assert {k: x[k] for k in fields} == {k: y[k] for k in fields}
+        said = [(m.get("content"), m.get("tool_calls")) for m in x["transcript"]]
+        assert said == [(m.get("content"), m.get("tool_calls")) for m in y["transcript"]]
+    # the trained model replays the expert: a tool call, its result, the right answer
+    assert [s["tool_calls"] for s in ea] == [1, 1] and all(s["success"] for s in ea)
+    ma, mb = a["tasks"]["agent-math"], b["tasks"]["agent-math"]
+    assert {k: ma[k] for k in ("success_rate", "steps", "tool_calls", "tokens")} == {
+        k: mb[k] for k in ("success_rate", "steps", "tool_calls", "tokens")
+    }
