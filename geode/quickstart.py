@@ -11,8 +11,11 @@ geode.train, geode.post); nothing here re-implements them.
 
 The budget (minutes) is split by fixed fractions (`FRACTIONS`); training steps come from a
 measured step time of each model so the whole run fits. `base` (a checkpoint directory) skips
-pretraining and distillation and post-trains that model (LoRA when it is larger than
-`LORA_ABOVE` parameters).
+pretraining and distillation, gives their share to the other stages, and post-trains that model
+(LoRA adapters, merged on export, when it has more than `plan.lora_above` parameters; such a
+model also gets smaller post-training batches and fewer evaluation prompts: its steps cost
+seconds, not milliseconds). Paths are resolved when the run starts, so `--resume` works from
+any directory.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ FRACTIONS = {"data": 0.02, "tokenizer": 0.02, "pretrain": 0.22, "distill": 0.16,
 SHAPES = ((32, 2, 2, 16), (64, 2, 2, 32), (96, 3, 2, 48), (128, 4, 2, 64), (192, 4, 4, 48),
           (256, 6, 4, 64))  # fmt: skip
 LORA_ABOVE = 50_000_000  # --base models with more parameters are post-trained with LoRA
+# LoRA learning rates per stage (the full fine-tuning ones are for nano models)
+LORA_LR = {"sft": 2e-3, "reward": 1e-3, "dpo": 5e-4, "rl": 5e-4, "score": 2e-4}
 SEQ_LEN = 128
 BATCH = 16
 SEED = 0
@@ -63,21 +68,59 @@ class Plan:
     min_steps: int = 60  # a model is chosen only if this many steps fit its stage's budget
     eval_prompts: int = 100
     max_new_tokens: int = 48
+    lora_above: int = LORA_ABOVE  # a --base model with more parameters is trained with LoRA
+    lora: bool = False  # post-training uses LoRA (--base larger than lora_above)
+    post_rows: int = BATCH  # rows per optimizer step of SFT, reward models and DPO
+    rl_group: int = 8  # GRPO samples per prompt
+    rl_rows: int = 64  # GRPO rows (samples) per optimizer step
+    score_rows: int = 32  # SCoRe rows per optimizer step
+    micro_rows: int = 32  # the largest micro-batch (a 262k vocabulary's logits are 1 GiB a row)
+
+    def stages(self) -> list[str]:
+        """The stages this run has (--base skips pretraining and distillation)."""
+        return [s for s in STAGES if not (self.base and s in ("pretrain", "distill"))]
 
     def seconds(self, stage: str) -> float:
-        """The stage's share of the budget, in seconds."""
-        return FRACTIONS[stage] * self.budget_minutes * 60.0
+        """The stage's share of the budget, in seconds (skipped stages' shares spread over the
+        others in proportion)."""
+        share = FRACTIONS[stage] / sum(FRACTIONS[s] for s in self.stages())
+        return share * self.budget_minutes * 60.0
 
 
-def make_plan(budget_minutes: float, base: str = "") -> Plan:
-    """Model sizes and data counts for `budget_minutes` (tiny under 3 minutes)."""
+def make_plan(budget_minutes: float, base: str = "", lora_above: int = LORA_ABOVE) -> Plan:
+    """Model sizes and data counts for `budget_minutes` (tiny under 3 minutes); with `base`
+    (a checkpoint directory) LoRA and small batches when it has more than `lora_above`
+    parameters."""
     if budget_minutes <= 0:
         raise QuickstartError(f"--budget-minutes must be > 0, got {budget_minutes}")
     tiny = budget_minutes < 3
     if tiny:
-        return Plan(budget_minutes, base, True, 512, 100_000, 300, 32, 1, 0, 8, 16)
-    return Plan(budget_minutes, base, False, 1024, 500_000, 1700, 190,
-                len(SHAPES) - 1 if budget_minutes >= 30 else len(SHAPES) - 2)  # fmt: skip
+        plan = Plan(budget_minutes, base, True, 512, 100_000, 300, 32, 1, 0, 8, 16,
+                    rl_rows=16, score_rows=8)  # fmt: skip
+    else:
+        plan = Plan(budget_minutes, base, False, 1024, 500_000, 1700, 190,
+                    len(SHAPES) - 1 if budget_minutes >= 30 else len(SHAPES) - 2)  # fmt: skip
+    plan.lora_above = lora_above
+    if base:
+        plan.lora = _parameters(base) > lora_above
+    if plan.lora and not tiny:  # seconds per step: few rows, few evaluation prompts
+        plan.eval_prompts, plan.post_rows, plan.rl_group, plan.rl_rows, plan.score_rows = (
+            32, 4, 4, 8, 8)  # fmt: skip
+    if plan.lora:
+        plan.micro_rows = 2
+    return plan
+
+
+def _parameters(checkpoint: str) -> int:
+    """Parameters of a checkpoint directory's model (its config.json, nothing loaded)."""
+    from .checkpoint import read_config
+    from .family import parameter_counts
+
+    try:
+        config = read_config(checkpoint)
+    except (OSError, ValueError) as e:
+        raise QuickstartError(f"--base {checkpoint}: not a checkpoint directory ({e})") from e
+    return parameter_counts(config)["total"]
 
 
 def _shape(hidden: int, layers: int, heads: int, head_dim: int) -> dict[str, Any]:
@@ -109,6 +152,7 @@ class Context:
     plan: Plan
     progress: bool | None
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    step_s: float | None = None  # a LoRA step of the --base model, measured once per process
 
     def dir(self, stage: str) -> Path:
         """OUT/<stage>."""
@@ -126,24 +170,28 @@ def run(
     base: str = "",
     progress: bool | None = None,
     log: Callable[[str], None] = print,
+    lora_above: int = LORA_ABOVE,
 ) -> dict[str, Any]:
     """Run every stage not yet done; returns {stage: done record}. A failing stage raises
-    QuickstartError naming it (earlier stages stay done for `--resume`)."""
-    out = Path(out)
+    QuickstartError naming it (earlier stages stay done for `--resume`). `out` and `base` are
+    made absolute first: the records' model paths hold from any working directory."""
+    out = Path(out).resolve()
     plan_file = out / "plan.json"
     if plan_file.exists() and not resume:
         raise QuickstartError(f"{out} holds a quickstart run: pass --resume or another --out")
     if resume and plan_file.exists():
         plan = Plan(**json.loads(plan_file.read_text()))
     else:
-        plan = make_plan(budget_minutes, str(base or ""))
-        if plan.base and not Path(plan.base).is_dir():
-            raise QuickstartError(f"--base {plan.base}: not a checkpoint directory")
+        if base and not Path(base).is_dir():
+            raise QuickstartError(f"--base {base}: not a checkpoint directory")
+        plan = make_plan(budget_minutes, str(Path(base).resolve()) if base else "", lora_above)
         out.mkdir(parents=True, exist_ok=True)
         _write_json(plan_file, asdict(plan))
     ctx = Context(out, plan, progress)
     log(f"   {_set_threads()}")
-    stages = [s for s in STAGES if not (plan.base and s in ("pretrain", "distill"))]
+    if plan.lora:
+        log(f"   --base {plan.base}: more than {plan.lora_above:,} parameters, LoRA post-training")
+    stages = plan.stages()
     t_all = time.perf_counter()
     for i, name in enumerate(stages, 1):
         done = ctx.dir(name) / "done.json"
@@ -264,38 +312,32 @@ def _read_texts(path: Path) -> list[str]:
 
 # ------------------------------------------------------------------ 2. tokenizer
 def stage_tokenizer(ctx: Context) -> dict[str, Any]:
-    """A Gemma-style SentencePiece BPE tokenizer on the corpus plus the chat-rendered SFT data."""
+    """A Gemma-style SentencePiece BPE tokenizer on the corpus plus the chat-rendered SFT data;
+    with --base the base model's own tokenizer, copied."""
     from .chat import render
     from .post.prefdata import read_jsonl
-    from .tokenizer import train_tokenizer
+    from .tokenizer import find_tokenizer, load_tokenizer, train_tokenizer
 
+    if ctx.plan.base:
+        src = find_tokenizer(ctx.plan.base)
+        if src is None:
+            raise QuickstartError(f"--base {ctx.plan.base}: no tokenizer.model or tokenizer.json")
+        shutil.copy(src, ctx.dir("tokenizer") / src.name)
+        return {"vocab_size": len(load_tokenizer(src)), "source": str(src)}
     d = ctx.dir("data")
     texts = _read_texts(d / "corpus.jsonl")
     chats = [render(obj["messages"], add_generation_prompt=False)
              for _, obj in read_jsonl(d / "sft" / "train.jsonl", "conversations")]  # fmt: skip
-    if ctx.plan.base:
-        from .tokenizer import find_tokenizer
-
-        src = find_tokenizer(ctx.plan.base)
-        if src is None:
-            raise QuickstartError(f"--base {ctx.plan.base}: no tokenizer.model")
-        shutil.copy(src, ctx.dir("tokenizer") / "tokenizer.model")
-        return {"vocab_size": _vocab(ctx.dir("tokenizer")), "source": str(src)}
     tok = train_tokenizer(texts=texts + chats, vocab_size=ctx.plan.vocab_size,
                           out=ctx.dir("tokenizer"), max_input_bytes=8_000_000)  # fmt: skip
     sample = texts[0]
     return {"vocab_size": len(tok), "chars_per_token": len(sample) / len(tok.encode(sample))}
 
 
-def _vocab(d: Path) -> int:
-    from .tokenizer import load_tokenizer
-
-    return len(load_tokenizer(d / "tokenizer.model"))
-
-
 # ------------------------------------------------------------------ 3. pretraining
-def _measure_step(overrides: dict[str, Any], vocab: int, forward_only: bool = False) -> float:
-    """Seconds of one forward+backward pass of BATCH x SEQ_LEN tokens (best of 2, after one)."""
+def _measure_step(overrides: dict[str, Any], vocab: int, forward_only: bool = False,
+                  rows: int = BATCH) -> float:  # fmt: skip
+    """Seconds of one forward+backward pass of rows x SEQ_LEN tokens (best of 2, after one)."""
     import dataclasses
 
     import torch
@@ -305,7 +347,7 @@ def _measure_step(overrides: dict[str, Any], vocab: int, forward_only: bool = Fa
 
     cfg = dataclasses.replace(get_preset("nano-1m"), **{**overrides, "vocab_size": vocab})
     model = Transformer(cfg)
-    ids = torch.randint(0, vocab, (BATCH, SEQ_LEN))  # [B, T]
+    ids = torch.randint(0, vocab, (rows, SEQ_LEN))  # [B, T]
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -428,14 +470,17 @@ def _base_model(ctx: Context) -> str:
 
 
 def _post(ctx: Context, name: str, init: str, steps: int, lr: float, **sections: Any) -> dict:
-    """A post-training recipe dict on the generated task (TASK difficulty)."""
-    d = ctx.dir("data")
+    """A post-training recipe dict on the generated task (TASK difficulty); LoRA adapters
+    (with the stage's LORA_LR) when the plan says so."""
+    d, rows = ctx.dir("data"), ctx.plan.post_rows
+    if ctx.plan.lora:
+        lr = LORA_LR[name]
     recipe: dict[str, Any] = {
         "name": name,
         "out": str(ctx.dir(name)),
         "model": {"init": init},
         "data": {"path": "", "seq_len": 256},
-        "batch": {"global_batch_size": BATCH, "micro_batch_size": BATCH},
+        "batch": {"global_batch_size": rows, "micro_batch_size": min(rows, ctx.plan.micro_rows)},
         "optim": {"lr": lr, "warmup_steps": 0, "weight_decay": 0.0, "schedule": "constant"},
         "train": {"max_steps": steps, "progress": ctx.progress is not False},
         "eval": {"batches": 2},
@@ -445,30 +490,31 @@ def _post(ctx: Context, name: str, init: str, steps: int, lr: float, **sections:
     if sections.pop("pairs_data", False):
         recipe["data"] = {"path": str(d / "prefs" / "train.jsonl"),
                           "eval_path": str(d / "prefs" / "heldout.jsonl"), "seq_len": 256}  # fmt: skip
-    if _needs_lora(init):
+    if ctx.plan.lora:
         recipe["lora"] = {"r": 16, "alpha": 32.0}
     for key, value in sections.items():
         recipe[key] = {**recipe[key], **value} if isinstance(recipe.get(key), dict) else value
     return recipe
 
 
-def _needs_lora(init: str) -> bool:
-    """Whether `init` is too large to fine-tune fully within the budget (LORA_ABOVE)."""
-    from .checkpoint import read_config
-    from .family import parameter_counts
-
-    return parameter_counts(read_config(init))["total"] > LORA_ABOVE
-
-
 def _post_steps(ctx: Context, stage: str, init: str, factor: float, lo: int, hi: int) -> int:
-    """Steps of a post-training stage: its budget over `factor` measured training steps."""
+    """Steps of a post-training stage: its budget over `factor` measured training steps (of
+    plan.post_rows rows). A LoRA step is measured once as twice a forward pass: the frozen
+    weights need no gradient, so the backward pass costs about one forward."""
     from .checkpoint import read_config
 
     cfg = read_config(init)
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "query_pre_attn_scalar", "sliding_window",
             "layer_types", "max_position_embeddings")  # fmt: skip
-    step_s = _measure_step({k: getattr(cfg, k) for k in keys}, cfg.vocab_size)
+    shape, rows = {k: getattr(cfg, k) for k in keys}, ctx.plan.post_rows
+    if not ctx.plan.lora:
+        step_s = _measure_step(shape, cfg.vocab_size, rows=rows)
+    elif ctx.step_s is None:
+        ctx.step_s = step_s = 2.0 * _measure_step(shape, cfg.vocab_size, True, rows)
+        print(f"   LoRA step of {rows} rows: {step_s:.1f} s (measured)", flush=True)
+    else:
+        step_s = ctx.step_s
     return _steps(ctx.plan.seconds(stage), factor * step_s, lo, hi)
 
 
@@ -484,9 +530,10 @@ def stage_sft(ctx: Context) -> dict[str, Any]:
                          "eval_path": str(d / "sft" / "heldout.jsonl"), "seq_len": 256},
                    optim={"schedule": "cosine", "warmup_steps": max(1, steps // 10)})  # fmt: skip
     s = sft(load_post_recipe(recipe), ctx.dir("sft"), progress=ctx.progress)
-    before = evaluate(ctx, init) if ctx.plan.base else {}
+    before = evaluate(ctx, init) if ctx.plan.base else {}  # --base: the model before
     return {"model": s["model"], "steps": steps, "heldout_loss": s.get("eval_loss"),
-            **({"base_" + k: v for k, v in before.items()}), **evaluate(ctx, s["model"])}  # fmt: skip
+            "eval_prompts": ctx.plan.eval_prompts, **{"base_" + k: v for k, v in before.items()},
+            **evaluate(ctx, s["model"])}  # fmt: skip
 
 
 def stage_reward(ctx: Context) -> dict[str, Any]:
@@ -537,11 +584,11 @@ def stage_rl(ctx: Context) -> dict[str, Any]:
 
     init = ctx.model("dpo")
     steps = _post_steps(ctx, "rl", init, 5.0, 2, 200)  # sampling dominates an RL step
-    sec = _rl_sections(ctx, 8, ctx.plan.max_new_tokens)
+    sec = _rl_sections(ctx, ctx.plan.rl_group, ctx.plan.max_new_tokens)
     sec["rl"]["thinking_budgets"] = [16, 32]
-    rows = 16 if ctx.plan.tiny else 64
+    rows = ctx.plan.rl_rows
     recipe = _post(ctx, "rl", init, steps, 2e-4, **sec, batch={"global_batch_size": rows,
-                   "micro_batch_size": min(rows, 32)})  # fmt: skip
+                   "micro_batch_size": min(rows, ctx.plan.micro_rows)})  # fmt: skip
     s = rl(load_post_recipe(recipe), ctx.dir("rl"), progress=ctx.progress)
     curve = [r for r in s.get("reward_curve", []) if r is not None]
     return {"model": s["model"], "steps": steps, "reward_first": curve[0] if curve else None,
@@ -561,10 +608,11 @@ def stage_score(ctx: Context) -> dict[str, Any]:
     s1 = max(1, steps // 2)  # Stage I first teaches attempt 2 to answer after the instruction
     sec = _rl_sections(ctx, 4, ctx.plan.max_new_tokens)
     sec["rl"].update(estimator="rloo", scale="none", mask_truncated=True)
+    rows = ctx.plan.score_rows
     recipe = _post(ctx, "score", init, steps, 1e-4, **sec,
                    score={"stage1_steps": s1, "stage2_steps": max(1, steps - s1)},
-                   batch={"global_batch_size": 8 if ctx.plan.tiny else 32,
-                          "micro_batch_size": 8 if ctx.plan.tiny else 16})  # fmt: skip
+                   batch={"global_batch_size": rows,
+                          "micro_batch_size": min(rows, 16, ctx.plan.micro_rows)})  # fmt: skip
     s = score(load_post_recipe(recipe), ctx.dir("score"), progress=ctx.progress)
     b, a = s["before"], s["after"]
     return {"model": s["model"], "steps": steps, "before": b, "after": a,
@@ -588,7 +636,7 @@ def evaluate(ctx: Context, model_dir: str) -> dict[str, float]:
     from .post.rl import heldout_scores
     from .tokenizer import load_tokenizer
 
-    tok = load_tokenizer(Path(model_dir) / "tokenizer.model")
+    tok = load_tokenizer(model_dir)  # its tokenizer.model (or tokenizer.json)
     backend = EngineBackend(load_model(model_dir), tok, chat=True, batch_size=64)
     prompts = heldout_prompts(ctx)
     scores = heldout_scores(backend.engine, tok, prompts, ctx.plan.max_new_tokens)

@@ -50,6 +50,23 @@ def stage_table(done: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+POST_STAGES = ("sft", "dpo", "rl", "score")  # the stages evaluated on held-out problems
+
+
+def base_comparison(done: dict[str, dict[str, Any]], base: str) -> str:
+    """--base runs: the base model before post-training (evaluated in the SFT stage) against
+    the model after each post-training stage, as a markdown table."""
+    s = done.get("sft", {})
+    rows = ["| model | held-out pass@1 | answered | held-out ppl |", "|---|---:|---:|---:|",
+            f"| base `{base}` (before) | {_f(s.get('base_accuracy'))} | "
+            f"{_f(s.get('base_answered'))} | {_f(s.get('base_heldout_ppl'), 2)} |"]  # fmt: skip
+    for name in (n for n in POST_STAGES if n in done):
+        rec = done[name]
+        rows.append(f"| after {name} | {_f(rec.get('accuracy'))} | {_f(rec.get('answered'))} | "
+                    f"{_f(rec.get('heldout_ppl'), 2)} |")  # fmt: skip
+    return "\n".join(rows)
+
+
 def verdicts(done: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Each claim of issue #20 against this run's numbers: 'yes: ...' or 'NO: ...'."""
     out: dict[str, str] = {}
@@ -74,6 +91,15 @@ def verdicts(done: dict[str, dict[str, Any]]) -> dict[str, str]:
             f"{'yes' if ok else 'NO'}: {start:.3f} -> {r['heldout_after']:.3f}"
             f"{_noise(start, r['heldout_after'], r.get('heldout_prompts'))} "
             f"(reward {_f(r.get('reward_first'))} -> {_f(r.get('reward_last'))})"
+        )
+    last = next((done[n] for n in reversed(POST_STAGES) if n in done), None)
+    if s and last and "base_accuracy" in s:
+        start = s["base_accuracy"]
+        ok = last["accuracy"] > start
+        out["post-training raises the base model's held-out accuracy"] = (
+            f"{'yes' if ok else 'NO'}: {start:.3f} -> {last['accuracy']:.3f}"
+            f"{_noise(start, last['accuracy'], s.get('eval_prompts'))}; perplexity "
+            f"{_f(s.get('base_heldout_ppl'), 2)} -> {_f(last.get('heldout_ppl'), 2)}"
         )
     c = done.get("score")
     if c:
@@ -139,8 +165,10 @@ def plot_accuracy(done: dict[str, dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("sft", "dpo", "rl", "score") if n in done]
+    names = [n for n in POST_STAGES if n in done]
     accs = [done[n]["accuracy"] for n in names]
+    if "base_accuracy" in done.get("sft", {}):  # --base: the model before post-training
+        names, accs = ["base", *names], [done["sft"]["base_accuracy"], *accs]
     fig, ax = plt.subplots(figsize=(6, 4))
     bars = ax.bar(names, accs, color="tab:blue")
     ax.bar_label(bars, fmt="%.2f")
@@ -207,6 +235,11 @@ def write_report(out: Path, done: dict[str, dict[str, Any]], plan: dict[str, Any
         "",
         stage_table(done),
         "",
+        *(
+            ["## The base model before and after", "", base_comparison(done, plan["base"]), ""]
+            if plan.get("base") and "sft" in done
+            else []
+        ),  # fmt: skip
         "## Claims checked on this run",
         "",
         *[f"- {claim}: **{verdict}**" for claim, verdict in v.items()],

@@ -124,3 +124,132 @@ def test_plan_budget_and_base(tmp_path):
     assert big.seconds("pretrain") == pytest.approx(qs.FRACTIONS["pretrain"] * 600)
     with pytest.raises(qs.QuickstartError, match="not a checkpoint directory"):
         qs.run(tmp_path / "b", budget_minutes=1, base=str(tmp_path / "missing"), progress=False)
+
+
+# ------------------------------------------------------------------ --base PATH
+@pytest.fixture(scope="module")
+def base_run(tiny_run, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """The tiny run's final model (HF layout with its tokenizer) post-trained again as --base,
+    with LoRA forced (lora_above=0), at a tiny budget."""
+    base = tiny_run[0] / "final"
+    out = tmp_path_factory.mktemp("quickstart-base") / "run"
+    done = qs.run(out, budget_minutes=0.05, base=str(base), progress=False, lora_above=0)
+    return out, base, done
+
+
+def test_base_skips_pretraining_and_compares_before_after(base_run):
+    from geode import load_model
+    from geode.post.reward import load_reward_model
+
+    out, base, done = base_run
+    assert list(done) == [s for s in qs.STAGES if s not in ("pretrain", "distill")]
+    assert not (out / "pretrain").exists() and not (out / "distill").exists()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["base"] == str(base) and plan["lora"] and plan["lora_above"] == 0
+    tok = out / "tokenizer" / "tokenizer.model"
+    assert tok.read_bytes() == (base / "tokenizer.model").read_bytes()  # the base's own
+    # every stage's model loads; the reward model (WARM average) with its head
+    for stage in ("sft", "dpo", "rl", "score", "report"):
+        assert load_model(done[stage]["model"]).config.vocab_size == done["tokenizer"]["vocab_size"]
+    load_reward_model(done["reward"]["model"])
+    # the report compares the base model before and after, from the run's own numbers
+    report = (out / "REPORT.md").read_text()
+    assert "| pretrain |" in report and "skipped (--base)" in report
+    table = report.split("## The base model before and after")[1].split("##")[0]
+    s = done["sft"]
+    assert (
+        f"| base `{base}` (before) | {s['base_accuracy']:.3f} | {s['base_answered']:.3f} |" in table
+    )
+    for stage in ("sft", "dpo", "rl", "score"):
+        assert f"| after {stage} | {done[stage]['accuracy']:.3f} |" in table
+    line = next(x for x in report.splitlines() if "raises the base model's held-out" in x)
+    assert f"{s['base_accuracy']:.3f} -> {done['score']['accuracy']:.3f}" in line
+    assert s["base_heldout_ppl"] > 1.0 and ("**yes" in line or "**NO" in line)
+
+
+def test_base_lora_export_is_merged_and_loads_in_transformers(base_run):
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import Gemma3ForCausalLM
+
+    from geode import load_model
+
+    out, base, done = base_run
+    final = out / "final"
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        assert keys == set(f.keys())  # plain weights: the adapters are merged in
+    ids = torch.tensor([[2, 5, 17, 40, 3, 99, 7, 250, 11, 64]])  # (1, 10)
+
+    def hf(path):
+        return Gemma3ForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                 dtype=torch.float32).eval()  # fmt: skip
+
+    with torch.no_grad():
+        ours = load_model(final).eval()(ids)
+        torch.testing.assert_close(hf(final)(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)
+        assert (ours - load_model(base).eval()(ids)).abs().max() > 1e-4  # trained
+        # SFT's merged export = peft's base + adapter (its saved layout) in transformers
+        sft = load_model(done["sft"]["model"]).eval()(ids)
+        peft = PeftModel.from_pretrained(hf(base), out / "sft" / "adapter").eval()
+        torch.testing.assert_close(peft(input_ids=ids).logits, sft, rtol=1e-4, atol=1e-4)
+
+
+def test_base_plan_lora_switch(tiny_run):
+    base = str(tiny_run[0] / "final")
+    full, lora = qs.make_plan(10, base), qs.make_plan(10, base, lora_above=0)
+    assert not full.lora and full.post_rows == qs.BATCH and full.eval_prompts == 100
+    assert lora.lora and lora.post_rows < full.post_rows and lora.eval_prompts < 100
+    assert lora.stages() == [s for s in qs.STAGES if s not in ("pretrain", "distill")]
+    # the skipped stages' budget goes to the others
+    assert sum(lora.seconds(s) for s in lora.stages()) == pytest.approx(600)
+    assert lora.seconds("sft") > qs.make_plan(10).seconds("sft")
+    ctx = qs.Context(Path("/nonexistent"), full, False)
+    assert "lora" not in qs._post(ctx, "sft", base, 4, 1e-2)
+    ctx.plan = lora
+    recipe = qs._post(ctx, "sft", base, 4, 1e-2)
+    assert recipe["lora"] == {"r": 16, "alpha": 32.0} and recipe["optim"]["lr"] == qs.LORA_LR["sft"]
+    assert recipe["batch"]["global_batch_size"] == lora.post_rows
+
+
+def test_relative_out_and_base_resume_from_another_cwd(tiny_run, tmp_path, monkeypatch):
+    """--out and --base given relative to one directory, resumed from another: the records'
+    paths are absolute, so a later stage finds an earlier stage's model."""
+    import shutil
+
+    from geode.cli import main
+
+    (tmp_path / "a").mkdir()
+    shutil.copytree(tiny_run[0] / "final", tmp_path / "a" / "base")
+    seen: list[Path] = []
+
+    def first(ctx):
+        (ctx.dir("data") / "m").mkdir()
+        return {"model": str(ctx.dir("data") / "m")}
+
+    def later(name, fail=False):
+        def stage(ctx):
+            seen.append(Path(ctx.model("data")))
+            assert Path(ctx.model("data")).is_dir() and Path(ctx.plan.base).is_dir()
+            if fail:
+                raise RuntimeError("interrupted")
+            return {"model": ctx.model("data")}
+
+        return stage
+
+    funcs = {s: later(s) for s in qs.STAGES} | {"data": first}
+    monkeypatch.setattr(qs, "STAGE_FUNCS", {**funcs, "sft": later("sft", True)})
+    monkeypatch.chdir(tmp_path / "a")
+    args = ["quickstart", "--out", "q", "--budget-minutes", "0.2", "--no-progress"]
+    assert main([*args, "--base", "base"]) == 1
+    monkeypatch.setattr(qs, "STAGE_FUNCS", funcs)
+    monkeypatch.chdir(tmp_path)
+    assert main(["quickstart", "--out", "a/q", "--resume", "--no-progress"]) == 0
+    assert seen and all(p == tmp_path / "a" / "q" / "data" / "m" for p in seen)
+    assert all((tmp_path / "a" / "q" / s / "done.json").exists() for s in qs.STAGES[4:])
+    lines: list[str] = []  # resuming a finished run from a third directory runs nothing
+    monkeypatch.chdir(tmp_path / "a" / "q")
+    qs.run(".", resume=True, progress=False, log=lines.append)
+    assert sum("done already" in x for x in lines) == len(qs.STAGES) - 2

@@ -21,6 +21,7 @@ from geode.fileio import atomic_write_bytes
 from geode.recipe import RecipeError
 from geode.train.batches import TrainData
 from geode.train.loop import Trainer
+from geode.train.sft_lora import merged_copy
 
 from .pairs import fixed_batches, pair_batches
 from .recipe import PairData, PostRecipe, load_pair_data
@@ -113,7 +114,7 @@ def warm(
         for i in range(m):
             r = member_recipe(recipe, i, level_dir / f"member-{i}")
             summary, rm = train_reward(r, r.out, False, progress, data=data)
-            rms.append(rm)
+            rms.append(rm if r.lora is None else merged_copy(rm))  # WARM averages full weights
             rows.append(
                 {
                     "member": i,
