@@ -59,6 +59,7 @@ class Shaped:
         self.spawned: list[Shaped] = []
         self.turns = 0
         self._invalid = 0
+        self.seconds = 0.0  # wall time inside the env's step (actions, tools, verifier)
 
     def __getattr__(self, name: str) -> Any:
         if name == "env":  # not yet set (copy / unpickling): no recursion
@@ -78,7 +79,11 @@ class Shaped:
 
     def step(self, message: str) -> tuple[Messages | None, float, bool]:
         """The env's step with the shaping terms; done at the env's max_turns."""
-        new, reward, done = self.env.step(message)
+        t0 = time.perf_counter()
+        try:
+            new, reward, done = self.env.step(message)
+        finally:
+            self.seconds += time.perf_counter() - t0
         self.turns += 1
         invalid = invalid_count(getattr(self.env, "info", {}) or {})
         reward = float(reward) - self.turn_penalty
@@ -144,6 +149,7 @@ class AgentRollouts(Rollouts):
         **kw: Any,
     ):
         self._made: list[Shaped] = []
+        self._env_s = 0.0
 
         def make(task: Any) -> Shaped:
             env = Shaped(make_env(task), turn_penalty, invalid_penalty)
@@ -156,12 +162,14 @@ class AgentRollouts(Rollouts):
         self._made = []
         eps, rewards, stats = super()._round(n)
         _record(self._made, eps)
+        self._env_s += sum(c.seconds for s in self._made for c in s.spawned)
         return eps, rewards, stats
 
     def _stats(self, kept, eps, rewards, agg, dropped, rounds) -> dict[str, float]:  # type: ignore[override]
         out = super()._stats(kept, eps, rewards, agg, dropped, rounds)
         out.pop("accuracy", None)  # the arithmetic task's `#### N` check: not an agent metric
-        return {**out, **outcome_stats(eps)}
+        env_s, self._env_s = self._env_s, 0.0  # inside generation_s: the envs' own steps
+        return {**out, **outcome_stats(eps), "env_s": env_s}
 
 
 def heldout_success(
@@ -231,6 +239,7 @@ class Family:
     make_env: Callable[[Any, dict[str, Any]], Any]
     expert: Callable[[Any, Any, Messages], str]
     noise: Callable[[Any, Any, Messages, random.Random], str]
+    key: Callable[[Any, dict[str, Any]], Any] = lambda spec, options: repr(spec)
 
 
 FAMILIES: dict[str, Callable[[], Family]] = {}
@@ -251,6 +260,24 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise RecipeError(f"agent.family = {name!r}: use one of {sorted(FAMILIES)}")
     return FAMILIES[name]()
+
+
+def heldout_tasks(
+    family: Family, n: int, train: Sequence[Any], seed: int, options: dict[str, Any]
+) -> list[Any]:
+    """`n` held-out tasks none of which equals a training task (by `family.key`) nor another
+    (small worlds repeat layouts across seeds); a ValueError when fewer exist."""
+    seen = {family.key(t, options) for t in train}
+    out = []
+    for spec in family.tasks("heldout", 8 * n, seed, options):
+        k = family.key(spec, options)
+        if k not in seen:
+            seen.add(k)
+            out.append(spec)
+            if len(out) == n:
+                return out
+    raise ValueError(f"only {len(out)} held-out {family.name} tasks differ from the "
+                     f"{len(train)} training tasks; ask for fewer")  # fmt: skip
 
 
 def assistant_message(text: str) -> dict[str, Any]:
@@ -311,7 +338,7 @@ class AgentSection:
     family: str = "minigrid"  # a registered family (FAMILIES)
     options: dict[str, Any] = field(default_factory=dict)  # the family's env options
     train_tasks: int = 256  # training env seeds / tasks (the RL prompts)
-    heldout_tasks: int = 64  # held-out env seeds / tasks (never in training)
+    heldout_tasks: int = 64  # held-out tasks: other seeds, and no layout / task in training
     seed: int = 0  # seed of the task splits and the demonstrations' noise
     turn_penalty: float = 0.0  # shaping: reward -= this per model turn
     invalid_penalty: float = 0.0  # shaping: reward -= this per invalid action
@@ -416,6 +443,26 @@ def demonstration_sft(recipe: AgentRecipe, out: str | Path, progress: bool | Non
     return out / "model"
 
 
+def agent_source(recipe: AgentRecipe, tokenizer: Any, tasks: Sequence[Any]) -> AgentRollouts:
+    """The RL batch source of a recipe: [rl]'s sampling and advantages over [agent]'s envs."""
+    from geode.infer import SamplingParams
+
+    a, r = recipe.agent, recipe.rl
+    if r is None:
+        raise RecipeError("geode agent-rl needs an [rl] section")
+    fam = get_family(a.family)
+    per_step = r.prompts_per_step or recipe.batch.global_batch_size // r.group_size
+    return AgentRollouts(
+        tokenizer, tasks, lambda t: fam.make_env(t, a.options),
+        turn_penalty=a.turn_penalty, invalid_penalty=a.invalid_penalty,
+        sampling=SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                top_p=r.top_p),
+        group_size=r.group_size, prompts_per_step=per_step, estimator=r.estimator,
+        scale=r.scale, num_iterations=r.num_iterations, dynamic_sampling=r.dynamic_sampling,
+        max_resample=r.max_resample, mask_truncated=r.mask_truncated, seed=recipe.data.seed,
+    )  # fmt: skip
+
+
 def agent_rl(
     recipe: AgentRecipe,
     out: str | Path | None = None,
@@ -424,7 +471,6 @@ def agent_rl(
 ) -> dict[str, Any]:
     """`geode agent-rl`: [demonstration SFT], then RL over the family's training tasks with
     held-out success before / after (OUT/summary.json, OUT/curves.png); returns the summary."""
-    from geode.infer import SamplingParams
     from geode.post.rl import policy_trainer
 
     out = Path(out or recipe.out)
@@ -443,21 +489,12 @@ def agent_rl(
                        "demo_success": sum(d["success"] for d in demos) / len(demos),
                        "sft_s": time.perf_counter() - t0}  # fmt: skip
     train_tasks = fam.tasks("train", a.train_tasks, a.seed, a.options)
-    held_tasks = fam.tasks("heldout", a.heldout_tasks, a.seed, a.options)
+    held_tasks = heldout_tasks(fam, a.heldout_tasks, train_tasks, a.seed, a.options)
     from geode.tokenizer import load_tokenizer
     from geode.train.sft import tokenizer_path
 
     tok = load_tokenizer(tokenizer_path(recipe))
-    per_step = r.prompts_per_step or recipe.batch.global_batch_size // r.group_size
-    source = AgentRollouts(
-        tok, train_tasks, lambda t: fam.make_env(t, a.options),
-        turn_penalty=a.turn_penalty, invalid_penalty=a.invalid_penalty,
-        sampling=SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                top_p=r.top_p),
-        group_size=r.group_size, prompts_per_step=per_step, estimator=r.estimator,
-        scale=r.scale, num_iterations=r.num_iterations, dynamic_sampling=r.dynamic_sampling,
-        max_resample=r.max_resample, mask_truncated=r.mask_truncated, seed=recipe.data.seed,
-    )  # fmt: skip
+    source = agent_source(recipe, tok, train_tasks)
     trainer, source, tok = policy_trainer(recipe, out / "rl", source=source, progress=progress,
                                           resume=resume)  # fmt: skip
 
@@ -490,8 +527,8 @@ def agent_rl(
     return summary
 
 
-SERIES = ("reward_mean", "success", "steps", "invalid", "generation_s", "scoring_s", "update_s",
-          "rollout_tokens_per_s", "completion_length", "truncated")  # fmt: skip
+SERIES = ("reward_mean", "success", "steps", "invalid", "generation_s", "env_s", "scoring_s",
+          "update_s", "rollout_tokens_per_s", "completion_length", "truncated")  # fmt: skip
 
 
 def step_series(metrics: Path) -> dict[str, Any]:
@@ -549,21 +586,32 @@ def minigrid_family() -> Family:
         return MiniGridEnv(env_id, int(seed), observation="text",
                            max_turns=int(options.get("max_turns", 8)))  # fmt: skip
 
+    def key(task: Any, options: dict[str, Any]) -> Any:
+        env = make_env(task, options)
+        env.reset()
+        u = env.unwrapped
+        cells = [(x, y, o.type, o.color) for y in range(u.height) for x in range(u.width)
+                 if (o := u.grid.get(x, y)) is not None and o.type != "wall"]  # fmt: skip
+        return (tuple(u.agent_pos), int(u.agent_dir), tuple(cells), str(u.mission))
+
     return Family("minigrid", tasks, make_env, lambda env, task, messages: expert_action(env),
-                  lambda env, task, messages, rng: rng.choice(("left", "right", "forward")))  # fmt: skip
+                  lambda env, task, messages, rng: rng.choice(("left", "right", "forward")),
+                  key)  # fmt: skip
 
 
 @register_family("tools")
 def tools_family() -> Family:
     """Tool-use tasks (geode.agents.tasks): options `task` ("calc", the default, or "code"),
-    `mode` ("act" | "plan-act-verify"), `max_turns` (4); the scripted expert's turns
+    `digits` (calc: [low, high] digits of its numbers, default [4, 7]), `mode` ("act" |
+    "plan-act-verify"), `max_turns` (4); the scripted expert's turns
     (geode.agents.tasks.expert), its final answer from the tool's actual result; noise changes
     one digit of the expert's message (a copy error: a wrong expression or answer)."""
     from geode.agents import tasks as tt
     from geode.agents.loop import turn_text
 
     def tasks(split: str, n: int, seed: int, options: dict[str, Any]) -> list[Any]:
-        return tt.generate(options.get("task", "calc"), n, seed=seed, split=split)
+        extra = {"digits": tuple(options["digits"])} if "digits" in options else {}
+        return tt.generate(options.get("task", "calc"), n, seed=seed, split=split, **extra)
 
     def make_env(task: Any, options: dict[str, Any]) -> Any:
         return tt.make_env(task, mode=options.get("mode", "act"),
@@ -590,4 +638,4 @@ def tools_family() -> Family:
     def options_mode(env: Any) -> str:
         return getattr(env, "mode", "act")
 
-    return Family("tools", tasks, make_env, expert, noise)
+    return Family("tools", tasks, make_env, expert, noise, lambda task, options: task.canonical)

@@ -56,9 +56,11 @@ class ToolTask:
 
 
 # ---------------------------------------------------------------------- calc
-def _calc(rng: random.Random, heldout_fraction: float) -> ToolTask:
-    def num() -> int:  # 4 to 7 digits
-        d = rng.randint(4, 7)
+def _calc(
+    rng: random.Random, heldout_fraction: float, digits: tuple[int, int] = (4, 7)
+) -> ToolTask:
+    def num() -> int:  # 4 to 7 digits (by default)
+        d = rng.randint(*digits)
         return rng.randint(10 ** (d - 1), 10**d - 1)
 
     a, b, c = num(), num(), num()
@@ -115,15 +117,16 @@ _MAKERS = {"calc": _calc, "code": _code}
 
 
 def make_task(family: str, seed: int, index: int,
-              heldout_fraction: float = synth.HELDOUT_FRACTION) -> ToolTask:  # fmt: skip
-    """Task `index` of `seed` in a family: deterministic, independent of the others."""
+              heldout_fraction: float = synth.HELDOUT_FRACTION, **options: Any) -> ToolTask:  # fmt: skip
+    """Task `index` of `seed` in a family: deterministic, independent of the others (options:
+    calc's `digits` range of its numbers, default (4, 7))."""
     if family not in _MAKERS:
         raise ValueError(f"tool-use task family must be one of {FAMILIES}, got {family!r}")
-    return _MAKERS[family](random.Random(f"{family}:{seed}:{index}"), heldout_fraction)
+    return _MAKERS[family](random.Random(f"{family}:{seed}:{index}"), heldout_fraction, **options)
 
 
 def generate(family: str, n: int, seed: int = 0, split: str = "train",
-             heldout_fraction: float = synth.HELDOUT_FRACTION) -> list[ToolTask]:  # fmt: skip
+             heldout_fraction: float = synth.HELDOUT_FRACTION, **options: Any) -> list[ToolTask]:  # fmt: skip
     """`n` tasks of one split with distinct canonical forms (no split shares one)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
@@ -131,7 +134,7 @@ def generate(family: str, n: int, seed: int = 0, split: str = "train",
     seen: set[str] = set()
     index = 0
     while len(out) < n:
-        t = make_task(family, seed, index, heldout_fraction)
+        t = make_task(family, seed, index, heldout_fraction, **options)
         index += 1
         if t.split == split and t.canonical not in seen:
             seen.add(t.canonical)
