@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import distill_vs_scratch, local_global, teacher_hacking
-from .common import ReproduceError, Setup
+from .common import ReproduceError, Setup, say
 
 REGISTRY: dict[str, Callable[[Setup], dict[str, Any]]] = {
     "teacher-hacking": teacher_hacking.run,
@@ -31,7 +31,7 @@ def reproduce(
     budget_minutes: float = DEFAULT_BUDGET_MINUTES,
     seed: int = 0,
     progress: bool | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """Run claim `name` into `out` (default runs/reproduce/NAME); returns its results.json
     record. Unknown names and bad budgets raise ReproduceError; a failed run names the claim."""

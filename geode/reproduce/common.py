@@ -17,6 +17,11 @@ from ..fileio import atomic_write_bytes
 TINY_BELOW = 1.0  # --budget-minutes under this: a smoke test (tiny models, a few steps)
 
 
+def say(message: str) -> None:
+    """Print a progress line now (flushed, so logs show it while the run goes on)."""
+    print(message, flush=True)
+
+
 class ReproduceError(RuntimeError):
     """A claim's run cannot start or failed (its name and why)."""
 
@@ -30,7 +35,7 @@ class Setup:
     budget_minutes: float
     seed: int = 0
     progress: bool | None = None
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = say
     t0: float = field(default_factory=time.perf_counter)
 
     @property

@@ -33,9 +33,10 @@ def run(setup: Setup) -> dict[str, Any]:
     if setup.tiny:
         t_steps, s_steps = 4, 4
     else:
-        t_steps = step_count(setup, 0.45, t_shape, vocab, lo=20)
+        t_steps = step_count(setup, 0.5, t_shape, vocab, lo=20)
         fwd = q._measure_step(t_shape, vocab, forward_only=True)
-        s_steps = step_count(setup, 0.4, s_shape, vocab, runs=2, lo=20, extra_s=fwd)
+        s_steps = step_count(setup, 0.35, s_shape, vocab, runs=2, lo=10, extra_s=fwd)
+        s_steps = min(s_steps, t_steps // 2)  # the teacher saw 2x the tokens (as the quickstart)
 
     setup.stage(2, 4, f"teacher {q.SHAPES[t_idx][:2]} (hidden, layers): {t_steps} steps")
     t_dir = setup.out / "teacher"

@@ -34,14 +34,14 @@ CLAIM = ("Distilling from an imperfect teacher on a fixed offline dataset for ma
          "generation it does not. The proxy's departure from a power law fitted to its early "
          "curve signals it without the oracle (Tiapkin et al. 2025).")  # fmt: skip
 RISE = 0.01  # golden counted as rising when it ends over 1% above its minimum
-EARLY = 0.2  # the power law is fitted to eval points up to this fraction of the steps
+EARLY = 0.4  # the power law is fitted to eval points from step 2 up to this fraction of the steps
 
 
 def _sizes(setup: Setup) -> dict[str, int]:
     if setup.tiny:
         return {"prompt": 8, "completion": 24, "teacher_docs": 96, "offline_prompts": 16,
                 "eval_prompts": 16, "top_k": 64, "evals": 4}  # fmt: skip
-    return {"prompt": 16, "completion": 48, "teacher_docs": 1024, "offline_prompts": 64,
+    return {"prompt": 16, "completion": 48, "teacher_docs": 1024, "offline_prompts": 128,
             "eval_prompts": 64, "top_k": 128, "evals": 14}  # fmt: skip
 
 
@@ -58,16 +58,19 @@ def run(setup: Setup) -> dict[str, Any]:
     ctx = corpus(setup)
     vocab = ctx.done["tokenizer"]["vocab_size"]
     tok_path = ctx.dir("tokenizer") / "tokenizer.model"
-    o_idx, t_idx, s_idx = (1, 0, 0) if setup.tiny else (2, 1, 0)
+    # the student has the teacher's shape: a smaller one (hidden 32) stayed farther from the
+    # teacher than the teacher is from the oracle, so it never reached the teacher's errors
+    o_idx, t_idx, s_idx = (1, 0, 0) if setup.tiny else (2, 1, 1)
     shape = {k: q._shape(*q.SHAPES[i]) for k, i in (("oracle", o_idx), ("teacher", t_idx),
                                                     ("student", s_idx))}  # fmt: skip
     if setup.tiny:
         o_steps, t_steps, s_steps = 4, 4, 6
     else:
-        o_steps = step_count(setup, 0.3, shape["oracle"], vocab, lo=20)
-        t_steps = step_count(setup, 0.12, shape["teacher"], vocab, lo=20)
+        o_steps = step_count(setup, 0.25, shape["oracle"], vocab, lo=20)
+        t_steps = step_count(setup, 0.06, shape["teacher"], vocab, lo=20)  # kept imperfect
         fwd = q._measure_step(shape["teacher"], vocab, forward_only=True)
-        s_steps = step_count(setup, 0.4, shape["student"], vocab, runs=3, lo=20, extra_s=fwd)
+        # rows of P + C = 64 tokens, half the measured 128: twice the steps; online counts 2x
+        s_steps = 2 * step_count(setup, 0.5, shape["student"], vocab, runs=3, lo=10, extra_s=fwd)
 
     setup.stage(
         2, 7, f"oracle {q.SHAPES[o_idx][:2]} (hidden, layers): {o_steps} steps on the corpus"
@@ -108,7 +111,7 @@ def run(setup: Setup) -> dict[str, Any]:
         s_dir = setup.out / f"student-{regime}"
         r = _doc_recipe(lm_recipe(ctx, setup, f"student-{regime}", shape["student"], s_steps, s_dir),
                         data_dir / "offline", T)  # fmt: skip
-        r["optim"] = {"lr": 3e-3, "schedule": "constant", "warmup_steps": 0}
+        r["optim"] = {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.1}
         r["distill"] = {"teacher": teacher, "top_k": min(n["top_k"], vocab), "sampling": "sample",
                         "control": False, "on_policy_tokens": C + 1 if regime == "online" else 0}  # fmt: skip
         curves[regime] = distill_curve(load_train_recipe(r), s_dir, judge, at, setup)
@@ -145,13 +148,18 @@ def run(setup: Setup) -> dict[str, Any]:
     if not holds:
         verdict += (" The pattern the paper reports (golden up while proxy down offline only) "
                     "is not what this run measured; see the table for which part differs.")  # fmt: skip
+        best = min(s["proxy_final"] for s in summary.values())
+        if best > judge.teacher_gap:
+            verdict += (f" The students end farther from the teacher (proxy {best:.3f}) than the "
+                        f"teacher is from the oracle ({judge.teacher_gap:.3f}): they have not "
+                        "fit the teacher closely enough to inherit its errors.")  # fmt: skip
     setup_text = (f"Oracle: hidden {q.SHAPES[o_idx][0]}, {q.SHAPES[o_idx][1]} layers, {o_steps} "
                   f"steps on the corpus. Teacher: hidden {q.SHAPES[t_idx][0]}, "
                   f"{q.SHAPES[t_idx][1]} layers, {t_steps} steps on {n['teacher_docs']} corpus "
                   f"prompts ({P} tokens) with oracle completions ({C} tokens, temperature 1). "
                   f"Student: hidden {q.SHAPES[s_idx][0]}, {q.SHAPES[s_idx][1]} layers, {s_steps} "
                   f"steps of {q.BATCH} rows, K = {min(n['top_k'], vocab)} sampled teacher logits, "
-                  f"constant lr 3e-3, on {n['offline_prompts']} prompts: offline (one fixed "
+                  f"cosine lr 3e-3 -> 3e-4, on {n['offline_prompts']} prompts: offline (one fixed "
                   f"teacher completion each) or online (a fresh student completion each step). "
                   f"Distances on {n['eval_prompts']} held-out prompts with oracle completions, "
                   "per completion token over the full vocabulary.")  # fmt: skip
@@ -300,7 +308,8 @@ def distill_curve(recipe: Any, out: Path, judge: Distances, at: list[int],
 
 def analyse(curve: list[dict[str, float]]) -> dict[str, Any]:
     """Golden minimum and rise, whether the proxy still falls after it, and the proxy's power
-    law log d = a + b log step fitted to the early points, with the final point's departure
+    law log d = a + b log step fitted to the early points (the first step left out: the
+    curve starts flat), with the final point's departure
     log(d_final / d_fit(final)) (the paper's oracle-free diagnostic)."""
     import numpy as np
 
@@ -310,7 +319,7 @@ def analyse(curve: list[dict[str, float]]) -> dict[str, Any]:
     i_min = int(golden.argmin())
     rise = float(golden[-1] / golden[i_min] - 1.0)
     falling = bool(proxy[-1] < proxy[i_min]) if i_min < len(curve) - 1 else False
-    early = steps <= max(EARLY * steps[-1], steps[min(2, len(steps) - 1)])
+    early = (steps >= 2) & (steps <= max(EARLY * steps[-1], steps[min(3, len(steps) - 1)]))
     b, a = np.polyfit(np.log(steps[early]), np.log(np.maximum(proxy[early], 1e-12)), 1)
     departure = float(math.log(max(proxy[-1], 1e-12)) - (a + b * math.log(steps[-1])))
     return {"golden_min_step": int(steps[i_min]), "golden_min": float(golden[i_min]),
