@@ -109,3 +109,74 @@ def test_greedy_episodes_in_process_and_through_geode_serve_are_the_same(
     assert {k: ma[k] for k in ("success_rate", "steps", "tool_calls", "tokens")} == {
         k: mb[k] for k in ("success_rate", "steps", "tool_calls", "tokens")
     }
+
+
+class _Crashing:
+    """An agent env whose game crashes on the first step."""
+
+    tools = None
+    max_turns = 3
+
+    def __init__(self) -> None:
+        self.info = {"success": False, "steps": 0, "tool_calls": 0, "error": None}
+
+    def reset(self) -> list[dict]:
+        return [{"role": "user", "content": "What is 1 + 1?"}]
+
+    def step(self, message: str):
+        raise RuntimeError("the game's interpreter died")
+
+
+def test_remote_loop_counts_endpoint_and_env_failures_and_goes_on(agent_ckpt, served):
+    from geode.agents.remote import run_remote
+    from geode.eval.tasks import get_task
+
+    math = get_task("agent-math", MATH)
+    good = math.make_env(math.load()[0])
+    out = run_remote(served, None, [_Crashing(), good], max_tokens=128, concurrency=2)
+    assert out[0].success is False and out[0].turns == 1
+    assert out[0].info["error"] == "RuntimeError: the game's interpreter died"
+    assert out[1].success and out[1].info["tool_calls"] == 1 and out[1].info["error"] is None
+    # tools went out as `tools`, the result came back as a role "tool" message with the call id
+    call = out[1].transcript[2]["tool_calls"][0]
+    assert out[1].transcript[3] == {"role": "tool", "name": "calculator", "tool_call_id": call["id"],
+                                    "content": str(math.load()[0]["task"].answer)}  # fmt: skip
+    assert out[1].tokens > 0 and out[1].prompt_tokens > out[1].tokens
+    # a request the server rejects is a counted failure (not retryable); the run goes on
+    out = run_remote(served, None, [math.make_env(math.load()[1])], max_tokens=10**6)
+    assert not out[0].success and not out[0].retryable and "HTTP 400" in out[0].info["error"]
+    # an endpoint that is down: every episode fails as retryable, nothing raises
+    dead = "http://127.0.0.1:9/v1"
+    out = run_remote(dead, "m", [math.make_env(math.load()[0])], retries=0, timeout=2)
+    assert out[0].retryable and not out[0].success and "cannot reach" in out[0].info["error"]
+
+
+def test_eval_writes_episodes_metrics_and_gifs(agent_ckpt, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from geode.eval import EngineBackend, FunctionBackend, evaluate
+    from geode.eval.runner import EvalError
+    from geode.eval.tasks import TaskError
+
+    engine = EngineBackend.from_path(str(agent_ckpt), batch_size=4)
+    cfg = TaskConfig(limit=2, max_tokens=4, options={"gif": True, "max_turns": 2})
+    res = evaluate(["agent-minigrid"], engine, tmp_path, cfg, progress=False)
+    m = res["tasks"]["agent-minigrid"]
+    rows = _samples(tmp_path / "agent-minigrid" / "samples.jsonl")
+    assert [r["id"] for r in rows] == ["BabyAI-GoToObjS4-v0:1000000", "BabyAI-GoToObjS4-v0:1000001"]
+    for r in rows:  # a math-trained model does not end a MiniGrid turn in 4 tokens: truncated
+        assert r["truncated"] and r["turns"] == 1 and r["tokens"] == 4 and not r["success"]
+        assert r["error"].startswith("token budget") and r["transcript"][0]["role"] == "user"
+        with Image.open(tmp_path / "agent-minigrid" / r["gif"]) as gif:
+            assert gif.size == (64, 64)  # the 4x4 room rendered with 16-pixel tiles
+    steps = np.array([r["steps"] for r in rows], dtype=float)
+    assert m["n"] == 2 and m["success_rate"] == 0.0 and m["steps"] == steps.mean()
+    assert m["tokens_se"] == 0.0 and m["errors"] == 2 and m["truncated"] == 2
+    assert m["steps_se"] == pytest.approx(steps.std(ddof=1) / np.sqrt(2))
+    assert "| agent-minigrid | success_rate | 0.000 |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(TaskError, match="self-correction"):
+        evaluate(["agent-math"], engine, tmp_path / "sc", MATH, self_correct=True, progress=False)
+    with pytest.raises((TaskError, EvalError), match="engine .--model. or an endpoint"):
+        evaluate(["agent-math"], FunctionBackend(lambda g: ""), tmp_path / "f", MATH,
+                 progress=False)  # fmt: skip
