@@ -19,6 +19,7 @@ reward, the honest nano-scale stand-in for "a larger VLM judges better".
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ def message_text(message: Mapping[str, Any]) -> str:
         )
     calls = message.get("tool_calls") or []
     if calls:
-        content += " " + " ".join(str(c) for c in calls)
+        content += " " + " ".join(json.dumps(c, default=str) for c in calls)
     return f"{message.get('role', '?')}: {content}".strip()
 
 

@@ -19,6 +19,7 @@ from geode.agents.judge import (
     VLMJudge,
     agreement,
     judge_agreement,
+    message_text,
     train_judge,
 )
 from geode.chat import render
@@ -141,6 +142,12 @@ def test_llm_judge_cuts_the_transcript_from_its_start_to_fit(tok):
     assert "forward 0\n" not in text
     with pytest.raises(ValueError, match="the goal alone takes"):
         LLMJudge(model, tok, max_len=20).inputs(Attempt(goal(0) * 20, []))
+    call = {"type": "function", "function": {"name": "calc", "arguments": {"x": 1}}}
+    assert message_text({"role": "assistant", "content": "ok", "tool_calls": [call]}) == (
+        'assistant: ok {"type": "function", "function": {"name": "calc", "arguments": {"x": 1}}}'
+    )
+    parts = [{"type": "image", "image": None}, {"type": "text", "text": "left"}]
+    assert message_text({"role": "user", "content": parts}) == "user: [image] left"
     with pytest.raises(ValueError, match="distinct first tokens"):
         LLMJudge(model, tok, answers=("yes", "yes"))
 
