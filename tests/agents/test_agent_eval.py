@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from geode.eval import TaskConfig
+from tests.eval.test_engine import geode_server  # noqa: F401 - serves this module's tiny_ckpt
 
 MATH = TaskConfig(limit=2, options={"max_turns": 3})
 
@@ -31,8 +32,8 @@ def _demonstrations() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def agent_ckpt(tmp_path_factory) -> Path:
-    """A 1-layer model with a tokenizer of its own, trained until it replays the expert
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """(Here: the agent model, which `geode_server` serves.) A 1-layer model with a tokenizer of its own, trained until it replays the expert
     episodes greedily (the tool call with its id, <end_of_turn>, the answer)."""
     import geode
     from geode.chat import render
@@ -75,25 +76,19 @@ def agent_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def served(agent_ckpt):
-    """`geode serve` of the trained model on a free local port (its URL)."""
-    from tests.eval.test_engine import geode_server
-
-    yield from geode_server._fixture_function(agent_ckpt)
-
-
 def _samples(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
 def test_greedy_episodes_in_process_and_through_geode_serve_are_the_same(
-    agent_ckpt, served, tmp_path
+    tiny_ckpt,
+    geode_server,  # noqa: F811
+    tmp_path,
 ):
     from geode.eval import EndpointBackend, EngineBackend, evaluate
 
-    engine = EngineBackend.from_path(str(agent_ckpt), batch_size=4)
-    endpoint = EndpointBackend(served, concurrency=2)
+    engine = EngineBackend.from_path(str(tiny_ckpt), batch_size=4)
+    endpoint = EndpointBackend(geode_server, concurrency=2)
     a = evaluate(["agent-math"], engine, tmp_path / "engine", MATH, progress=False)
     b = evaluate(["agent-math"], endpoint, tmp_path / "endpoint", MATH, progress=False)
     ea = _samples(tmp_path / "engine" / "agent-math" / "samples.jsonl")
@@ -127,13 +122,16 @@ class _Crashing:
         raise RuntimeError("the game's interpreter died")
 
 
-def test_remote_loop_counts_endpoint_and_env_failures_and_goes_on(agent_ckpt, served):
+def test_remote_loop_counts_endpoint_and_env_failures_and_goes_on(
+    tiny_ckpt,
+    geode_server,  # noqa: F811
+):
     from geode.agents.remote import run_remote
     from geode.eval.tasks import get_task
 
     math = get_task("agent-math", MATH)
     good = math.make_env(math.load()[0])
-    out = run_remote(served, None, [_Crashing(), good], max_tokens=128, concurrency=2)
+    out = run_remote(geode_server, None, [_Crashing(), good], max_tokens=128, concurrency=2)
     assert out[0].success is False and out[0].turns == 1
     assert out[0].info["error"] == "RuntimeError: the game's interpreter died"
     assert out[1].success and out[1].info["tool_calls"] == 1 and out[1].info["error"] is None
@@ -143,7 +141,7 @@ def test_remote_loop_counts_endpoint_and_env_failures_and_goes_on(agent_ckpt, se
                                     "content": str(math.load()[0]["task"].answer)}  # fmt: skip
     assert out[1].tokens > 0 and out[1].prompt_tokens > out[1].tokens
     # a request the server rejects is a counted failure (not retryable); the run goes on
-    out = run_remote(served, None, [math.make_env(math.load()[1])], max_tokens=10**6)
+    out = run_remote(geode_server, None, [math.make_env(math.load()[1])], max_tokens=10**6)
     assert not out[0].success and not out[0].retryable and "HTTP 400" in out[0].info["error"]
     # an endpoint that is down: every episode fails as retryable, nothing raises
     dead = "http://127.0.0.1:9/v1"
@@ -151,7 +149,7 @@ def test_remote_loop_counts_endpoint_and_env_failures_and_goes_on(agent_ckpt, se
     assert out[0].retryable and not out[0].success and "cannot reach" in out[0].info["error"]
 
 
-def test_eval_writes_episodes_metrics_and_gifs(agent_ckpt, tmp_path):
+def test_eval_writes_episodes_metrics_and_gifs(tiny_ckpt, tmp_path):
     import numpy as np
     from PIL import Image
 
@@ -159,7 +157,7 @@ def test_eval_writes_episodes_metrics_and_gifs(agent_ckpt, tmp_path):
     from geode.eval.runner import EvalError
     from geode.eval.tasks import TaskError
 
-    engine = EngineBackend.from_path(str(agent_ckpt), batch_size=4)
+    engine = EngineBackend.from_path(str(tiny_ckpt), batch_size=4)
     cfg = TaskConfig(limit=2, max_tokens=4, options={"gif": True, "max_turns": 2})
     res = evaluate(["agent-minigrid"], engine, tmp_path, cfg, progress=False)
     m = res["tasks"]["agent-minigrid"]
