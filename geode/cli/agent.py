@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  geode agent out/model --task 'Who wrote it?' --tools search --corpus docs/ "
         "--mode plan-act-verify\n"
         "  geode agent out/model --task 'Add 2 and 3' --tools '' --mcp 'python server.py' "
-        "--transcript run.jsonl",
+        "--transcript run.jsonl\n"
+        "  geode agent model --endpoint http://localhost:8000 --task 'What is 17 * 23?'",
         formatter_class=_FMT,
     )
     p.add_argument("model", help="checkpoint directory (HF layout) or .gguf")
@@ -54,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model (default: in MODEL)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: as stored)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--endpoint", metavar="URL",
+                   help="run through an OpenAI-compatible server (geode serve) instead: MODEL "
+                   "is the served model's name, the tool calls run here (geode.agents.remote)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -139,12 +143,18 @@ def episode(args: argparse.Namespace, box) -> None:
                       tool_seconds=args.tool_seconds)  # fmt: skip
     except ValueError as e:
         raise CLIError(str(e)) from None
-    model, tok = load_for_inference(args.model, args.dtype, args.device,
-                                    tokenizer=args.tokenizer, require_tokenizer=True)  # fmt: skip
-    engine = Engine(model, tok, max_batch=1, seed=args.seed)
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              seed=args.seed)  # fmt: skip
-    [r] = run_agent(engine, [env], sampling=sampling)
+    if args.endpoint:  # the OpenAI tool-call loop, client-side
+        from ..agents.remote import run_remote
+
+        [r] = run_remote(args.endpoint, args.model, [env], max_tokens=args.max_new_tokens,
+                         temperature=args.temperature, seed=args.seed)  # fmt: skip
+    else:
+        model, tok = load_for_inference(args.model, args.dtype, args.device,
+                                        tokenizer=args.tokenizer, require_tokenizer=True)  # fmt: skip
+        engine = Engine(model, tok, max_batch=1, seed=args.seed)
+        sampling = SamplingParams(max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, seed=args.seed)  # fmt: skip
+        [r] = run_agent(engine, [env], sampling=sampling)
     print(f"tools: {', '.join(box.tools) or '(none)'}\n")
     for m in r.transcript:
         print(format_message(m) + "\n")

@@ -178,3 +178,18 @@ def test_eval_writes_episodes_metrics_and_gifs(tiny_ckpt, tmp_path):
     with pytest.raises((TaskError, EvalError), match="engine .--model. or an endpoint"):
         evaluate(["agent-math"], FunctionBackend(lambda g: ""), tmp_path / "f", MATH,
                  progress=False)  # fmt: skip
+
+
+def test_geode_agent_through_an_endpoint(tiny_ckpt, geode_server, capsys):  # noqa: F811
+    from geode.cli import main
+    from geode.eval import EndpointBackend
+    from geode.eval.tasks import get_task
+
+    task = get_task("agent-math", MATH).load()[0]["task"]
+    name = EndpointBackend(geode_server).model
+    argv = ["agent", name, "--endpoint", geode_server, "--task", task.prompt, "--max-turns", "3",
+            "--max-new-tokens", "128"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f'-> calculator({{"expression": "{task.solution}"}})' in out
+    assert f"#### {task.answer}" in out and "tool calls 1 (0 errors)" in out
