@@ -16,7 +16,8 @@ Drivers (same model, same envs, same policy, one engine each, no prefix cache un
 
 Policy: `--policy expert` (default) drives both with the envs' scripted experts through
 `geode.agents.loop.ScriptedPolicy` (greedy over logits where only the script's next token is
-left: the model's forward passes are all real, the turns are the expert's); `--policy greedy`
+left: the model's forward passes are all real, the turns are the expert's; each request gets
+its episode's script by its prompt, so the episodes run batched); `--policy greedy`
 takes the model's own greedy turns (a model that ends its turns, e.g. an agent SFT
 checkpoint via --model). Either way the transcripts and token ids of both drivers must be
 equal (checked; the run fails otherwise).
@@ -76,6 +77,26 @@ class _After:
         return self.inner([*self.history, *out], logits)
 
 
+def scripted_engine(scripts: dict[tuple[int, ...], ScriptedPolicy], **kw: Any) -> Any:
+    """An Engine whose requests get their episode's ScriptedPolicy, found by the episode's
+    prompt at the start of the request's ids (what comes after it is the history)."""
+    from geode.infer import Engine
+
+    class Scripted(Engine):
+        def add_request(self, request: Any) -> str:
+            ids = list(request.prompt)
+            for key, policy in scripts.items():
+                if tuple(ids[: len(key)]) == key:
+                    proc = _After(policy, ids[len(key) :])
+                    request.params = dataclasses.replace(request.params, logits_processors=(proc,))
+                    break
+            else:
+                raise ValueError("scripted_engine: a request of no known episode")
+            return super().add_request(request)
+
+    return Scripted(**kw)
+
+
 def reprefill(engine: Any, envs: list[Any], sampling: Any) -> list[Episode]:
     """The episodes of `envs` with every model turn a fresh request on the whole history."""
     from geode.infer import Request
@@ -96,9 +117,7 @@ def reprefill(engine: Any, envs: list[Any], sampling: Any) -> list[Episode]:
         reqs = []
         for st in live:
             ep = st.episode
-            procs = tuple(_After(p, list(ep.token_ids)) for p in sampling.logits_processors)
-            params = dataclasses.replace(turn_params, logits_processors=procs)
-            reqs.append(Request(ep.prompt_ids + ep.token_ids, params=params))
+            reqs.append(Request(ep.prompt_ids + ep.token_ids, params=turn_params))
         still = []
         for st, r in zip(live, engine.generate(reqs), strict=True):
             ep = st.episode
@@ -128,15 +147,21 @@ def grid_items(family: str, n: int, max_turns: int) -> list[tuple[Any, list[str]
     """(MiniGridEnv, the BabyAI bot's actions) of `n` held-out missions of the family."""
     from geode.agents.envs.minigrid import MiniGridEnv, expert_action, mission_family
 
-    out = []
-    for env_id, seed in mission_family(family, "heldout", n):
+    out, seen = [], set()
+    for env_id, seed in mission_family(family, "heldout", 4 * n):
         env = MiniGridEnv(env_id, seed, max_turns=max_turns)
+        first = str(spawn(env).reset())
+        if first in seen:  # each episode's prompt finds its expert script (scripted_engine)
+            continue
+        seen.add(first)
         play, turns, done = spawn(env), [], False
         play.reset()
         while not done:
             turns.append(expert_action(play))
             _, _, done = play.step(turns[-1])
         out.append((env, turns))
+        if len(out) == n:
+            break
     return out
 
 
@@ -150,16 +175,14 @@ def calc_items(n: int) -> list[tuple[Any, list[dict]]]:
     ]
 
 
-def run(driver: str, engine: Any, items: list, sampling: Any, policy: str) -> list[Episode]:
-    """Every item's episode with `driver`: expert turns one episode at a time (each has its
-    own script), greedy turns batched."""
-    fn = DRIVERS[driver]
-    if policy == "greedy":
-        return fn(engine, [env for env, _ in items], sampling)
-    eps: list[Episode] = []
+def scripts_of(tok: Any, items: list[tuple[Any, list]]) -> dict[tuple[int, ...], Any]:
+    """Each episode's prompt ids -> the ScriptedPolicy of its expert turns."""
+    out = {}
     for env, turns in items:
-        eps += fn(engine, [env], ScriptedPolicy(engine.tokenizer, turns).sampling(sampling))
-    return eps
+        e = spawn(env)
+        key = tuple(_prompt_ids(tok, e.reset(), getattr(e, "tools", None)))
+        out[key] = ScriptedPolicy(tok, turns)
+    return out
 
 
 def same(a: list[Episode], b: list[Episode]) -> bool:
@@ -229,16 +252,17 @@ def main() -> None:
         model, tok = random_model(items, args.preset, args.vocab)
         name = f"random {args.preset}"
     params = sum(p.numel() for p in model.parameters())
-    engines = {
-        d: Engine(model, tok, max_batch=max(8, args.episodes), seed=0,
-                  prefix_cache_bytes=args.prefix_cache_mb << 20 if "prefix" in d else 0)
-        for d in args.drivers.split(",")
-    }  # fmt: skip
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
     print(f"# {name} ({params / 1e6:.1f}M parameters), policy {args.policy}, {args.threads} "
           f"threads, {args.episodes} episodes per env, {args.reps} reps", flush=True)  # fmt: skip
     rows = []
     for kind, its in items.items():
+        scripts = scripts_of(tok, its) if args.policy == "expert" else None
+        engines = {}
+        for d in args.drivers.split(","):
+            kw = dict(model=model, tokenizer=tok, max_batch=max(8, args.episodes), seed=0,
+                      prefix_cache_bytes=args.prefix_cache_mb << 20 if "prefix" in d else 0)  # fmt: skip
+            engines[d] = scripted_engine(scripts, **kw) if scripts else Engine(**kw)
         times: dict[str, list[float]] = {d: [] for d in engines}
         positions: dict[str, int] = {}  # token positions the model ran (prefill, decode, forced)
         ref: list[Episode] | None = None
@@ -249,7 +273,7 @@ def main() -> None:
                     engine.prefix.clear()
                 before = engine.stats["positions_run"]
                 t0 = time.perf_counter()
-                eps[d] = run(d, engine, its, sampling, args.policy)
+                eps[d] = DRIVERS[d](engine, [env for env, _ in its], sampling)
                 times[d].append(time.perf_counter() - t0)
                 positions[d] = engine.stats["positions_run"] - before
                 ref = ref or eps[d]
