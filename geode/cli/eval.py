@@ -16,9 +16,12 @@ _EPILOG = """examples:
 
   geode eval gsm8k --model runs/sft --dtype bfloat16 --quant int8 --data test.jsonl
   geode eval shapes --model runs/vlm --images photos/questions.jsonl
+  geode eval agent-minigrid,agent-math --endpoint http://localhost:8000 --limit 20
 
 tasks: gsm8k, math500, humaneval, mc, niah, mrcr, tasks (the synthetic held-out split),
-shapes (image questions: generated shapes, or your own rows with --images).
+shapes (image questions: generated shapes, or your own rows with --images), agent-minigrid,
+agent-textworld, agent-math, agent-code (whole agent episodes: success rate, steps, tool calls,
+tokens; --max-tokens per turn; docs/evaluation.md).
 Outputs: OUT/<task>/samples.jsonl, OUT/results.json, OUT/results.md, OUT/*.png.
 A prompt longer than the model's context gets fewer shots, else its sample is skipped
 (recorded in the sample, counted in the results). A rerun with the same options resumes from
