@@ -21,7 +21,7 @@ _EPILOG = """examples:
 tasks: gsm8k, math500, humaneval, mc, niah, mrcr, tasks (the synthetic held-out split),
 shapes (image questions: generated shapes, or your own rows with --images), agent-minigrid,
 agent-textworld, agent-math, agent-code (whole agent episodes: success rate, steps, tool calls,
-tokens; --max-tokens per turn; docs/evaluation.md).
+tokens; --max-tokens per turn; docs/eval.md).
 Outputs: OUT/<task>/samples.jsonl, OUT/results.json, OUT/results.md, OUT/*.png.
 A prompt longer than the model's context gets fewer shots, else its sample is skipped
 (recorded in the sample, counted in the results). A rerun with the same options resumes from
