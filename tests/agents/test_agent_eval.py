@@ -193,3 +193,22 @@ def test_geode_agent_through_an_endpoint(tiny_ckpt, geode_server, capsys):  # no
     out = capsys.readouterr().out
     assert f'-> calculator({{"expression": "{task.solution}"}})' in out
     assert f"#### {task.answer}" in out and "tool calls 1 (0 errors)" in out
+
+
+def test_image_observations_go_to_the_endpoint_as_png_data_urls():
+    import numpy as np
+    from PIL import Image
+
+    from geode.agents.remote import wire_message
+    from geode.image import load_image, media_source
+
+    frame = np.random.default_rng(0).integers(0, 256, (8, 6, 3), dtype=np.uint8)
+    msg = {"role": "user", "content": [{"type": "image", "image": Image.fromarray(frame)},
+                                       {"type": "text", "text": "go"}]}  # fmt: skip
+    for image in (Image.fromarray(frame), frame):  # a PIL image or an (H, W, 3) array
+        msg["content"][0]["image"] = image
+        sent = json.loads(json.dumps(wire_message(msg)))
+        url = sent["content"][0]["image_url"]["url"]
+        assert sent["content"][1] == {"type": "text", "text": "go"}
+        back = np.asarray(load_image(media_source(url, None)))
+        assert url.startswith("data:image/png;base64,") and (back == frame).all()
