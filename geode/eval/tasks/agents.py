@@ -208,8 +208,9 @@ class AgentTask(Task):
         return out
 
     def describe(self) -> dict[str, Any]:
-        """The run's configuration (options included: they choose the episodes)."""
-        return {**super().describe(), "limit": self.limit, "options": self.config.options}
+        """The run's configuration (options included: they choose the episodes; a larger
+        --limit extends a run, the episodes of a smaller one being its first)."""
+        return {**super().describe(), "options": self.config.options}
 
 
 class MiniGridTask(AgentTask):
