@@ -209,8 +209,14 @@ def test_cli_help_and_bad_recipe(tmp_path, capsys):
 
 # The real run (CPU, threads=1): a nano model (64 dims, 2 layers) from scratch — a tokenizer
 # on MiniGrid's own episode text and SFT on noisy expert demonstrations (a random move at
-# half the turns), then GRPO on goto-obj-s4 missions (max 6 turns), held-out = missions with
-# layouts not in training. MEASURED fills the bounds (see the report / docs/agents.md).
+# half the turns), then 16 GRPO steps of 4 missions x 8 on goto-obj-s4 (max 6 turns);
+# held-out = 32 missions whose layouts are not among the 64 training ones. Measured with this
+# exact config, seeds 0 / 1 / 2 (model, data and demo-noise seeds): held-out avg@4 0.469 ->
+# 0.797, 0.461 -> 0.719, 0.516 -> 0.695 (rise +0.33 / +0.26 / +0.18; one seed's standard
+# error of a difference ~0.06); greedy 1.0 -> 1.0 in all three (the SFT policy's argmax is
+# the expert's move; RL removes the demonstrations' noise from its samples); training success
+# first 3 -> last 3 steps +0.21 / +0.29 (seeds 1, 2). ~490 s each on the 2 shared cores at
+# load ~12 (SFT 360 s, RL 100 s, evaluation 30 s).
 REAL = {
     "model": {"preset": "nano-1m", "seed": 0,
               "overrides": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -240,8 +246,8 @@ def test_agentic_rl_raises_heldout_success_on_minigrid(tmp_path):
     s = agent_rl(recipe, tmp_path, progress=False)
     print({k: v for k, v in s.items() if not isinstance(v, (list, dict))})
     assert s["heldout_tasks"] == 32 and s["demos"] == 300
-    assert 0.2 <= s["heldout_avg_at_k_before"] <= 0.8  # the SFT policy: a middle success rate
-    assert s["heldout_avg_at_k_after"] >= s["heldout_avg_at_k_before"] + 0.15
+    assert 0.3 <= s["heldout_avg_at_k_before"] <= 0.7  # the SFT policy: a middle success rate
+    assert s["heldout_avg_at_k_after"] >= s["heldout_avg_at_k_before"] + 0.12  # every seed: >= 0.18
     assert s["heldout_success_after"] >= s["heldout_success_before"] - 0.1
     first, last = s["success_curve"][:3], s["success_curve"][-3:]
     assert sum(last) / 3 >= sum(first) / 3 + 0.1  # training success rises
