@@ -282,7 +282,8 @@ def stage_data(ctx: Context) -> dict[str, Any]:
                   for q in synth.generate(p.tasks_heldout, seed=SEED, split="heldout", **TASK)]  # fmt: skip
     write_jsonl(held_chats, d / "sft" / "heldout.jsonl")
     write_jsonl(make_pairs(p.tasks_train // 2, seed=SEED, **TASK), d / "prefs" / "train.jsonl")
-    write_jsonl(make_pairs(p.tasks_heldout // 2, seed=SEED, split="heldout", **TASK),
+    held_pairs = min(p.tasks_heldout // 2, p.eval_prompts)  # scored by every reward model
+    write_jsonl(make_pairs(held_pairs, seed=SEED, split="heldout", **TASK),
                 d / "prefs" / "heldout.jsonl")  # fmt: skip
     counts = {s.name: sum(1 for k in kept if k["source"] == s.name) for s in sources}
     import os

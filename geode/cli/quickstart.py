@@ -9,7 +9,8 @@ example:
   geode quickstart                                   # runs/quickstart, 15 minutes
   geode quickstart --out demo_out --budget-minutes 10
   geode quickstart --out demo_out --resume           # continue after a failed stage
-  geode quickstart --base path/to/gemma-3-270m       # post-train an existing model
+  geode convert gemma-3-270m-q4_k_m.gguf gemma-3-270m/
+  geode quickstart --base gemma-3-270m/ --out qbase  # post-train an existing model
 """
 
 
@@ -38,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--base",
         metavar="PATH",
         default="",
-        help="post-train this checkpoint (skips pretraining and distillation; LoRA when large)",
+        help="post-train this HF-layout checkpoint with its tokenizer (skips pretraining and "
+        "distillation; LoRA adapters, merged on export, above 50M parameters)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_quickstart)
