@@ -346,6 +346,7 @@ def plot_rounds(summary: dict[str, Any], path: str | Path) -> Path:
         ax.plot(rounds, [r["judge"][key] for r in summary["rounds"]], style, label=f"judge {key}")
     ax.plot(rounds, [r["true_success"] for r in summary["rounds"]], "x:",
             label="success on proposed goals")  # fmt: skip
+    ax.set_xticks(range(len(curve)))
     ax.set_xlabel("round")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
