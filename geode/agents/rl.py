@@ -267,15 +267,21 @@ def heldout_tasks(
 ) -> list[Any]:
     """`n` held-out tasks none of which equals a training task (by `family.key`) nor another
     (small worlds repeat layouts across seeds); a ValueError when fewer exist."""
-    seen = {family.key(t, options) for t in train}
-    out = []
-    for spec in family.tasks("heldout", 8 * n, seed, options):
-        k = family.key(spec, options)
-        if k not in seen:
-            seen.add(k)
-            out.append(spec)
-            if len(out) == n:
-                return out
+    train_keys = {family.key(t, options) for t in train}
+    out: list[Any] = []
+    for m in (n, 2 * n, 4 * n, 8 * n):  # more candidates while too many repeat training
+        try:
+            candidates = family.tasks("heldout", m, seed, options)
+        except ValueError:  # the family has fewer held-out tasks than m
+            break
+        seen, out = set(train_keys), []
+        for spec in candidates:
+            k = family.key(spec, options)
+            if k not in seen:
+                seen.add(k)
+                out.append(spec)
+                if len(out) == n:
+                    return out
     raise ValueError(f"only {len(out)} held-out {family.name} tasks differ from the "
                      f"{len(train)} training tasks; ask for fewer")  # fmt: skip
 
