@@ -99,3 +99,41 @@ def sft_policy(task_dir, tmp_path_factory) -> Path:
     )
     Trainer(recipe, out, data=data).fit()
     return out / "model"
+
+
+# The RLVR test's base policy, built the quickstart's way with geode.quickstart's own stage
+# functions: the task family's text as pretraining data (one stdlib file), a short pretrain of
+# the smallest quickstart shape (32-dim, 2 layers), SFT on the chat problems. Sizes from
+# measured runs (docs/post-training.md, "The RLVR test"): held-out greedy ~0.25 after 600 SFT
+# steps (it starts to generalise at ~450; 400 steps without weight decay stayed below 0.1).
+RL_BASE = {"vocab_size": 2048, "tasks_train": 1700, "heldout": 190, "shape": 0,
+           "pretrain_steps": 50, "sft_steps": 600, "weight_decay": 0.1}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def rl_base_policy(tmp_path_factory) -> Path:
+    """OUT/sft/model: a nano policy that reads the task family's problems (quickstart stages)."""
+    from geode import quickstart as qs
+    from geode.post.recipe import load_post_recipe
+    from geode.train.run import train
+    from geode.train.sft import sft
+
+    c = RL_BASE
+    plan = qs.Plan(1.0, vocab_size=c["vocab_size"], stdlib_bytes=1, tasks_train=c["tasks_train"],
+                   tasks_heldout=c["heldout"], eval_prompts=c["heldout"])  # fmt: skip
+    ctx = qs.Context(tmp_path_factory.mktemp("rlbase"), plan, progress=False)
+    for stage in ("data", "tokenizer"):
+        ctx.dir(stage).mkdir(parents=True)
+        ctx.done[stage] = qs.STAGE_FUNCS[stage](ctx)
+    qs._pack(ctx, ctx.dir("pretrain") / "data")
+    shape, steps = qs._shape(*qs.SHAPES[c["shape"]]), c["pretrain_steps"]
+    pre = qs._lm_recipe(ctx, "base", shape, steps, ctx.dir("pretrain") / "base", 3e-3)
+    pre.update(train={**pre["train"], "threads": 1}, eval={"every": 0, "batches": 1})
+    base = train(qs._load_train(pre), ctx.dir("pretrain") / "base", progress=False)["model"]
+    steps, data = c["sft_steps"], ctx.dir("data") / "sft" / "train.jsonl"
+    recipe = qs._post(ctx, "sft", base, steps, 1e-2, objective={"kind": "sft"},
+                      data={"path": str(data), "seq_len": 256}, train={"threads": 1},
+                      eval={"every": 0, "batches": 1},
+                      optim={"schedule": "cosine", "warmup_steps": steps // 10,
+                             "weight_decay": c["weight_decay"]})  # fmt: skip
+    return Path(sft(load_post_recipe(recipe), ctx.dir("sft"), progress=False)["model"])
