@@ -15,9 +15,11 @@ forced token). What this module adds:
   and a hard stop at the env's `max_turns`; it records its spawned episodes so that each
   episode's outcome (`env.info`: success, steps, tool calls, error) reaches the statistics.
 - `AgentRollouts`: the Rollouts source over task specs; logs `success`, `steps`,
-  `tool_calls`, `invalid` and `env_errors` beside the reward every step.
+  `tool_calls`, `invalid`, `env_errors` and `env_s` (seconds inside the envs' steps: actions,
+  tool calls, verifiers; part of `generation_s`) beside the reward every step.
 - `heldout_success(model, envs, ...)`: greedy success and avg@k (mean success of k sampled
-  episodes per env) on held-out env seeds / tasks.
+  episodes per env) on held-out tasks (`heldout_tasks`: other seeds whose layout / task is
+  not among the training ones).
 - Families (`FAMILIES`): how to build an env from a task spec, the train / held-out splits,
   and the scripted expert; `demonstrations` plays the expert with noise (a random action with
   probability `demo_noise`, the episode goes on), which the demonstration-SFT step clones.
