@@ -582,11 +582,14 @@ def stage_rl(ctx: Context) -> dict[str, Any]:
     """GRPO with the task verifier's reward and a thinking budget drawn per group."""
     from .post.recipe import load_post_recipe
     from .post.rl import rl
+    from .tokenizer import START_OF_THINKING, load_tokenizer
 
     init = ctx.model("dpo")
     steps = _post_steps(ctx, "rl", init, 5.0, 2, 200)  # sampling dominates an RL step
     sec = _rl_sections(ctx, ctx.plan.rl_group, ctx.plan.max_new_tokens)
-    sec["rl"]["thinking_budgets"] = [16, 32]
+    thinking = START_OF_THINKING in load_tokenizer(init).special_ids  # Gemma 3's has none
+    if thinking:
+        sec["rl"]["thinking_budgets"] = [16, 32]
     rows = ctx.plan.rl_rows
     recipe = _post(ctx, "rl", init, steps, 2e-4, **sec, batch={"global_batch_size": rows,
                    "micro_batch_size": min(rows, ctx.plan.micro_rows)})  # fmt: skip
@@ -596,6 +599,7 @@ def stage_rl(ctx: Context) -> dict[str, Any]:
             "reward_last": curve[-1] if curve else None, "reward_curve": curve,
             "heldout_before": s["heldout_accuracy_before"],
             "heldout_after": s["heldout_accuracy_after"], "heldout_prompts": s["heldout_prompts"],
+            "thinking_budgets": thinking,
             **evaluate(ctx, s["model"])}  # fmt: skip
 
 

@@ -19,7 +19,7 @@ STAGE_WHAT = {
     "sft": "SFT on chat-formatted problems",
     "reward": "2 reward models + their weight average (WARM)",
     "dpo": "OAIF: DPO on policy samples judged by the task verifier",
-    "rl": "GRPO, task-verifier reward, thinking budgets",
+    "rl": "GRPO, task-verifier reward, thinking budgets (when the tokenizer has thinking tokens)",
     "score": "SCoRe two-attempt self-correction RL (Stage I + II)",
     "report": "REPORT.md, plots, OUT/final",
 }  # fmt: skip
