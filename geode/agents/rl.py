@@ -647,3 +647,23 @@ def tools_family() -> Family:
         return getattr(env, "mode", "act")
 
     return Family("tools", tasks, make_env, expert, noise, lambda task, options: task.canonical)
+
+
+@register_family("lookup")
+def lookup_family() -> Family:
+    """Tool-use lookups (geode.agents.tasks, task "lookup"): options `items` (rows per table, 4),
+    `max_turns` (3); the expert calls lookup(asked name) and answers the tool's value; noise is
+    a call with another name, or a guessed `#### V` (geode.agents.tasks.lookup_turn)."""
+    from geode.agents import tasks as tt
+    from geode.agents.loop import turn_text
+
+    def tasks(split: str, n: int, seed: int, options: dict[str, Any]) -> list[Any]:
+        return tt.generate("lookup", n, seed=seed, split=split, items=int(options.get("items", 4)))
+
+    def make_env(task: Any, options: dict[str, Any]) -> Any:
+        return tt.make_env(task, max_turns=int(options.get("max_turns", 3)))
+
+    return Family("lookup", tasks, make_env,
+                  lambda env, task, messages: turn_text(tt.lookup_turn(task, messages)),
+                  lambda env, task, messages, rng: turn_text(tt.lookup_turn(task, messages, rng)),
+                  lambda task, options: task.canonical)  # fmt: skip

@@ -8,7 +8,10 @@
 model cannot do in its head but can with the calculator; the answer line is `#### N`, checked
 exactly (geode.data.tasks.verify). `code`: small Python functions described in words, verified
 by unit tests run in geode.sandbox (the HumanEval harness, geode.eval.tasks.humaneval.check);
-the python tool lets the model try its code first. The split of a task is a hash of its
+the python tool lets the model try its code first. `lookup`: "What is the price of the
+tiger?" with one tool, `lookup(name)`, over a table drawn per task (4 of 20 one-word names,
+values 10-99), so the answer `#### V` can only be copied from the tool result; the held-out
+split is by (field, name) pair. The split of a task is a hash of its
 canonical form (expression; template and parameters), as geode.data.tasks does for the math
 task: train and held-out tasks never share one, for any seed.
 
@@ -20,7 +23,7 @@ fixed policy (`geode.agents.loop.ScriptedPolicy`) with which tests drive the rea
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +31,9 @@ from geode.chat import ToolCall
 from geode.data import tasks as synth
 
 from .loop import ACT_AFTER_PLAN, ToolEnv
-from .tools import Toolbox, calculate, calculator_tool, python_tool
+from .tools import Tool, Toolbox, ToolError, calculate, calculator_tool, python_tool
 
-FAMILIES = ("calc", "code")
+FAMILIES = ("calc", "code", "lookup")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class ToolTask:
     tests: str | None = None  # code: `def check(candidate): ...` (HumanEval layout)
     solution: str | None = None  # code: a reference solution; calc: the expression
     example: str | None = None  # code: a call the expert tries first, e.g. "f(10)"
+    table: tuple[tuple[str, int], ...] | None = None  # lookup: the tool's (name, value) rows
 
     @property
     def uid(self) -> str:
@@ -113,13 +117,67 @@ def _code(rng: random.Random, heldout_fraction: float) -> ToolTask:
                     example=f"{name}({inputs[-1]})")  # fmt: skip
 
 
-_MAKERS = {"calc": _calc, "code": _code}
+# ---------------------------------------------------------------------- lookup
+LOOKUP_NAMES = ("tiger", "horse", "apple", "lemon", "chair", "table", "river", "stone", "cloud",
+                "robot", "piano", "candle", "rabbit", "tomato", "pencil", "garden", "mirror",
+                "rocket", "button", "basket")  # fmt: skip
+LOOKUP_FIELDS = ("price", "weight", "age", "size", "speed")
+_LOOKUP_FORMS = ("What is the {field} of the {name}?", "The {name}: what is its {field}?",
+                 "Give the {field} of the {name}.")  # fmt: skip
+
+
+def _lookup(rng: random.Random, heldout_fraction: float, items: int = 4) -> ToolTask:
+    """What is the FIELD of the NAME? The tool's table (`items` names, values 10-99) is drawn
+    per task, so the answer is only in the tool result; held out: (name, field) pairs."""
+    names = rng.sample(LOOKUP_NAMES, items)
+    table = tuple((n, rng.randint(10, 99)) for n in names)
+    name, answer = table[rng.randrange(items)]
+    field_ = rng.choice(LOOKUP_FIELDS)
+    prompt = rng.choice(_LOOKUP_FORMS).format(field=field_, name=name)
+    pair = f"lookup:{field_}:{name}"
+    canonical = pair + ":" + prompt + ":" + ",".join(f"{n}={v}" for n, v in table)
+    return ToolTask("lookup", prompt, answer, canonical, synth.split_of(pair, heldout_fraction),
+                    solution=name, table=table)  # fmt: skip
+
+
+def lookup_tool(table: Sequence[tuple[str, int]]) -> Tool:
+    """`lookup(name)`: the value of `name` in the task's table (a ToolError for other names)."""
+
+    def lookup(name: str) -> str:
+        rows = dict(table)
+        if name not in rows:
+            raise ToolError(f"no item named {name!r}")
+        return str(rows[name])
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    return Tool("lookup", "Value of an item.", schema, lookup)
+
+
+def lookup_turn(task: ToolTask, messages: Sequence[dict[str, Any]],
+                rng: random.Random | None = None) -> dict[str, Any]:  # fmt: skip
+    """The lookup expert's next assistant message after `messages`: the call with the asked
+    name until the tool gave a value, then `#### V` with V its last value; with `rng`, a noisy
+    turn instead: a call with another name of the table, or a guessed answer."""
+    results = [m["content"] for m in messages if m["role"] == "tool" and m["content"].isdigit()]
+    if rng is None:
+        if not results:
+            return {"role": "assistant", "content": "",
+                    "tool_calls": [ToolCall("lookup", {"name": task.solution}).to_openai()]}  # fmt: skip
+        return {"role": "assistant", "content": f"#### {results[-1]}"}
+    if not results and rng.random() < 0.5:
+        other = rng.choice([n for n, _ in task.table or () if n != task.solution])
+        return {"role": "assistant", "content": "",
+                "tool_calls": [ToolCall("lookup", {"name": other}).to_openai()]}  # fmt: skip
+    return {"role": "assistant", "content": f"#### {rng.randint(10, 99)}"}
+
+
+_MAKERS = {"calc": _calc, "code": _code, "lookup": _lookup}
 
 
 def make_task(family: str, seed: int, index: int,
               heldout_fraction: float = synth.HELDOUT_FRACTION, **options: Any) -> ToolTask:  # fmt: skip
     """Task `index` of `seed` in a family: deterministic, independent of the others (options:
-    calc's `digits` range of its numbers, default (4, 7))."""
+    calc's `digits` range of its numbers, default (4, 7); lookup's `items` per table, 4)."""
     if family not in _MAKERS:
         raise ValueError(f"tool-use task family must be one of {FAMILIES}, got {family!r}")
     return _MAKERS[family](random.Random(f"{family}:{seed}:{index}"), heldout_fraction, **options)
@@ -160,20 +218,26 @@ def code_check(task: ToolTask, text: str, timeout: float = 5.0) -> tuple[float, 
 
 def verifier(task: ToolTask) -> Callable[[str], Any]:
     """The task's verifier: final answer text -> reward (calc) or (reward, status) (code)."""
-    if task.family == "calc":
+    if task.family in ("calc", "lookup"):
         return lambda text: float(synth.verify(task.answer, text))
     return lambda text: code_check(task, text)
 
 
 def toolbox(task: ToolTask, **kw: Any) -> Toolbox:
-    """The tools a family needs: the calculator (calc) or sandboxed python (code)."""
+    """The tools a family needs: the calculator (calc), sandboxed python (code) or the task's
+    table (lookup)."""
+    if task.family == "lookup":
+        return Toolbox([lookup_tool(task.table or ())])
     return Toolbox([calculator_tool()] if task.family == "calc" else [python_tool(**kw)])
 
 
 def make_env(task: ToolTask, *, mode: str = "act", max_turns: int = 4,
              tools: Toolbox | None = None, **kw: Any) -> ToolEnv:  # fmt: skip
-    """A ToolEnv of the task with its family's tools and verifier (meta: family, uid, answer)."""
+    """A ToolEnv of the task with its family's tools and verifier (meta: family, uid, answer);
+    lookup's prompt is the question alone (no instruction: a short prompt for a nano model)."""
     meta = {"family": task.family, "uid": task.uid, "answer": task.answer}
+    if task.family == "lookup":
+        kw.setdefault("instructions", "")
     return ToolEnv(task.prompt, tools or toolbox(task), verifier(task), mode=mode,
                    max_turns=max_turns, meta=meta, **kw)  # fmt: skip
 
@@ -183,6 +247,13 @@ def expert(task: ToolTask, mode: str = "act") -> list[dict[str, Any]]:
     """The ideal turns after the task's messages: (a plan,) a tool call, its result, the
     final answer. Tool results are computed (the calculator; the reference solution)."""
     turns: list[dict[str, Any]] = []
+    if task.family == "lookup" and mode == "act":
+        call = lookup_turn(task, [])
+        value = str(dict(task.table or ())[task.solution])
+        return [call, {"role": "tool", "name": "lookup", "content": value},
+                lookup_turn(task, [{"role": "tool", "content": value}])]  # fmt: skip
+    if task.family == "lookup":
+        raise ValueError("lookup tasks have no plan-act-verify expert; use mode='act'")
     if mode == "plan-act-verify":
         plan = ("Plan: compute the expression with the calculator, then give the answer."
                 if task.family == "calc" else
@@ -224,6 +295,8 @@ __all__ = [
     "demonstration",
     "expert",
     "generate",
+    "lookup_tool",
+    "lookup_turn",
     "make_env",
     "make_task",
     "toolbox",

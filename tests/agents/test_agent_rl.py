@@ -256,3 +256,41 @@ def test_agentic_rl_raises_heldout_success_on_minigrid(tmp_path):
         json.loads((tmp_path / "summary.json").read_text())["heldout_avg_at_k_after"]
         == (s["heldout_avg_at_k_after"])
     )
+
+
+def test_lookup_family_needs_the_tool_and_holds_out_pairs():
+    from collections import defaultdict
+
+    from geode.agents import tasks as tt
+
+    fam = get_family("lookup")
+    train, held = fam.tasks("train", 256, 0, {}), fam.tasks("heldout", 64, 0, {})
+    pair = lambda t: tuple(t.canonical.split(":")[1:3])  # noqa: E731 - (field, name)
+    assert not {pair(t) for t in train} & {pair(t) for t in held}  # held-out (field, name) pairs
+    assert {t.solution for t in held} <= set(tt.LOOKUP_NAMES)
+    # genuine tool use: the answer is not in the prompt, and one prompt has many answers
+    answers = defaultdict(set)
+    for t in train + held:
+        assert str(t.answer) not in t.prompt and dict(t.table)[t.solution] == t.answer
+        answers[t.prompt].add(t.answer)
+    repeated = [a for a in answers.values() if len(a) > 1]
+    assert len(repeated) >= 20
+    env = fam.make_env(held[0], {})
+    assert env.reset() == [{"role": "user", "content": held[0].prompt}]  # short: no instruction
+    assert env.step(f"#### {held[0].answer + 1}")[1] == 0.0  # a guess without the tool fails
+    clean = demonstrations(fam, held[:16], {})
+    noisy = demonstrations(fam, train[:200], {}, noise=0.3, seed=1)
+    assert all(d["success"] for d in clean)
+    assert all(d["messages"][1]["tool_calls"] and d["messages"][2]["content"] for d in clean)
+    assert 0.35 < sum(d["success"] for d in noisy) / 200 < 0.65  # half the demos are noisy
+    called = {(m["tool_calls"][0]["function"]["arguments"]["name"], t.solution)
+              for d, t in zip(noisy, train[:200], strict=True) for m in d["messages"]
+              if m.get("tool_calls")}  # fmt: skip
+    assert any(a != b for a, b in called) and any(a == b for a, b in called)  # wrong names too
+    box = tt.toolbox(held[0])  # the tool: the task's value for its names, an error for others
+    from geode.chat import ToolCall
+
+    r = box.call(ToolCall("lookup", {"name": held[0].solution}))
+    assert r.content == str(held[0].answer) and not r.error
+    missing = next(n for n in tt.LOOKUP_NAMES if n not in dict(held[0].table))
+    assert box.call(ToolCall("lookup", {"name": missing})).error
