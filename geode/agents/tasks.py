@@ -247,19 +247,16 @@ def expert(task: ToolTask, mode: str = "act") -> list[dict[str, Any]]:
     """The ideal turns after the task's messages: (a plan,) a tool call, its result, the
     final answer. Tool results are computed (the calculator; the reference solution)."""
     turns: list[dict[str, Any]] = []
-    if task.family == "lookup" and mode == "act":
-        call = lookup_turn(task, [])
-        value = str(dict(task.table or ())[task.solution])
-        return [call, {"role": "tool", "name": "lookup", "content": value},
-                lookup_turn(task, [{"role": "tool", "content": value}])]  # fmt: skip
-    if task.family == "lookup":
-        raise ValueError("lookup tasks have no plan-act-verify expert; use mode='act'")
     if mode == "plan-act-verify":
-        plan = ("Plan: compute the expression with the calculator, then give the answer."
-                if task.family == "calc" else
-                "Plan: write the function, run it once with the python tool, then give it.")  # fmt: skip
+        plan = {"calc": "Plan: compute the expression with the calculator, then give the answer.",
+                "code": "Plan: write the function, run it once with the python tool, then give it.",
+                "lookup": "Plan: look the item up, then give its value."}[task.family]  # fmt: skip
         turns += [{"role": "assistant", "content": plan},
                   {"role": "user", "content": ACT_AFTER_PLAN}]  # fmt: skip
+    if task.family == "lookup":
+        value = str(dict(task.table or ())[task.solution])
+        return turns + [lookup_turn(task, []), {"role": "tool", "name": "lookup", "content": value},
+                        lookup_turn(task, [{"role": "tool", "content": value}])]  # fmt: skip
     if task.family == "calc":
         call = ToolCall("calculator", {"expression": task.solution}, "call_0")
         value = task.answer
