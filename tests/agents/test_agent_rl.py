@@ -294,3 +294,34 @@ def test_lookup_family_needs_the_tool_and_holds_out_pairs():
     assert r.content == str(held[0].answer) and not r.error
     missing = next(n for n in tt.LOOKUP_NAMES if n not in dict(held[0].table))
     assert box.call(ToolCall("lookup", {"name": missing})).error
+
+
+# The real tool-use run: recipes/agents/tools-rl.toml as is (lookup family; a 64-dim 2-layer
+# model from scratch: a 768-token tokenizer on the demonstrations, 400 SFT steps on 400
+# demonstrations of which about half call another name or guess; then 20 GRPO steps of 8 tasks
+# x 8; held-out = 64 tasks on (field, name) pairs in no training task), seed 1 of the three
+# measured in docs/agents.md: held-out greedy 0.891 / 0.828 / 0.906 -> 0.953 / 0.984 / 0.984,
+# avg@8 0.303 / 0.334 / 0.277 -> 0.613 / 0.662 / 0.525 (rise +0.31 / +0.33 / +0.25), training
+# success first 3 -> last 3 steps +0.20 / +0.32 / +0.19 (seeds 1 / 2 / 3); this test
+# reproduced seed 1 exactly. 103 s on 2 cores at load ~2 (SFT 56 s, evaluation 8 s; ~8 min at
+# load ~10).
+@pytest.mark.slow
+def test_agentic_rl_raises_heldout_success_on_tool_lookups(tmp_path):
+    from pathlib import Path
+
+    from geode.agents.rl import agent_rl
+
+    recipe_path = Path(geode.__file__).parent.parent / "recipes" / "agents" / "tools-rl.toml"
+    recipe = load_agent_recipe(recipe_path, ["data.seed=1", "agent.seed=1", "train.progress=false",
+                                             "checkpoint.export=false"])  # fmt: skip
+    s = agent_rl(recipe, tmp_path, progress=False)
+    print({k: v for k, v in s.items() if not isinstance(v, (list, dict))})
+    assert s["family"] == "lookup" and s["heldout_tasks"] == 64 and s["demos"] == 400
+    assert 0.35 <= s["demo_success"] <= 0.65  # noisy demonstrations
+    assert s["heldout_success_before"] >= 0.7  # the SFT policy copies name and value in greedy
+    assert 0.2 <= s["heldout_avg_at_k_before"] <= 0.45  # ... but its samples are noisy
+    assert s["heldout_avg_at_k_after"] >= s["heldout_avg_at_k_before"] + 0.15  # every seed: >= 0.24
+    assert s["heldout_success_after"] >= s["heldout_success_before"] - 0.05
+    assert s["heldout_after"]["tool_calls"] >= 0.9  # it still answers from the tool
+    first, last = s["success_curve"][:3], s["success_curve"][-3:]
+    assert sum(last) / 3 >= sum(first) / 3 + 0.1  # training success rises (every seed: >= 0.19)
