@@ -213,13 +213,15 @@ def _end_turn(
     start, end = st.turn_start, len(ep.token_ids)
     ep.turns.append((start, end))
     st.turn_start = None
-    text = tok.decode(ep.token_ids[start:end], skip_special=True)
     tools = getattr(st.env, "tools", None)
-    raw = tok.decode(ep.token_ids[start:end], skip_special=False)  # tool-call markers kept
-    # with tools, turns are stored parsed (content, thinking, tool calls); the env sees the calls
-    ep.messages.append(parse(raw).to_message() if tools else {"role": "assistant", "content": text})
+    # with tools, the env sees the raw turn (tool-call markers kept) and the turn is stored
+    # parsed (content, thinking, tool calls); otherwise the plain text
+    text = tok.decode(ep.token_ids[start:end], skip_special=not tools)
+    ep.messages.append(
+        parse(text).to_message() if tools else {"role": "assistant", "content": text}
+    )
     try:
-        new, reward, done = st.env.step(raw if tools else text)
+        new, reward, done = st.env.step(text)
     except Exception as e:  # a crashing env ends its own episode (reward 0); the rest go on
         ep.rewards.append(0.0)
         return _failed(st, f"{type(st.env).__name__}.step raised {type(e).__name__}: {e}")
