@@ -255,12 +255,13 @@ def _envs(cfg: SelfImproveConfig, split: str, start: int, n: int) -> list[MiniGr
 
 
 def heldout(engine: Any, cfg: SelfImproveConfig) -> dict[str, float]:
-    """Greedy success (MiniGrid's reward) on the family's first `cfg.heldout` held-out scenes."""
-    from geode.infer import SamplingParams
+    """Greedy success (MiniGrid's reward) on the family's first `cfg.heldout` held-out scenes
+    (geode.agents.rl.heldout_success, the agents' one held-out evaluation)."""
+    from .rl import heldout_success
 
-    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, seed=cfg.seed)
-    _, done = attempts(engine, _envs(cfg, "heldout", 0, cfg.heldout), sampling)
-    return {"success": float(np.mean([a.success for a in done])), "episodes": len(done)}
+    envs = _envs(cfg, "heldout", 0, cfg.heldout)
+    s = heldout_success(engine, envs, k=0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    return {"success": s["success"], "episodes": len(envs)}
 
 
 def self_improve(
